@@ -1,0 +1,13 @@
+"""LLaDA's 1% variable length: with a small probability a whole batch is cut to a length drawn
+uniformly from [1, L]. Seeded by the global step so every data-parallel rank cuts alike."""
+
+from __future__ import annotations
+
+import torch
+
+
+def batch_length(step: int, seq_len: int, prob: float, seed: int) -> int:
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + step) & 0x7FFF_FFFF_FFFF_FFFF)
+    cut = torch.rand(1, generator=gen).item() < prob
+    draw = int(torch.randint(1, seq_len + 1, (1,), generator=gen).item())
+    return draw if cut else seq_len

@@ -1,0 +1,288 @@
+"""Typed configuration: one small dataclass per component, a recipe YAML merged over the schema,
+dotted overrides from the command line.
+
+Every component receives only its own sub-config. Checks that involve a single component live in
+that dataclass's ``__post_init__``; checks across components live in ``Config.__post_init__``.
+All of them raise ``ConfigError`` whose message names the offending key, so the CLI can print one
+line and exit 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A bad recipe, key or value. The message is one line and names the key or file."""
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _positive(obj, section: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(value > 0, f"{section}.{name}", f"must be > 0, got {value}")
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/debug"  # every output of the run (summary, metrics, checkpoints, tokenizer)
+    name: str = "llada"
+    seed: int = 1234  # model initialisation
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self):
+        _require(bool(self.dir), "run.dir", "must not be empty")
+        _require(self.device in ("auto", "cpu", "cuda"), "run.device",
+                 f"must be one of auto, cpu, cuda; got {self.device!r}")
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_kv_heads: int = 4  # == heads: MHA; fewer: GQA
+    ffn_hidden_size: int = 352
+    vocab_size: int = 4096  # the tokenizer's; padded for tensor parallelism when built
+    pad_vocab_to_multiple_of: int = 128  # times the tensor-parallel size
+    rope_theta: float = 500000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        _positive(self, "model", "num_layers", "hidden_size", "num_attention_heads", "num_kv_heads",
+                  "ffn_hidden_size", "vocab_size", "pad_vocab_to_multiple_of", "rope_theta",
+                  "norm_eps", "init_std")
+        _require(self.hidden_size % self.num_attention_heads == 0, "model.num_attention_heads",
+                 f"{self.num_attention_heads} heads do not divide model.hidden_size={self.hidden_size}")
+        _require(self.num_attention_heads % self.num_kv_heads == 0, "model.num_kv_heads",
+                 f"{self.num_kv_heads} kv heads do not divide "
+                 f"model.num_attention_heads={self.num_attention_heads}")
+        _require((self.hidden_size // self.num_attention_heads) % 2 == 0, "model.hidden_size",
+                 "the head dimension must be even for RoPE")
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"  # stdlib: the running interpreter's standard library source; files
+    paths: List[str] = field(default_factory=list)  # globs of .txt / .jsonl (source=files)
+    jsonl_text_field: str = "text"
+    tokenizer_model: Optional[str] = None  # a SentencePiece .model; None: train one on the corpus
+    tokenizer_vocab_size: int = 4096  # when training one
+    tokenizer_train_bytes: int = 8_000_000  # text sampled to train it
+    seq_len: int = 128
+    seed: int = 0  # document order
+
+    def __post_init__(self):
+        _require(self.source in ("stdlib", "files"), "data.source",
+                 f"must be 'stdlib' or 'files', got {self.source!r}")
+        _require(self.source != "files" or len(self.paths) > 0, "data.paths",
+                 "data.source=files needs at least one path or glob")
+        _positive(self, "data", "tokenizer_vocab_size", "tokenizer_train_bytes", "seq_len")
+
+
+@dataclass
+class ObjectiveConfig:
+    mask_id: int = 3  # must exist in the tokenizer and never occur in data
+    eps: float = 1e-3  # p_mask = (1 - eps) t + eps
+    variable_length_prob: float = 0.01  # the paper's 1% of batches cut to a random length
+    seed: int = 0  # noise: t and masks are seeded by (seed, the sample's global index)
+
+    def __post_init__(self):
+        _require(self.mask_id >= 0, "objective.mask_id", f"must be >= 0, got {self.mask_id}")
+        _require(0.0 < self.eps < 1.0, "objective.eps", f"must be in (0, 1), got {self.eps}")
+        _require(0.0 <= self.variable_length_prob <= 1.0, "objective.variable_length_prob",
+                 f"must be in [0, 1], got {self.variable_length_prob}")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 4e-4  # peak
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables
+
+    def __post_init__(self):
+        _positive(self, "optimizer", "lr", "eps")
+        _require(self.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optimizer.beta1",
+                 "betas must be in [0, 1)")
+        _require(self.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0")
+
+
+@dataclass
+class ScheduleConfig:
+    """Warmup-Stable-Decay (LLaDA): linear warmup to optimizer.lr, stable, an optional drop to
+    drop_lr at a fraction of the run, then a linear decay to final_lr over the last fraction."""
+
+    warmup_steps: int = 2000
+    drop_at: Optional[float] = None  # fraction of train.steps; None: no drop
+    drop_lr: float = 1e-4
+    decay_fraction: float = 0.13  # LLaDA: the last 0.3T of 2.3T tokens
+    final_lr: float = 1e-5
+
+    def __post_init__(self):
+        _require(self.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
+        _require(self.drop_at is None or 0.0 <= self.drop_at <= 1.0, "schedule.drop_at",
+                 f"must be in [0, 1] or null, got {self.drop_at}")
+        _require(0.0 <= self.decay_fraction <= 1.0, "schedule.decay_fraction",
+                 f"must be in [0, 1], got {self.decay_fraction}")
+        _require(self.drop_lr >= 0 and self.final_lr >= 0, "schedule.final_lr", "must be >= 0")
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1  # data parallelism is what remains: world_size / (tensor * pipeline)
+
+    def __post_init__(self):
+        _positive(self, "parallel", "tensor", "pipeline")
+        _require(self.pipeline == 1, "parallel.pipeline",
+                 "pipeline parallelism is not available yet; use parallel.pipeline=1")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Our side of DeepSpeed's JSON, which is generated from it (framework/deepspeed_config.py)."""
+
+    zero_stage: int = 1
+    overlap_comm: bool = False
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
+    offload_optimizer: bool = False  # ZeRO-Offload of the optimizer state to CPU memory
+
+    def __post_init__(self):
+        _require(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage",
+                 f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _positive(self, "deepspeed", "reduce_bucket_size", "allgather_bucket_size")
+        _require(not self.offload_optimizer or self.zero_stage > 0, "deepspeed.offload_optimizer",
+                 "needs deepspeed.zero_stage >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # steps between saves; 0: only at the end (if save_final)
+    save_final: bool = False
+    keep: int = 2  # newest checkpoints kept; older ones are deleted
+
+    def __post_init__(self):
+        _require(self.interval >= 0, "checkpoint.interval", "must be >= 0")
+        _positive(self, "checkpoint", "keep")
+
+
+@dataclass
+class TrackingConfig:
+    log_interval: int = 10  # steps between log lines and metric records
+    metrics_file: bool = True  # <run.dir>/metrics.jsonl, one record per logged step
+    progress_bar: bool = True  # on rank 0, when the output is a terminal
+
+    def __post_init__(self):
+        _positive(self, "tracking", "log_interval")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = MISSING  # optimizer steps
+    micro_batch_size: int = 8  # sequences per data-parallel rank per forward/backward
+    global_batch_size: int = 8  # = micro x accumulation x data-parallel size
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    max_consecutive_nonfinite: int = 5  # a NaN/Inf loss skips the step; this many in a row stop
+    compile: bool = False  # torch.compile the Transformer block
+
+    def __post_init__(self):
+        if self.steps != MISSING:  # the schema itself is built with steps unset
+            _positive(self, "train", "steps")
+        _positive(self, "train", "micro_batch_size", "global_batch_size",
+                  "max_consecutive_nonfinite")
+        _require(self.precision in ("auto", "bf16", "fp32"), "train.precision",
+                 f"must be one of auto, bf16, fp32; got {self.precision!r}")
+        _require(self.global_batch_size % self.micro_batch_size == 0, "train.global_batch_size",
+                 f"{self.global_batch_size} is not a multiple of "
+                 f"train.micro_batch_size={self.micro_batch_size}")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self):
+        _require(self.objective.mask_id < self.model.vocab_size, "objective.mask_id",
+                 f"{self.objective.mask_id} is outside the vocabulary "
+                 f"(model.vocab_size={self.model.vocab_size})")
+        _require(self.model.num_attention_heads % self.parallel.tensor == 0, "parallel.tensor",
+                 f"{self.parallel.tensor} does not divide "
+                 f"model.num_attention_heads={self.model.num_attention_heads}")
+        _require(self.model.num_kv_heads % self.parallel.tensor == 0
+                 or self.parallel.tensor % self.model.num_kv_heads == 0, "parallel.tensor",
+                 f"{self.parallel.tensor} and model.num_kv_heads={self.model.num_kv_heads} "
+                 "must divide one another")
+        _require(self.model.ffn_hidden_size % self.parallel.tensor == 0, "parallel.tensor",
+                 f"{self.parallel.tensor} does not divide "
+                 f"model.ffn_hidden_size={self.model.ffn_hidden_size}")
+
+
+def _one_line(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"{key}: {msg}" if key else msg
+
+
+def load_config(recipe: str | Path, overrides: List[str] = ()) -> Config:
+    """Merge the recipe YAML, then ``key=value`` overrides, over the schema and validate."""
+    path = Path(recipe)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    schema = OmegaConf.structured(Config)
+    try:
+        recipe_cfg = OmegaConf.load(path)
+    except Exception as e:  # YAML syntax errors carry multi-line context
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())[:300]}") from None
+    if recipe_cfg is None or not OmegaConf.is_dict(recipe_cfg):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+    try:
+        merged = OmegaConf.merge(schema, recipe_cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {_one_line(e)}") from None
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"override: {_one_line(e)}") from None
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(f"{path}: {missing[0]}: required but not set")
+    try:
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        cause = e.__cause__ if isinstance(e.__cause__, ConfigError) else None
+        if cause is not None:
+            raise cause from None
+        raise ConfigError(f"{path}: {_one_line(e)}") from None
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,117 @@
+"""Process groups: torch.distributed, megatron-core's tensor/pipeline groups, and the adapter
+DeepSpeed needs to see the data-parallel group inside them.
+
+One process without a launcher is a world of one: we fill in the rendezvous variables so the same
+code path (DeepSpeed engine, megatron layers) runs for ``llada train`` and for torchrun/srun.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from framework.config import ConfigError, ParallelConfig
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+    tp: int
+    pp: int
+    dp: int
+    dp_rank: int
+    tp_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fill_single_process_env() -> None:
+    if "RANK" in os.environ:
+        return
+    # Under Slurm without torchrun, srun gives one task per rank.
+    if "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(_free_port()))
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device: cuda requested but no CUDA device is available")
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_world(cfg: ParallelConfig, device_choice: str) -> World:
+    import deepspeed  # deferred: importing it is slow and only training needs it
+
+    _fill_single_process_env()
+    device = resolve_device(device_choice)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   auto_mpi_discovery=False)
+    world_size = dist.get_world_size()
+    model_parallel = cfg.tensor * cfg.pipeline
+    if world_size % model_parallel != 0:
+        raise ConfigError(f"parallel.tensor: tensor x pipeline = {model_parallel} does not divide "
+                          f"the world size {world_size}")
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=cfg.tensor,
+                                     pipeline_model_parallel_size=cfg.pipeline)
+    return World(rank=dist.get_rank(), world_size=world_size,
+                 local_rank=int(os.environ.get("LOCAL_RANK", 0)), tp=cfg.tensor, pp=cfg.pipeline,
+                 dp=ps.get_data_parallel_world_size(), dp_rank=ps.get_data_parallel_rank(),
+                 tp_rank=ps.get_tensor_model_parallel_rank(), device=device)
+
+
+def shutdown_world() -> None:
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class DeepSpeedMPU:
+    """megatron-core's parallel_state under the names DeepSpeed's ``mpu`` argument expects:
+    'model parallel' there means tensor x pipeline here."""
+
+    @staticmethod
+    def get_model_parallel_rank() -> int:
+        return dist.get_rank(ps.get_model_parallel_group())
+
+    @staticmethod
+    def get_model_parallel_world_size() -> int:
+        return dist.get_world_size(ps.get_model_parallel_group())
+
+    get_model_parallel_group = staticmethod(ps.get_model_parallel_group)
+    get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
+    get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_src_rank = staticmethod(ps.get_tensor_model_parallel_src_rank)
+    get_pipeline_model_parallel_rank = staticmethod(ps.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(ps.get_pipeline_model_parallel_world_size)

@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+
+from framework.config import ConfigError, load_config
+from tests.conftest import DEBUG_RECIPE, REPO
+
+
+def test_debug_recipe_loads_with_overrides():
+    cfg = load_config(DEBUG_RECIPE, ["train.steps=7", "deepspeed.zero_stage=3"])
+    assert cfg.train.steps == 7
+    assert cfg.deepspeed.zero_stage == 3
+    assert cfg.run.dir and cfg.model.num_layers == 4
+
+
+@pytest.mark.parametrize("recipe", ["llada-1b.yaml", "llada-8b.yaml"])
+def test_paper_recipes_load_once_data_is_named(recipe, tmp_path):
+    cfg = load_config(REPO / "recipes" / recipe,
+                      [f"data.paths=[{tmp_path}/*.txt]", "data.tokenizer_model=tok.model"])
+    assert cfg.optimizer.weight_decay == 0.1
+    assert cfg.optimizer.lr == 4e-4 and cfg.schedule.final_lr == 1e-5
+    assert cfg.data.seq_len == 4096 and cfg.objective.mask_id == 126336
+
+
+@pytest.mark.parametrize("override, key", [
+    (["model.hidden_sze=64"], "model.hidden_sze"),
+    (["model.hidden_size=wide"], "model.hidden_size"),
+    (["model.num_attention_heads=3"], "model.num_attention_heads"),
+    (["model.num_kv_heads=3"], "model.num_kv_heads"),
+    (["objective.mask_id=5000"], "objective.mask_id"),
+    (["train.global_batch_size=40"], "train.global_batch_size"),
+    (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
+    (["run.device=tpu"], "run.device"),
+    (["parallel.tensor=3"], "parallel.tensor"),
+    (["nosuchsection.x=1"], "nosuchsection"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(DEBUG_RECIPE, override)
+    assert key in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_recipe_names_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="recipe not found: .*missing.yaml"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_unknown_key_in_recipe_names_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  steps: 3\noptimizer:\n  learning_rate: 1.0\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert "bad.yaml" in str(err.value) and "optimizer.learning_rate" in str(err.value)
+
+
+def test_train_steps_is_required(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  num_layers: 2\n")
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_config(recipe)
+
+
+def test_invalid_yaml_is_one_line(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("train:\n  steps: 3\ntrain:\n  steps: 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert "broken.yaml" in str(err.value) and "duplicate key" in str(err.value)
+    assert "\n" not in str(err.value)

@@ -1,0 +1,86 @@
+import math
+
+import torch
+
+from framework.objective import Noise, forward_process, llada_loss, sample_noise
+
+MASK = 7
+
+
+def test_noise_is_seeded_by_sample_index_not_batch_position():
+    a = sample_noise(torch.tensor([5, 9, 11]), 32, seed=3)
+    b = sample_noise(torch.tensor([11, 5]), 32, seed=3)
+    assert torch.equal(a.t[0], b.t[1]) and torch.equal(a.u[2], b.u[0])
+    c = sample_noise(torch.tensor([5]), 32, seed=4)
+    assert not torch.equal(a.u[0], c.u[0])
+
+
+def test_mean_masked_fraction_tracks_t():
+    n, length, eps = 2000, 256, 1e-3
+    tokens = torch.randint(10, 100, (n, length))
+    noise = sample_noise(torch.arange(n), length, seed=0)
+    _, mask, p_mask = forward_process(tokens, noise, MASK, eps)
+    frac = mask.float().mean(1)
+    assert torch.allclose(p_mask, (1 - eps) * noise.t + eps)
+    assert (frac - p_mask).abs().mean() < 0.03  # per sequence: binomial noise only
+    assert abs(frac.mean() - p_mask.mean()) < 0.005
+    # t ~ U(0, 1): the batch mean of p_mask is near 1/2
+    assert abs(p_mask.mean().item() - 0.5) < 0.03
+
+
+def test_masked_positions_get_mask_id_and_targets_never_do():
+    tokens = torch.randint(10, 100, (64, 50))
+    noisy, mask, _ = forward_process(tokens, sample_noise(torch.arange(64), 50, 1), MASK, 1e-3)
+    assert torch.all(noisy[mask] == MASK)
+    assert torch.equal(noisy[~mask], tokens[~mask])
+    assert not torch.any(tokens[mask] == MASK)  # targets are the clean tokens
+
+
+def test_cut_batch_masks_kept_positions_as_the_full_batch_would():
+    tokens = torch.randint(10, 100, (4, 40))
+    noise = sample_noise(torch.arange(4), 40, seed=2)
+    full = forward_process(tokens, noise, MASK, 1e-3)
+    cut = forward_process(tokens[:, :13], noise, MASK, 1e-3)
+    assert torch.equal(cut.mask, full.mask[:, :13])
+
+
+def test_loss_equals_hand_computation():
+    # b = 2, L = 3, V = 4. Sequence 0: t = 0.5, masks position 1; sequence 1: t = 1, masks 0 and 2.
+    eps = 1e-3
+    tokens = torch.tensor([[1, 2, 3], [0, 1, 2]])
+    noise = Noise(t=torch.tensor([0.5, 1.0]),
+                  u=torch.tensor([[0.9, 0.1, 0.99], [0.2, 2.0, 0.3]]))
+    noisy, mask, p_mask = forward_process(tokens, noise, mask_id=3, eps=eps)
+    assert mask.tolist() == [[False, True, False], [True, False, True]]
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [3.0, 0.0, 0.0, 0.0], [0.5, 0.5, 2.0, 0.0]])
+    targets = tokens[mask]  # [2, 0, 2]
+    masked_p = p_mask[:, None].expand_as(tokens)[mask]
+    loss = llada_loss(logits, targets, masked_p, tokens.numel())
+
+    def ce(row, target):
+        return math.log(sum(math.exp(v) for v in row)) - row[target]
+
+    p0, p1 = (1 - eps) * 0.5 + eps, (1 - eps) * 1.0 + eps
+    expected = (ce(logits[0].tolist(), 2) / p0 + ce(logits[1].tolist(), 0) / p1
+                + ce(logits[2].tolist(), 2) / p1) / 6
+    assert abs(loss.item() - expected) < 1e-6
+
+
+def test_unmasked_positions_get_no_gradient():
+    b, length, vocab = 3, 20, 11
+    tokens = torch.randint(0, 10, (b, length))
+    _, mask, p_mask = forward_process(tokens, sample_noise(torch.arange(b), length, 5), 10, 1e-3)
+    assert mask.any() and (~mask).any()
+    logits = torch.randn(b, length, vocab, requires_grad=True)
+    loss = llada_loss(logits[mask], tokens[mask], p_mask[:, None].expand_as(tokens)[mask], b * length)
+    loss.backward()
+    assert torch.all(logits.grad[~mask] == 0)
+    assert torch.all(logits.grad[mask].abs().sum(-1) > 0)
+
+
+def test_loss_is_divided_by_all_tokens_not_masked_count():
+    tokens = torch.zeros(2, 10, dtype=torch.long)
+    logits = torch.zeros(3, 5)  # uniform: CE = ln 5 at each of 3 masked positions
+    p = torch.full((3,), 0.5)
+    loss = llada_loss(logits, tokens.flatten()[:3], p, tokens.numel())
+    assert abs(loss.item() - 3 * math.log(5) / 0.5 / 20) < 1e-6

@@ -1,0 +1,84 @@
+"""The training loop in-process on a tiny model: non-finite steps, schedule, summary."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import framework.trainer as trainer_mod
+from framework.config import load_config
+from framework.trainer import Trainer, TrainingError
+from tests.conftest import DEBUG_RECIPE, tiny_overrides
+
+
+def make_trainer(tmp_path, tokenizer, *extra):
+    cfg = load_config(DEBUG_RECIPE, tiny_overrides(tmp_path, tokenizer, steps=12) + list(extra))
+    return Trainer(cfg)
+
+
+def poison_steps(monkeypatch, trainer, bad_steps):
+    """Make the loss NaN at the given optimizer steps, as a diverging model would."""
+    real = trainer_mod.llada_loss
+
+    def loss(*args, **kwargs):
+        value = real(*args, **kwargs)
+        return value * float("nan") if trainer.step in bad_steps else value
+
+    monkeypatch.setattr(trainer_mod, "llada_loss", loss)
+
+
+def snapshot(trainer):
+    return [p.detach().clone() for p in trainer.engine.module.parameters()]
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_nonfinite_loss_skips_the_step_and_is_counted(world, tmp_path, small_tokenizer,
+                                                      monkeypatch, zero_stage):
+    trainer = make_trainer(tmp_path, small_tokenizer, f"deepspeed.zero_stage={zero_stage}",
+                           "train.max_consecutive_nonfinite=3")
+    poison_steps(monkeypatch, trainer, {3, 4, 7})
+    summary = trainer.fit()
+    assert summary["status"] == "completed"
+    assert summary["steps"] == 12 and summary["skipped_steps"] == 3
+    assert [r.step for r in trainer.history if r.skipped] == [3, 4, 7]
+    assert all(math.isfinite(p.sum().item()) for p in snapshot(trainer))
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["skipped_steps"] == 3
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_skipped_step_leaves_parameters_unchanged(world, tmp_path, small_tokenizer, monkeypatch,
+                                                  zero_stage):
+    trainer = make_trainer(tmp_path, small_tokenizer, f"deepspeed.zero_stage={zero_stage}")
+    poison_steps(monkeypatch, trainer, {1})
+    trainer.train_step()
+    before = snapshot(trainer)
+    result = trainer.train_step()
+    assert result.skipped and math.isnan(result.loss)
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(trainer)))
+    result = trainer.train_step()  # the next good step trains again
+    assert not result.skipped
+    assert any(not torch.equal(a, b) for a, b in zip(before, snapshot(trainer)))
+
+
+def test_consecutive_nonfinite_steps_stop_the_run(world, tmp_path, small_tokenizer, monkeypatch):
+    trainer = make_trainer(tmp_path, small_tokenizer, "train.max_consecutive_nonfinite=3")
+    poison_steps(monkeypatch, trainer, {2, 3, 4, 5})
+    with pytest.raises(TrainingError, match="3 consecutive steps.*steps 2..4"):
+        trainer.fit()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["skipped_steps"] == 3
+
+
+def test_step_follows_schedule_and_logs_metrics(world, tmp_path, small_tokenizer):
+    trainer = make_trainer(tmp_path, small_tokenizer, "schedule.warmup_steps=4",
+                           "objective.variable_length_prob=0.5")
+    summary = trainer.fit()
+    lrs = [r.lr for r in trainer.history]
+    assert lrs[:4] == pytest.approx([3e-3 * (i + 1) / 4 for i in range(4)])
+    assert any(r.seq_len < 64 for r in trainer.history)  # some batches were cut
+    assert summary["tokens"] == sum(16 * r.seq_len for r in trainer.history)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [9, 11]
+    assert all(r["grad_norm"] is not None and r["grad_norm"] > 0 for r in records)
