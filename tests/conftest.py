@@ -28,12 +28,11 @@ def small_tokenizer(tmp_path_factory) -> Path:
     return tok.path
 
 
-def tiny_overrides(run_dir: Path, tokenizer: Path, steps: int = 30) -> List[str]:
-    """The debug recipe shrunk to a model that trains a few dozen steps in seconds."""
+def quick_overrides(run_dir: Path, tokenizer: Path, steps: int = 30) -> List[str]:
+    """The debug recipe's model on shorter sequences, smaller batches and a small ready-made
+    tokenizer: a few dozen steps in seconds."""
     return [
         f"run.dir={run_dir}", f"data.tokenizer_model={tokenizer}", f"train.steps={steps}",
-        "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
-        "model.num_kv_heads=2", "model.ffn_hidden_size=160", "model.vocab_size=512",
         "data.seq_len=64", "train.micro_batch_size=8", "train.global_batch_size=16",
         "optimizer.lr=3e-3", "schedule.warmup_steps=5", "tracking.log_interval=10",
     ]

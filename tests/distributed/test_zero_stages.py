@@ -5,13 +5,13 @@ import json
 
 import pytest
 
-from tests.conftest import DEBUG_RECIPE, REPO, run_cli, tiny_overrides
+from tests.conftest import DEBUG_RECIPE, REPO, run_cli, quick_overrides
 
 pytestmark = pytest.mark.slow
 
 
 def train(tmp_path, tokenizer, *extra, steps=40):
-    args = ["train", str(DEBUG_RECIPE), *tiny_overrides(tmp_path, tokenizer, steps), *extra]
+    args = ["train", str(DEBUG_RECIPE), *quick_overrides(tmp_path, tokenizer, steps), *extra]
     return run_cli(args, nproc=2, timeout=600)
 
 

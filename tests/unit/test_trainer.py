@@ -9,11 +9,11 @@ import torch
 import framework.trainer as trainer_mod
 from framework.config import load_config
 from framework.trainer import Trainer, TrainingError
-from tests.conftest import DEBUG_RECIPE, tiny_overrides
+from tests.conftest import DEBUG_RECIPE, quick_overrides
 
 
 def make_trainer(tmp_path, tokenizer, *extra):
-    cfg = load_config(DEBUG_RECIPE, tiny_overrides(tmp_path, tokenizer, steps=12) + list(extra))
+    cfg = load_config(DEBUG_RECIPE, quick_overrides(tmp_path, tokenizer, steps=12) + list(extra))
     return Trainer(cfg)
 
 
