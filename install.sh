@@ -6,7 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 DEEPSPEED_VERSION=${DEEPSPEED_VERSION:-0.19.8}
-python -m pip install -q --upgrade pip
 python -m pip install -q "torch==${TORCH_VERSION}"
 python -m pip install -q --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}"
 python -m pip install -q -e ".[test]"
