@@ -20,6 +20,7 @@ from typing import Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from data_pipeline.corpus import corpus_files
 from data_pipeline.token_stream import TokenBatch, TokenStream
@@ -103,8 +104,8 @@ class Trainer:
 
         torch.manual_seed(cfg.run.seed)
         if on_gpu:
-            from megatron.core import tensor_parallel
-            tensor_parallel.model_parallel_cuda_manual_seed(cfg.run.seed)
+            from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+            model_parallel_cuda_manual_seed(cfg.run.seed)
         mcfg = transformer_config(cfg.model, tensor_parallel=world.tp, pipeline_parallel=world.pp,
                                   params_dtype=torch.bfloat16 if self.bf16 else torch.float32,
                                   on_cpu=not on_gpu)
@@ -169,7 +170,7 @@ class Trainer:
         skipped = bool(nonfinite.item())
         mean_loss = float("nan")
         if not skipped:
-            dist.all_reduce(loss_sum, group=self._dp_group())
+            dist.all_reduce(loss_sum, group=parallel_state.get_data_parallel_group())
             mean_loss = loss_sum.item() / (self.accum * world.dp)
         grad_norm = None if skipped else engine.get_global_grad_norm()
         result = StepResult(step=self.step, loss=mean_loss, lr=lr,
@@ -179,9 +180,11 @@ class Trainer:
         self.step += 1
         return result
 
-    def _dp_group(self):
-        from megatron.core import parallel_state
-        return parallel_state.get_data_parallel_group()
+    def _mfu(self, tokens_per_s: float) -> Optional[float]:
+        """Model FLOPs utilisation against the accelerator's peak; None where unknown (CPU)."""
+        if self.peak is None:
+            return None
+        return tokens_per_s * self.flops_per_token / (self.peak * self.world.world_size)
 
     # ------------------------------------------------------------------ the run
     def fit(self) -> dict:
@@ -244,9 +247,7 @@ class Trainer:
                 f"from an earlier checkpoint")
 
     def _log_step(self, result: StepResult, tokens_per_s: float) -> None:
-        mfu = None
-        if self.peak is not None:
-            mfu = tokens_per_s * self.flops_per_token / (self.peak * self.world.world_size)
+        mfu = self._mfu(tokens_per_s)
         record = {**asdict(result), "tokens_per_s": tokens_per_s, "mfu": mfu,
                   "skipped_total": self.skipped_steps}
         grad = "n/a" if result.grad_norm is None else f"{result.grad_norm:.3f}"
@@ -281,9 +282,6 @@ class Trainer:
         first = good[:SUMMARY_WINDOW]
         last = good[-SUMMARY_WINDOW:]
         tokens_per_s = total_tokens / elapsed if elapsed > 0 else 0.0
-        mfu = None
-        if self.peak is not None:
-            mfu = tokens_per_s * self.flops_per_token / (self.peak * self.world.world_size)
         return {
             "status": status,
             "steps": len(self.history),
@@ -291,7 +289,7 @@ class Trainer:
             "first_loss": sum(first) / len(first) if first else float("nan"),
             "last_loss": sum(last) / len(last) if last else float("nan"),
             "tokens_per_s": tokens_per_s,
-            "mfu": mfu,
+            "mfu": self._mfu(tokens_per_s),
             "skipped_steps": self.skipped_steps,
             "elapsed_s": elapsed,
             "parameters": self.num_params,
