@@ -14,9 +14,6 @@ which is shared and noisy, so only the ratio is compared across runs.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,12 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipe", default=str(REPO / "recipes" / "debug-cpu.yaml"))
@@ -42,8 +33,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
+    from benchmarks.results import machine, record, today
     from framework.config import load_config
-    from framework.objective import forward_process, sample_noise
     from framework.trainer import Trainer
 
     run_dir = tempfile.mkdtemp(prefix="bench-")
@@ -74,11 +65,9 @@ def main() -> None:
 
     def reference_step():
         for _ in range(trainer.accum):
-            batch = next(trainer.data)
-            tokens = batch.tokens.to(dev)
-            noisy, mask, p_mask = forward_process(
-                tokens, sample_noise(batch.index, cfg.data.seq_len, 0), cfg.objective.mask_id,
-                cfg.objective.eps)
+            batch = next(trainer.data)  # masked by the collator, as in the framework's step
+            noisy, tokens, mask, p_mask = (x.to(dev) for x in (batch.noisy, batch.targets,
+                                                                batch.mask, batch.p_mask))
             with autocast:
                 logits = model(noisy)
             ce = torch.nn.functional.cross_entropy(logits[mask].float(), tokens[mask],
@@ -91,29 +80,17 @@ def main() -> None:
 
     reference_tps = timed(reference_step)
     ratio = framework_tps / reference_tps
-    date = datetime.date.today().isoformat()
     command = "python benchmarks/train_step.py " + " ".join(sys.argv[1:])
-    rows = [
-        f"| {date} | {machine()} | {Path(args.recipe).name} {' '.join(args.overrides)} | "
-        f"ZeRO-{cfg.deepspeed.zero_stage} {'bf16' if trainer.bf16 else 'fp32'} | "
-        f"{framework_tps:,.0f} | {reference_tps:,.0f} | {ratio:.2f} | `{command.strip()}` |"
-    ]
-    print("| date | machine | recipe | mode | framework tokens/s | reference tokens/s | ratio | command |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(rows[0])
-    results = REPO / "benchmarks" / "RESULTS.md"
-    if not results.exists():
-        results.write_text(
-            "# Benchmark results\n\nEach row: one run; the ratio compares against a reference "
-            "measured in the same run.\n\n## Training step: framework vs bare PyTorch loop\n\n"
-            "ratio = framework / reference tokens/s; the reference runs the same model in a plain "
-            "loop with the full-vocabulary head, so the head at masked positions only counts in "
-            "the framework's favour, and DeepSpeed's engine against it.\n\n"
-            "| date | machine | recipe | mode | framework tokens/s | reference tokens/s | ratio "
-            "| command |\n|---|---|---|---|---|---|---|---|\n")
-    with open(results, "a") as f:
-        f.write(rows[0] + "\n")
-
+    record("Training step: framework vs bare PyTorch loop",
+           "ratio = framework / reference tokens/s; the reference runs the same model in a plain "
+           "loop with the full-vocabulary head, so the head at masked positions only counts in "
+           "the framework's favour, and DeepSpeed's engine against it.",
+           ["date", "machine", "recipe", "mode", "framework tokens/s", "reference tokens/s",
+            "ratio", "command"],
+           [[today(), machine(), f"{Path(args.recipe).name} {' '.join(args.overrides)}",
+             f"ZeRO-{cfg.deepspeed.zero_stage} {'bf16' if trainer.bf16 else 'fp32'}",
+             f"{framework_tps:,.0f}", f"{reference_tps:,.0f}", f"{ratio:.2f}",
+             f"`{command.strip()}`"]])
 
 if __name__ == "__main__":
     main()

@@ -1,17 +1,38 @@
 """Documents from real text: the embedded default corpus (the running interpreter's standard
-library source) or local .txt / .jsonl files (optionally .gz)."""
+library source) or local .txt / .jsonl files (optionally .gz).
+
+Bad input never stops a run: an empty file, a line that is not UTF-8, a JSONL line without the
+text field are skipped with a warning naming the file and line, and counted.
+"""
 
 from __future__ import annotations
 
 import glob
 import gzip
 import json
+import sys
 import sysconfig
-import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Iterator, List
 
-from framework.config import ConfigError, DataConfig
+from framework.config import ConfigError
+
+STDLIB = "stdlib"  # the input name of the embedded default corpus
+
+
+WARNINGS_PER_KIND = 20  # per process; the counters keep counting after that
+_warned: Counter = Counter()
+
+
+def warn(kind: str, msg: str) -> None:
+    """One line on stderr naming the skipped input (file:line, or shard and sample key)."""
+    _warned[kind] += 1
+    if _warned[kind] <= WARNINGS_PER_KIND:
+        print(f"llada: warning: {msg}", file=sys.stderr, flush=True)
+    if _warned[kind] == WARNINGS_PER_KIND:
+        print(f"llada: warning: further {kind} warnings are not shown (they are still counted)",
+              file=sys.stderr, flush=True)
 
 
 def stdlib_files() -> List[Path]:
@@ -20,53 +41,92 @@ def stdlib_files() -> List[Path]:
     files = [p for p in root.rglob("*.py") if "site-packages" not in p.parts
              and "dist-packages" not in p.parts]
     if not files:
-        raise ConfigError(f"data.source=stdlib: no .py files under {root}")
+        raise ConfigError(f"prepare.inputs: stdlib: no .py files under {root}")
     return sorted(files)
 
 
-def expand_paths(patterns: List[str]) -> List[Path]:
+def expand_inputs(patterns: List[str], key: str = "prepare.inputs") -> List[Path]:
+    """Globs (recursive ``**`` allowed) and the word ``stdlib`` -> files, sorted per pattern."""
     files: List[Path] = []
     for pattern in patterns:
-        matched = sorted(glob.glob(pattern, recursive=True))
+        if pattern == STDLIB:
+            files.extend(stdlib_files())
+            continue
+        matched = [Path(m) for m in sorted(glob.glob(pattern, recursive=True)) if Path(m).is_file()]
         if not matched:
-            raise ConfigError(f"data.paths: {pattern!r} matches no file")
-        files.extend(Path(m) for m in matched if Path(m).is_file())
-    return files
+            raise ConfigError(f"{key}: {pattern!r} matches no file")
+        files.extend(matched)
+    return list(dict.fromkeys(files))  # a file named by two globs is read once
 
 
-def corpus_files(cfg: DataConfig) -> List[Path]:
-    return stdlib_files() if cfg.source == "stdlib" else expand_paths(cfg.paths)
+def is_jsonl(path: Path) -> bool:
+    return path.name.endswith((".jsonl", ".jsonl.gz"))
 
 
-def _open_text(path: Path):
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", errors="strict")
-    return open(path, "r", encoding="utf-8", errors="strict")
+def _binary_lines(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def read_documents(path: Path, jsonl_text_field: str = "text") -> Iterator[str]:
-    """The documents of one file: the whole file for text, one per line for JSONL.
+def read_lines(path: Path, counts: Counter, quiet: bool = False) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every UTF-8 line; other lines are skipped with a warning."""
+    def skip(kind: str, msg: str) -> None:
+        counts[kind] += 1
+        if not quiet:
+            warn(kind, msg)
 
-    Unreadable input is skipped with a warning naming the file (and line): a bad file never stops
-    a run, and the warning says what was lost.
-    """
-    is_jsonl = path.name.endswith((".jsonl", ".jsonl.gz"))
     try:
-        with _open_text(path) as f:
-            if not is_jsonl:
-                text = f.read()
-                if text.strip():
-                    yield text
-                return
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
+        with _binary_lines(path) as f:
+            for lineno, raw in enumerate(f, 1):
                 try:
-                    text = json.loads(line)[jsonl_text_field]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    warnings.warn(f"{path}:{lineno}: no {jsonl_text_field!r} field; line skipped")
-                    continue
-                if isinstance(text, str) and text.strip():
-                    yield text
-    except (UnicodeDecodeError, OSError, EOFError) as e:
-        warnings.warn(f"{path}: unreadable ({type(e).__name__}: {e}); rest of file skipped")
+                    yield lineno, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    skip("bad_lines", f"{path}:{lineno}: not UTF-8 ({e.reason} at byte "
+                         f"{e.start}); line skipped")
+    except (OSError, EOFError) as e:  # a truncated .gz, a file removed under us
+        skip("unreadable_files", f"{path}: unreadable ({type(e).__name__}: {e}); rest of file "
+             "skipped")
+
+
+def _whole_text(path: Path) -> str | None:
+    try:
+        with _binary_lines(path) as f:
+            return f.read().decode("utf-8")
+    except (UnicodeDecodeError, OSError, EOFError):
+        return None
+
+
+def read_documents(path: Path, text_field: str = "text", counts: Counter | None = None,
+                   quiet: bool = False) -> Iterator[str]:
+    """The documents of one file: the whole file for text, one per line for JSONL."""
+    counts = Counter() if counts is None else counts
+
+    def skip(kind: str, msg: str) -> None:
+        counts[kind] += 1
+        if not quiet:
+            warn(kind, msg)
+
+    found = False
+    if is_jsonl(path):
+        for lineno, line in read_lines(path, counts, quiet):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)[text_field]
+                if not isinstance(text, str):
+                    raise TypeError
+            except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+                skip("bad_lines", f"{path}:{lineno}: not a JSON object with a string "
+                     f"{text_field!r} field; line skipped")
+                continue
+            if text.strip():
+                found = True
+                yield text
+    else:
+        text = _whole_text(path)  # fast path: one decode of the whole file
+        if text is None:  # not UTF-8 throughout (or unreadable): line by line, bad lines named
+            text = "".join(line for _, line in read_lines(path, counts, quiet))
+        if text.strip():
+            found = True
+            yield text
+    if not found:
+        skip("empty_files", f"{path}: no text (empty file); skipped")

@@ -1,7 +1,8 @@
 """SentencePiece tokenizer with the special tokens LLaDA needs.
 
-The mask token is a *control* symbol: encoding text can never produce it, so it never occurs in
-data. Trained once per run directory from a sample of the corpus and cached there.
+The mask and the chat tokens are *control* symbols: encoding text can never produce them, so the
+mask never occurs in data and a user cannot forge a turn boundary. EOS doubles as padding (LLaDA).
+Their ids are recorded in every dataset manifest.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ import io
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Optional
 
 import sentencepiece as spm
 
-from framework.config import ConfigError, DataConfig
-from data_pipeline.corpus import corpus_files, read_documents
+from framework.config import ConfigError, TokenizerConfig
+from data_pipeline.corpus import read_documents
 
 MASK_PIECE = "<|mdm_mask|>"
+CHAT_PIECES = {"start_header": "<|start_header_id|>", "end_header": "<|end_header_id|>",
+               "eot": "<|eot_id|>"}
 
 
 @dataclass
@@ -30,13 +33,29 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
+    def _control(self, piece: str) -> Optional[int]:
+        i = self.sp.piece_to_id(piece)
+        return None if i == self.sp.unk_id() else i
+
     @property
     def mask_id(self) -> int:
-        return self.sp.piece_to_id(MASK_PIECE)
+        return self._control(MASK_PIECE)
 
     @property
     def eos_id(self) -> int:
         return self.sp.eos_id()
+
+    @property
+    def bos_id(self) -> Optional[int]:
+        return self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+
+    def special_ids(self) -> Dict[str, Optional[int]]:
+        """What a manifest records: None where the model lacks the token (chat tokens are
+        optional for pretraining; SFT refuses a tokenizer without them)."""
+        ids = {"mask": self.mask_id, "eos": self.eos_id, "pad": self.eos_id, "bos": self.bos_id,
+               "unk": self.sp.unk_id()}
+        ids.update({name: self._control(piece) for name, piece in CHAT_PIECES.items()})
+        return ids
 
     @property
     def sha256(self) -> str:
@@ -49,73 +68,86 @@ class Tokenizer:
         return self.sp.decode(ids)
 
 
-def load_tokenizer(path: Path) -> Tokenizer:
+def load_tokenizer(path: Path, key: str = "tokenizer.model") -> Tokenizer:
+    """A SentencePiece model that has a mask token and an EOS; anything else is an error."""
+    path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"data.tokenizer_model: file not found: {path}")
+        raise ConfigError(f"{key}: file not found: {path}")
     sp = spm.SentencePieceProcessor()
     try:
         sp.load(str(path))
     except (OSError, RuntimeError) as e:
-        raise ConfigError(f"data.tokenizer_model: {path} is not a SentencePiece model ({e})") from None
+        msg = " ".join(str(e).split())[:200]
+        raise ConfigError(f"{key}: {path} is not a SentencePiece model ({msg})") from None
     tok = Tokenizer(sp, path)
-    if sp.piece_to_id(MASK_PIECE) == sp.unk_id():
-        raise ConfigError(f"data.tokenizer_model: {path} has no mask token {MASK_PIECE}")
+    if tok.mask_id is None:
+        raise ConfigError(f"{key}: {path} has no mask token {MASK_PIECE}; LLaDA needs one")
     if tok.eos_id < 0:
-        raise ConfigError(f"data.tokenizer_model: {path} has no EOS token")
+        raise ConfigError(f"{key}: {path} has no EOS token")
     return tok
 
 
-def _training_sample(cfg: DataConfig, seed: int) -> str:
-    """A seeded sample of whole documents up to tokenizer_train_bytes, as training lines."""
-    files = corpus_files(cfg)
-    random.Random(seed).shuffle(files)
-    out, size = [], 0
-    for path in files:
-        for doc in read_documents(path, cfg.jsonl_text_field):
+def _training_sample(files: List[Path], cfg: TokenizerConfig, text_field: str) -> List[str]:
+    """A seeded sample of whole documents up to cfg.train_bytes, as training lines."""
+    order = list(files)
+    random.Random(cfg.seed).shuffle(order)
+    out: List[str] = []
+    size = 0
+    for path in order:  # bad input is reported when the data itself is tokenised
+        for doc in read_documents(path, text_field, quiet=True):
             lines = [line for line in doc.splitlines() if line.strip()]
             out.extend(lines)
             size += sum(len(line) for line in lines)
-            if size >= cfg.tokenizer_train_bytes:
-                return "\n".join(out)
-    return "\n".join(out)
+            if size >= cfg.train_bytes:
+                return out
+    return out
 
 
-def train_tokenizer(cfg: DataConfig, out_dir: Path) -> Tokenizer:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sample = _training_sample(cfg, cfg.seed)
+def train_tokenizer(files: List[Path], cfg: TokenizerConfig, out_path: Path,
+                    text_field: str = "text") -> Tokenizer:
+    """BPE with byte fallback (any byte sequence encodes, no <unk> in data), identity
+    normalisation (code keeps every space), unk 0, BOS 1, EOS 2, then the control symbols."""
+    sample = _training_sample(files, cfg, text_field)
+    if not sample:
+        raise ConfigError(f"tokenizer: no text to train on in {len(files)} input files")
     spm.set_random_generator_seed(cfg.seed + 1)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sample.splitlines()),
+        sentence_iterator=iter(sample),
         model_writer=model,
-        vocab_size=cfg.tokenizer_vocab_size,
+        vocab_size=cfg.vocab_size,
         model_type="bpe",
-        byte_fallback=True,  # any byte sequence encodes; no <unk> in training data
+        byte_fallback=True,
         character_coverage=1.0,
-        normalization_rule_name="identity",  # code: keep every space and character as is
+        normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         split_digits=True,
         allow_whitespace_only_pieces=True,
         max_sentence_length=1 << 16,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1,  # EOS doubles as padding (LLaDA)
-        control_symbols=[MASK_PIECE],
+        control_symbols=[MASK_PIECE, *CHAT_PIECES.values()],
         user_defined_symbols=["\n"],  # lines are training sentences; keep newlines one token
         num_threads=1,  # deterministic merges
         minloglevel=2,
     )
-    # write-then-rename: a crash never leaves a truncated model under the cached name
-    final = out_dir / "spm.model"
-    tmp = final.with_suffix(".model.tmp")
-    tmp.write_bytes(model.getvalue())
-    tmp.replace(final)
-    return load_tokenizer(final)
+    atomic_write(out_path, model.getvalue())
+    return load_tokenizer(out_path)
 
 
-def get_tokenizer(cfg: DataConfig, run_dir: Path) -> Tokenizer:
-    """The recipe's tokenizer, or the one trained on the corpus and cached under the run dir."""
-    if cfg.tokenizer_model:
-        return load_tokenizer(Path(cfg.tokenizer_model))
-    cached = run_dir / "tokenizer" / "spm.model"
-    if cached.is_file():
-        return load_tokenizer(cached)
-    return train_tokenizer(cfg, cached.parent)
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write-then-rename: a crash never leaves a truncated file under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def tokenizer_for(files: List[Path], cfg: TokenizerConfig, out_path: Path,
+                  text_field: str = "text") -> Tokenizer:
+    """cfg.model copied to out_path (the dataset carries its tokenizer), or one trained there."""
+    if cfg.model:
+        data = load_tokenizer(Path(cfg.model), "tokenizer.model").path.read_bytes()
+        if not out_path.is_file() or out_path.read_bytes() != data:
+            atomic_write(out_path, data)
+        return load_tokenizer(out_path)
+    return train_tokenizer(files, cfg, out_path, text_field)

@@ -1,4 +1,5 @@
-"""``llada``: the command line. ``llada train RECIPE [key=value ...]``.
+"""``llada``: the command line. ``llada train RECIPE [key=value ...]``,
+``llada prepare INPUT... -o DIR [options]``.
 
 Bad input (a missing recipe, an unknown key, a wrong type, sizes that do not divide) prints one
 line naming the key or file and exits 2, without a traceback.
@@ -42,6 +43,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from framework.config import ConfigError, PrepareConfig, TokenizerConfig
+
+    try:
+        cfg = PrepareConfig(
+            inputs=args.inputs, output=args.output, name=args.name, seq_len=args.seq_len,
+            samples_per_shard=args.samples_per_shard, jsonl_text_field=args.text_field,
+            workers=args.workers, seed=args.seed,
+            tokenizer=TokenizerConfig(model=args.tokenizer, vocab_size=args.vocab_size,
+                                      train_bytes=args.tokenizer_train_bytes))
+        from data_pipeline.prepare import prepare
+        prepare(cfg)
+    except ConfigError as e:
+        return _error(str(e), EXIT_BAD_INPUT)
+    return 0
+
+
+def _default(name: str):
+    """PrepareConfig's default: the dataclass stays the one source of truth for the flags."""
+    from framework.config import PrepareConfig, TokenizerConfig
+    cls = TokenizerConfig if name in ("vocab_size", "train_bytes") else PrepareConfig
+    return cls.__dataclass_fields__[name].default
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llada", description="Pretrain LLaDA masked diffusion "
                                      "language models.")
@@ -52,6 +77,33 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="recipe YAML, e.g. recipes/debug-cpu.yaml")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     train.set_defaults(func=cmd_train)
+
+    prep = sub.add_parser(
+        "prepare", help="tokenise text/JSONL into WebDataset tar shards",
+        description="Tokenise .txt/.jsonl(.gz) files (globs; 'stdlib' for the embedded corpus) "
+        "in parallel, join documents with EOS, cut fixed-length sequences and write "
+        "NAME-000000.tar ... plus manifest.json and tokenizer.model to OUTPUT. Deterministic; "
+        "an up-to-date OUTPUT is left as is.")
+    prep.add_argument("inputs", nargs="+", help="input globs, e.g. 'data/**/*.jsonl.gz', or stdlib")
+    prep.add_argument("-o", "--output", required=True, help="output directory")
+    prep.add_argument("--name", default=_default("name"), help="shard name prefix")
+    prep.add_argument("--seq-len", type=int, default=_default("seq_len"),
+                      help="tokens per sequence")
+    prep.add_argument("--samples-per-shard", type=int, default=_default("samples_per_shard"))
+    prep.add_argument("--text-field", default=_default("jsonl_text_field"),
+                      help="JSONL field holding the text")
+    prep.add_argument("--workers", type=int, default=_default("workers"),
+                      help="tokeniser processes (0: one per core)")
+    prep.add_argument("--seed", type=int, default=_default("seed"),
+                      help="seeds the order of input files")
+    prep.add_argument("--tokenizer", default=None,
+                      help="an existing SentencePiece .model (must hold <|mdm_mask|>); "
+                      "default: train one on the inputs")
+    prep.add_argument("--vocab-size", type=int, default=_default("vocab_size"),
+                      help="when training one")
+    prep.add_argument("--tokenizer-train-bytes", type=int, default=_default("train_bytes"),
+                      help="text sampled to train it")
+    prep.set_defaults(func=cmd_prepare)
     return parser
 
 

@@ -9,6 +9,7 @@ line and exit 2.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -72,36 +73,97 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
-    source: str = "stdlib"  # stdlib: the running interpreter's standard library source; files
-    paths: List[str] = field(default_factory=list)  # globs of .txt / .jsonl (source=files)
-    jsonl_text_field: str = "text"
-    tokenizer_model: Optional[str] = None  # a SentencePiece .model; None: train one on the corpus
-    tokenizer_vocab_size: int = 4096  # when training one
-    tokenizer_train_bytes: int = 8_000_000  # text sampled to train it
-    seq_len: int = 128
-    seed: int = 0  # document order
+class TokenizerConfig:
+    """The SentencePiece model of a dataset: an existing one, or one trained on the inputs."""
+
+    model: Optional[str] = None  # an existing .model (must hold the mask token); None: train one
+    vocab_size: int = 32000  # when training one
+    train_bytes: int = 100_000_000  # text sampled from the inputs to train it
+    seed: int = 0
 
     def __post_init__(self):
-        _require(self.source in ("stdlib", "files"), "data.source",
-                 f"must be 'stdlib' or 'files', got {self.source!r}")
-        _require(self.source != "files" or len(self.paths) > 0, "data.paths",
-                 "data.source=files needs at least one path or glob")
-        _positive(self, "data", "tokenizer_vocab_size", "tokenizer_train_bytes", "seq_len")
+        _positive(self, "tokenizer", "vocab_size", "train_bytes")
+
+
+@dataclass
+class PrepareConfig:
+    """``llada prepare``: text/JSONL files -> tokenised fixed-length sequences in tar shards."""
+
+    inputs: List[str] = field(default_factory=list)  # globs of .txt/.jsonl(.gz); "stdlib": the embedded corpus
+    output: str = ""  # directory: NAME-000000.tar ..., manifest.json, tokenizer.model
+    name: str = "data"
+    seq_len: int = 4096
+    samples_per_shard: int = 4096
+    jsonl_text_field: str = "text"
+    workers: int = 0  # tokeniser processes; 0: one per CPU core
+    seed: int = 0  # the order in which input files are visited
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def __post_init__(self):
+        _require(len(self.inputs) > 0, "prepare.inputs", "at least one glob (or stdlib) is needed")
+        _require(bool(self.output), "prepare.output", "must be set")
+        _require(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name)), "prepare.name",
+                 f"{self.name!r}: use letters, digits, '_', '.' and '-' only")
+        _positive(self, "prepare", "seq_len", "samples_per_shard")
+        _require(self.workers >= 0, "prepare.workers", "must be >= 0")
+
+
+@dataclass
+class DatasetConfig:
+    """One prepared dataset of the training mixture."""
+
+    manifest: str = MISSING  # manifest.json written by ``llada prepare``
+    weight: float = 1.0  # mixture weight; normalised over the datasets
+    shards_url: Optional[str] = None  # e.g. "pipe:aws s3 cp s3://bucket/ds/{shard} -"; None: beside the manifest
+    prepare_inputs: List[str] = field(default_factory=list)  # prepared from these on first run if the manifest is missing
+
+    def __post_init__(self):
+        if self.manifest != MISSING:
+            _require(bool(self.manifest), "data.datasets.manifest", "must be set")
+        _require(self.weight > 0, "data.datasets.weight", f"must be > 0, got {self.weight}")
+        _require(self.shards_url is None or "{shard}" in self.shards_url, "data.datasets.shards_url",
+                 f"{self.shards_url!r} has no {{shard}} placeholder")
+
+
+@dataclass
+class DataConfig:
+    datasets: List[DatasetConfig] = field(default_factory=list)
+    seq_len: int = 4096  # must equal the manifests' sequence length
+    seed: int = 0  # shard permutation per epoch, in-shard shuffle, mixture draws
+    shuffle_buffer: int = 4096  # samples; shuffled within each shard (1: no shuffle)
+    num_workers: int = 2  # DataLoader worker processes per rank (0: in the training process)
+    prefetch_batches: int = 4  # per worker
+    # first-run preparation of datasets that name prepare_inputs
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    samples_per_shard: int = 4096
+    jsonl_text_field: str = "text"
+    prepare_workers: int = 0
+
+    def __post_init__(self):
+        _positive(self, "data", "seq_len", "shuffle_buffer", "prefetch_batches", "samples_per_shard")
+        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _require(self.prepare_workers >= 0, "data.prepare_workers", "must be >= 0")
+
+
+T_SAMPLING = ("uniform", "stratified", "antithetic")
 
 
 @dataclass
 class ObjectiveConfig:
-    mask_id: int = 3  # must exist in the tokenizer and never occur in data
+    mask_id: Optional[int] = None  # None: the datasets' manifest; set: must match it
     eps: float = 1e-3  # p_mask = (1 - eps) t + eps
     variable_length_prob: float = 0.01  # the paper's 1% of batches cut to a random length
+    t_sampling: str = "uniform"  # uniform (the paper) | stratified | antithetic (lower variance)
     seed: int = 0  # noise: t and masks are seeded by (seed, the sample's global index)
 
     def __post_init__(self):
-        _require(self.mask_id >= 0, "objective.mask_id", f"must be >= 0, got {self.mask_id}")
+        _require(self.mask_id is None or self.mask_id >= 0, "objective.mask_id",
+                 f"must be >= 0, got {self.mask_id}")
         _require(0.0 < self.eps < 1.0, "objective.eps", f"must be in (0, 1), got {self.eps}")
         _require(0.0 <= self.variable_length_prob <= 1.0, "objective.variable_length_prob",
                  f"must be in [0, 1], got {self.variable_length_prob}")
+        _require(self.t_sampling in T_SAMPLING, "objective.t_sampling",
+                 f"must be one of {', '.join(T_SAMPLING)}; got {self.t_sampling!r}")
 
 
 @dataclass
@@ -228,7 +290,10 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self):
-        _require(self.objective.mask_id < self.model.vocab_size, "objective.mask_id",
+        _require(len(self.data.datasets) > 0, "data.datasets",
+                 "at least one dataset (a manifest.json from llada prepare) is needed")
+        _require(self.objective.mask_id is None or self.objective.mask_id < self.model.vocab_size,
+                 "objective.mask_id",
                  f"{self.objective.mask_id} is outside the vocabulary "
                  f"(model.vocab_size={self.model.vocab_size})")
         _require(self.model.num_attention_heads % self.parallel.tensor == 0, "parallel.tensor",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -26,19 +27,60 @@ class Corrupted(NamedTuple):
     p_mask: torch.Tensor  # [b] float32, the masking probability of each sequence
 
 
-def sample_noise(sample_index: torch.Tensor, seq_len: int, seed: int) -> Noise:
-    """Draw t and per-token uniforms for each sample from an RNG seeded by its global index.
+# A counter-based generator (splitmix64 / lowbias32 finalisers): uniform number j of sample i
+# is a pure function of (seed, i, j). Vectorised over a whole batch, with no generator state to seed, save or replay.
+_T_STREAM = np.uint64(0xD1B54A32D192ED03)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _to_unit(x: np.ndarray) -> np.ndarray:
+    """The top 24 bits as a float32 in [0, 1): every value exactly representable."""
+    return (x >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)
+
+
+def _token_uniforms(base: np.ndarray, seq_len: int) -> np.ndarray:
+    """[b, seq_len] uniforms: a 32-bit finaliser (lowbias32) of (per-sample key + position),
+    half the work of 64-bit mixing on the per-token hot path; the key itself is 64-bit mixed."""
+    key = (base >> np.uint64(32)).astype(np.uint32) ^ base.astype(np.uint32)
+    with np.errstate(over="ignore"):
+        x = key[:, None] + np.arange(seq_len, dtype=np.uint32) * np.uint32(0x9E3779B9)
+        x ^= x >> np.uint32(16)
+        x *= np.uint32(0x7FEB352D)
+        x ^= x >> np.uint32(15)
+        x *= np.uint32(0x846CA68B)
+        x ^= x >> np.uint32(16)
+    return (x >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)
+
+
+def sample_noise(sample_index: torch.Tensor, seq_len: int, seed: int,
+                 t_sampling: str = "uniform") -> Noise:
+    """t and per-token uniforms of each sample, a pure function of (seed, its global index).
 
     Drawn at full ``seq_len`` so a batch cut to a shorter length (1% variable length) masks each
-    kept position exactly as the uncut batch would.
+    kept position exactly as the uncut batch would. ``t_sampling`` (lower-variance estimators of
+    the same expectation, across the micro-batch): ``stratified`` puts one t in each of the b
+    strata [k/b, (k+1)/b), assigned to rows by a permutation seeded by the batch's first index;
+    ``antithetic`` pairs rows (2k, 2k+1) as (t, 1 - t).
     """
-    ts, us = [], []
-    gen = torch.Generator()
-    for idx in sample_index.tolist():
-        gen.manual_seed((seed * _SEED_STRIDE + int(idx)) & 0x7FFF_FFFF_FFFF_FFFF)
-        ts.append(torch.rand(1, generator=gen))
-        us.append(torch.rand(seq_len, generator=gen))
-    return Noise(torch.cat(ts), torch.stack(us))
+    idx = sample_index.cpu().numpy().astype(np.uint64)
+    base = _mix64(_mix64(idx) ^ _mix64(np.full_like(idx, seed & (2**64 - 1))))
+    u = _token_uniforms(base, seq_len)
+    t = _to_unit(_mix64(base ^ _T_STREAM))
+    b = len(idx)
+    if t_sampling == "stratified" and b > 1:
+        order = np.argsort(_mix64(base[:1] ^ _mix64(np.arange(b, dtype=np.uint64))), kind="stable")
+        t = (order.astype(np.float32) + t) / np.float32(b)
+    elif t_sampling == "antithetic" and b > 1:
+        t = t.copy()
+        t[1:b - b % 2:2] = 1.0 - t[0:b - b % 2:2]
+    elif t_sampling not in ("uniform", "stratified", "antithetic"):
+        raise ValueError(f"t_sampling: unknown {t_sampling!r}")
+    return Noise(torch.from_numpy(np.ascontiguousarray(t)), torch.from_numpy(u))
 
 
 def forward_process(tokens: torch.Tensor, noise: Noise, mask_id: int, eps: float) -> Corrupted:
@@ -66,8 +108,26 @@ def llada_loss(
     the masked count, which keeps the loss an ELBO comparable across runs.
     ``cross_entropy`` returns per-position CE; tensor parallelism passes the vocab-parallel one.
     """
+    ce = _cross_entropy(masked_logits, masked_targets, cross_entropy)
+    return (ce / masked_p.float()).sum() / num_tokens
+
+
+def sft_loss(
+    masked_logits: torch.Tensor,
+    masked_targets: torch.Tensor,
+    masked_p: torch.Tensor,
+    masked_response_len: torch.Tensor,
+    batch_size: int,
+    cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """SFT (../shared/LLADA.md): each sequence's sum of CE / p_mask over its masked response
+    positions, divided by its response length (EOS padding included), then the mean over the
+    batch. ``masked_response_len`` [N] is the response length of each position's sequence."""
+    ce = _cross_entropy(masked_logits, masked_targets, cross_entropy)
+    return (ce / (masked_p.float() * masked_response_len.float())).sum() / batch_size
+
+
+def _cross_entropy(logits, targets, cross_entropy) -> torch.Tensor:
     if cross_entropy is None:
-        ce = F.cross_entropy(masked_logits.float(), masked_targets, reduction="none")
-    else:
-        ce = cross_entropy(masked_logits, masked_targets)
-    return (ce.float() / masked_p.float()).sum() / num_tokens
+        return F.cross_entropy(logits.float(), targets, reduction="none")
+    return cross_entropy(logits, targets).float()

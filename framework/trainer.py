@@ -16,22 +16,23 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from data_pipeline.corpus import corpus_files
-from data_pipeline.token_stream import TokenBatch, TokenStream
-from data_pipeline.tokenizer import MASK_PIECE, Tokenizer, get_tokenizer
-from data_pipeline.variable_length import batch_length
+from data_pipeline.collate import MaskCollator
+from data_pipeline.datasets import open_datasets
+from data_pipeline.loader import DataError, PretrainLoader
+from data_pipeline.shards import ShardSet
+from data_pipeline.tokenizer import atomic_write
 from framework.config import Config, ConfigError, to_yaml
 from framework.deepspeed_config import deepspeed_json
 from framework.flops import peak_flops, train_flops_per_token
 from framework.optimizer import SkippableAdamW, param_groups
 from framework.model.model import LLaDAModel, transformer_config
-from framework.objective import forward_process, llada_loss, sample_noise
+from framework.objective import llada_loss
 from framework.parallel import DeepSpeedMPU, World, init_world
 from framework.schedule import wsd_lr
 
@@ -58,20 +59,16 @@ def _log(world: World, msg: str) -> None:
         print(msg, flush=True)
 
 
-def build_tokenizer(cfg: Config, world: World, run_dir: Path) -> Tokenizer:
-    """Rank 0 trains (or loads) the tokenizer first; the others then load the cached file."""
-    if world.is_main:
-        tok = get_tokenizer(cfg.data, run_dir)
-    dist.barrier()
-    if not world.is_main:
-        tok = get_tokenizer(cfg.data, run_dir)
-    if tok.mask_id != cfg.objective.mask_id:
-        raise ConfigError(f"objective.mask_id: {cfg.objective.mask_id} but the tokenizer "
-                          f"{tok.path} has {MASK_PIECE} at id {tok.mask_id}")
-    if tok.vocab_size > cfg.model.vocab_size:
+def check_data(cfg: Config, sets: List[ShardSet]) -> int:
+    """The datasets against the model and objective; returns the mask id to use."""
+    ids = sets[0].special_ids
+    if cfg.objective.mask_id is not None and cfg.objective.mask_id != ids["mask"]:
+        raise ConfigError(f"objective.mask_id: {cfg.objective.mask_id}, but the tokenizer of "
+                          f"{sets[0].manifest} has the mask token at id {ids['mask']}")
+    if sets[0].vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
-                          f"tokenizer's {tok.vocab_size} pieces ({tok.path})")
-    return tok
+                          f"tokenizer's {sets[0].vocab_size} pieces ({sets[0].manifest})")
+    return ids["mask"]
 
 
 class Trainer:
@@ -96,11 +93,13 @@ class Trainer:
         on_gpu = world.device.type == "cuda"
         self.bf16 = tc.precision == "bf16" or (tc.precision == "auto" and on_gpu)
 
-        self.tokenizer = build_tokenizer(cfg, world, self.run_dir)
-        self.data: Iterator[TokenBatch] = iter(TokenStream(
-            corpus_files(cfg.data), self.tokenizer, seq_len=cfg.data.seq_len,
-            micro_batch_size=tc.micro_batch_size, dp_rank=world.dp_rank, dp_size=world.dp,
-            seed=cfg.data.seed, jsonl_text_field=cfg.data.jsonl_text_field))
+        sets = open_datasets(cfg.data, world.is_main, dist.barrier)
+        self.mask_id = check_data(cfg, sets)
+        self.data = PretrainLoader(
+            cfg.data, sets, [d.weight for d in cfg.data.datasets],
+            MaskCollator(cfg.objective, self.mask_id, cfg.data.seq_len),
+            micro_batch_size=tc.micro_batch_size, accumulation=self.accum,
+            dp_rank=world.dp_rank, dp_size=world.dp, pin_memory=on_gpu)
 
         torch.manual_seed(cfg.run.seed)
         if on_gpu:
@@ -136,25 +135,22 @@ class Trainer:
         lr = wsd_lr(self.step, cfg.train.steps, cfg.optimizer.lr, cfg.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        # 1% variable length: seeded by the step, so every data-parallel rank cuts alike
-        length = batch_length(self.step, cfg.data.seq_len, cfg.objective.variable_length_prob,
-                              cfg.objective.seed)
 
         # accumulated on the device: no host sync inside the micro-batch loop
         loss_sum = torch.zeros((), dtype=torch.float64, device=world.device)
         nonfinite = torch.zeros((), dtype=torch.float32, device=world.device)
         for micro in range(self.accum):
-            # data
-            batch = next(self.data)
-            tokens = batch.tokens[:, :length].to(world.device, non_blocking=True)
-            noise = sample_noise(batch.index, cfg.data.seq_len, cfg.objective.seed)
-            noisy, mask, p_mask = forward_process(tokens, noise, cfg.objective.mask_id,
-                                                  cfg.objective.eps)
+            # data: masked by the collator (per-sequence t, seeded by each sample's global
+            # index); 1% of steps cut to a random length, alike on every data-parallel rank
+            batch = self._next_batch()
+            noisy, targets, mask, p_mask = (x.to(world.device, non_blocking=True) for x in
+                                            (batch.noisy, batch.targets, batch.mask, batch.p_mask))
+            length = noisy.shape[1]
             # forward: the head runs at masked positions only
             logits = engine(noisy, select=mask)
             # loss
-            masked_p = p_mask[:, None].expand_as(tokens)[mask]
-            loss = llada_loss(logits, tokens[mask], masked_p, tokens.numel(),
+            masked_p = p_mask[:, None].expand_as(targets)[mask]
+            loss = llada_loss(logits, targets[mask], masked_p, targets.numel(),
                               cross_entropy=engine.module.cross_entropy)
             nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss.detach())).float())
             # backward (DeepSpeed scales by 1/accumulation and reduces across data parallel)
@@ -179,6 +175,16 @@ class Trainer:
                             skipped=skipped)
         self.step += 1
         return result
+
+    def _next_batch(self):
+        try:
+            batch = next(self.data)
+        except DataError as e:
+            raise TrainingError(f"data: {e}") from None
+        if batch.step != self.step:  # a lost or repeated micro-batch must never pass silently
+            raise TrainingError(f"data stream out of step: got a micro-batch of step {batch.step} "
+                                f"at step {self.step}")
+        return batch
 
     def _mfu(self, tokens_per_s: float) -> Optional[float]:
         """Model FLOPs utilisation against the accelerator's peak; None where unknown (CPU)."""
@@ -249,15 +255,30 @@ class Trainer:
     def _log_step(self, result: StepResult, tokens_per_s: float) -> None:
         mfu = self._mfu(tokens_per_s)
         record = {**asdict(result), "tokens_per_s": tokens_per_s, "mfu": mfu,
-                  "skipped_total": self.skipped_steps}
+                  "skipped_total": self.skipped_steps, "data_skipped": self.data_skipped()}
         grad = "n/a" if result.grad_norm is None else f"{result.grad_norm:.3f}"
         mfu_s = "" if mfu is None else f" | mfu {100 * mfu:.1f}%"
         _log(self.world, f"step {result.step + 1:>6}/{self.cfg.train.steps} | loss "
                          f"{result.loss:.4f} | lr {result.lr:.3e} | grad norm {grad} | "
-                         f"{tokens_per_s:,.0f} tokens/s{mfu_s} | skipped {self.skipped_steps}")
+                         f"{tokens_per_s:,.0f} tokens/s{mfu_s} | skipped {self.skipped_steps}"
+                         f"{self._data_note()}")
         if self.world.is_main and self.cfg.tracking.metrics_file:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def data_skipped(self, reduce: bool = True) -> dict:
+        """Skipped data (missing/corrupt shards, bad samples), summed over data-parallel ranks
+        (this rank's own without ``reduce``: after a failure the others may not join)."""
+        counters = self.data.counters
+        if not reduce:
+            return counters
+        t = torch.tensor([counters[k] for k in sorted(counters)], dtype=torch.int64)
+        dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+        return dict(zip(sorted(counters), t.tolist()))
+
+    def _data_note(self) -> str:
+        bad = {k: v for k, v in self.data_skipped().items() if v}
+        return "" if not bad else " | data skipped " + ", ".join(f"{k} {v}" for k, v in bad.items())
 
     @property
     def skipped_steps(self) -> int:
@@ -269,8 +290,12 @@ class Trainer:
         if not due:
             return
         root = self.run_dir / "checkpoints"
-        self.engine.save_checkpoint(str(root), tag=f"step_{self.step:08d}",
-                                    client_state={"step": self.step})
+        tag = f"step_{self.step:08d}"
+        self.engine.save_checkpoint(str(root), tag=tag, client_state={"step": self.step})
+        # the data stream's position, one small file per data-parallel rank (exact resume)
+        if parallel_state.get_tensor_model_parallel_rank() == 0:
+            atomic_write(root / tag / "data" / f"dp_rank_{self.world.dp_rank:05d}.json",
+                         json.dumps(self.data.state_dict()).encode())
         dist.barrier()
         if self.world.is_main:
             tags = sorted(p for p in root.glob("step_*") if p.is_dir())
@@ -291,6 +316,7 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "mfu": self._mfu(tokens_per_s),
             "skipped_steps": self.skipped_steps,
+            "data_skipped": self.data_skipped(reduce=status == "completed"),
             "elapsed_s": elapsed,
             "parameters": self.num_params,
             "world_size": self.world.world_size,

@@ -1,11 +1,12 @@
-"""Shared fixtures: a small tokenizer trained once per session, tiny-model overrides, and a
-single-process world for in-process model and trainer tests."""
+"""Shared fixtures: a small tokenizer and a small prepared dataset built once per session,
+tiny-model overrides, and a single-process world for in-process model and trainer tests."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 from typing import List
 
@@ -17,24 +18,53 @@ DEBUG_RECIPE = REPO / "recipes" / "debug-cpu.yaml"
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def stdlib_glob(package: str) -> str:
+    """A glob of one standard-library package's source: real text, small."""
+    return f"{sysconfig.get_paths()['stdlib']}/{package}/*.py"
+
+
+SMALL_CORPUS = [stdlib_glob(p) for p in ("json", "email", "logging")]
+
+
 @pytest.fixture(scope="session")
 def small_tokenizer(tmp_path_factory) -> Path:
     """A 512-piece SentencePiece model trained on 1 MB of the standard library."""
+    from data_pipeline.corpus import expand_inputs
     from data_pipeline.tokenizer import train_tokenizer
-    from framework.config import DataConfig
+    from framework.config import TokenizerConfig
 
-    out = tmp_path_factory.mktemp("tokenizer")
-    tok = train_tokenizer(DataConfig(tokenizer_vocab_size=512, tokenizer_train_bytes=1_000_000), out)
+    out = tmp_path_factory.mktemp("tokenizer") / "spm.model"
+    files = expand_inputs(["stdlib"])
+    tok = train_tokenizer(files, TokenizerConfig(vocab_size=512, train_bytes=1_000_000), out)
     return tok.path
 
 
-def quick_overrides(run_dir: Path, tokenizer: Path, steps: int = 30) -> List[str]:
+def prepare_small(out: Path, tokenizer: Path, seq_len: int = 64, samples_per_shard: int = 128,
+                  inputs: List[str] = SMALL_CORPUS, name: str = "small") -> Path:
+    """Shards of a few standard-library packages; returns the manifest path."""
+    from data_pipeline.prepare import prepare
+    from framework.config import PrepareConfig, TokenizerConfig
+
+    prepare(PrepareConfig(inputs=list(inputs), output=str(out), name=name, seq_len=seq_len,
+                          samples_per_shard=samples_per_shard, workers=2,
+                          tokenizer=TokenizerConfig(model=str(tokenizer))), log=lambda _: None)
+    return out / "manifest.json"
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory, small_tokenizer) -> Path:
+    """~2,700 sequences of 64 tokens in ~21 shards (manifest path)."""
+    return prepare_small(tmp_path_factory.mktemp("small-dataset"), small_tokenizer)
+
+
+def quick_overrides(run_dir: Path, manifest: Path, steps: int = 30) -> List[str]:
     """The debug recipe's model on shorter sequences, smaller batches and a small ready-made
-    tokenizer: a few dozen steps in seconds."""
+    dataset: a few dozen steps in seconds."""
     return [
-        f"run.dir={run_dir}", f"data.tokenizer_model={tokenizer}", f"train.steps={steps}",
-        "data.seq_len=64", "train.micro_batch_size=8", "train.global_batch_size=16",
-        "optimizer.lr=3e-3", "schedule.warmup_steps=5", "tracking.log_interval=10",
+        f"run.dir={run_dir}", f"data.datasets=[{{manifest: {manifest}}}]", f"train.steps={steps}",
+        "data.seq_len=64", "data.shuffle_buffer=128", "train.micro_batch_size=8",
+        "train.global_batch_size=16", "optimizer.lr=3e-3", "schedule.warmup_steps=5",
+        "tracking.log_interval=10",
     ]
 
 

@@ -10,14 +10,14 @@ from tests.conftest import DEBUG_RECIPE, REPO, run_cli, quick_overrides
 pytestmark = pytest.mark.slow
 
 
-def train(tmp_path, tokenizer, *extra, steps=40):
-    args = ["train", str(DEBUG_RECIPE), *quick_overrides(tmp_path, tokenizer, steps), *extra]
+def train(tmp_path, dataset, *extra, steps=40):
+    args = ["train", str(DEBUG_RECIPE), *quick_overrides(tmp_path, dataset, steps), *extra]
     return run_cli(args, nproc=2, timeout=600)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_trains_with_two_processes(tmp_path, small_tokenizer, stage):
-    proc = train(tmp_path, small_tokenizer, f"deepspeed.zero_stage={stage}")
+def test_zero_stage_trains_with_two_processes(tmp_path, small_dataset, stage):
+    proc = train(tmp_path, small_dataset, f"deepspeed.zero_stage={stage}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 40
@@ -27,16 +27,16 @@ def test_zero_stage_trains_with_two_processes(tmp_path, small_tokenizer, stage):
     assert "x 1 accumulation x 2 data-parallel" in proc.stdout
 
 
-def test_tensor_parallel_two_ranks_train(tmp_path, small_tokenizer):
-    proc = train(tmp_path, small_tokenizer, "parallel.tensor=2", "deepspeed.zero_stage=1")
+def test_tensor_parallel_two_ranks_train(tmp_path, small_dataset):
+    proc = train(tmp_path, small_dataset, "parallel.tensor=2", "deepspeed.zero_stage=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["tensor_parallel"] == 2 and summary["data_parallel"] == 1
     assert summary["last_loss"] < 0.85 * summary["first_loss"], summary
 
 
-def test_global_batch_not_divisible_by_data_parallel_size(tmp_path, small_tokenizer):
-    proc = train(tmp_path, small_tokenizer, "train.micro_batch_size=8",
+def test_global_batch_not_divisible_by_data_parallel_size(tmp_path, small_dataset):
+    proc = train(tmp_path, small_dataset, "train.micro_batch_size=8",
                  "train.global_batch_size=8", steps=2)
     # torchrun itself exits 1 and reports the worker's own exit code, 2
     assert proc.returncode != 0

@@ -10,15 +10,23 @@ pytestmark = pytest.mark.slow
 
 
 def test_debug_recipe_trains_and_the_loss_falls(tmp_path):
-    proc = run_cli(["train", str(DEBUG_RECIPE), f"run.dir={tmp_path}"], timeout=900)
+    # the recipe's dataset, prepared on first run from the embedded corpus (here under tmp_path)
+    data = tmp_path / "data" / "manifest.json"
+    proc = run_cli(["train", str(DEBUG_RECIPE), f"run.dir={tmp_path}",
+                    f"data.datasets=[{{manifest: {data}, prepare_inputs: [stdlib]}}]"],
+                   timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 200
     assert summary["skipped_steps"] == 0
     assert summary["last_loss"] <= 0.8 * summary["first_loss"], summary
     assert summary["tokens"] > 0 and summary["tokens_per_s"] > 0
-    # the tokenizer was trained on first run and cached under run.dir, with the config
-    assert (tmp_path / "tokenizer" / "spm.model").is_file()
+    # shards, manifest and tokenizer were prepared on first run; the config is saved
+    manifest = json.loads(data.read_text())
+    assert manifest["samples"] > 50_000 and len(manifest["shards"]) > 40
+    assert (data.parent / "tokenizer.model").is_file()
+    assert "llada prepare:" in proc.stdout
+    assert summary["data_skipped"] == {"bad_samples": 0, "corrupt_shards": 0, "missing_shards": 0}
     assert (tmp_path / "config.yaml").is_file()
     metrics = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 200 // 25

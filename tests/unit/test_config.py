@@ -15,11 +15,15 @@ def test_debug_recipe_loads_with_overrides():
 
 @pytest.mark.parametrize("recipe", ["llada-1b.yaml", "llada-8b.yaml"])
 def test_paper_recipes_load_once_data_is_named(recipe, tmp_path):
+    with pytest.raises(ConfigError, match=r"data.datasets\[0\].manifest: required"):
+        load_config(REPO / "recipes" / recipe)
     cfg = load_config(REPO / "recipes" / recipe,
-                      [f"data.paths=[{tmp_path}/*.txt]", "data.tokenizer_model=tok.model"])
+                      [f"data.datasets=[{{manifest: {tmp_path}/m.json}}, "
+                       f"{{manifest: {tmp_path}/n.json, weight: 3}}]"])
     assert cfg.optimizer.weight_decay == 0.1
     assert cfg.optimizer.lr == 4e-4 and cfg.schedule.final_lr == 1e-5
-    assert cfg.data.seq_len == 4096 and cfg.objective.mask_id == 126336
+    assert cfg.data.seq_len == 4096 and cfg.objective.mask_id is None
+    assert [d.weight for d in cfg.data.datasets] == [1.0, 3]
 
 
 @pytest.mark.parametrize("override, key", [
@@ -32,6 +36,11 @@ def test_paper_recipes_load_once_data_is_named(recipe, tmp_path):
     (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
     (["run.device=tpu"], "run.device"),
     (["parallel.tensor=3"], "parallel.tensor"),
+    (["data.datasets=[]"], "data.datasets"),
+    (["data.datasets=[{manifest: m.json, weight: 0}]"], "data.datasets.weight"),
+    (["data.datasets=[{manifest: m.json, shards_url: 'pipe:cat x'}]"], "data.datasets.shards_url"),
+    (["data.datasets=[{path: m.json}]"], "path"),
+    (["objective.t_sampling=sobol"], "objective.t_sampling"),
     (["nosuchsection.x=1"], "nosuchsection"),
 ])
 def test_bad_values_name_the_key(override, key):

@@ -59,7 +59,7 @@ def test_vocab_is_padded_for_tensor_parallelism():
 
 @pytest.mark.parametrize("recipe, expected", [("llada-1b.yaml", 1.49e9), ("llada-8b.yaml", 8.02e9)])
 def test_paper_sizes_on_meta_device(world, recipe, expected):
-    cfg = load_config(REPO / "recipes" / recipe, ["data.paths=[x]", "data.tokenizer_model=x"])
+    cfg = load_config(REPO / "recipes" / recipe, ["data.datasets=[{manifest: x}]"])
     with torch.device("meta"):
         model = build(cfg.model, torch.bfloat16)
     total = sum(p.numel() for p in model.parameters())

@@ -12,8 +12,8 @@ from framework.trainer import Trainer, TrainingError
 from tests.conftest import DEBUG_RECIPE, quick_overrides
 
 
-def make_trainer(tmp_path, tokenizer, *extra):
-    cfg = load_config(DEBUG_RECIPE, quick_overrides(tmp_path, tokenizer, steps=12) + list(extra))
+def make_trainer(tmp_path, dataset, *extra):
+    cfg = load_config(DEBUG_RECIPE, quick_overrides(tmp_path, dataset, steps=12) + list(extra))
     return Trainer(cfg)
 
 
@@ -33,9 +33,9 @@ def snapshot(trainer):
 
 
 @pytest.mark.parametrize("zero_stage", [0, 1])
-def test_nonfinite_loss_skips_the_step_and_is_counted(world, tmp_path, small_tokenizer,
+def test_nonfinite_loss_skips_the_step_and_is_counted(world, tmp_path, small_dataset,
                                                       monkeypatch, zero_stage):
-    trainer = make_trainer(tmp_path, small_tokenizer, f"deepspeed.zero_stage={zero_stage}",
+    trainer = make_trainer(tmp_path, small_dataset, f"deepspeed.zero_stage={zero_stage}",
                            "train.max_consecutive_nonfinite=3")
     poison_steps(monkeypatch, trainer, {3, 4, 7})
     summary = trainer.fit()
@@ -48,9 +48,9 @@ def test_nonfinite_loss_skips_the_step_and_is_counted(world, tmp_path, small_tok
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2])
-def test_skipped_step_leaves_parameters_unchanged(world, tmp_path, small_tokenizer, monkeypatch,
+def test_skipped_step_leaves_parameters_unchanged(world, tmp_path, small_dataset, monkeypatch,
                                                   zero_stage):
-    trainer = make_trainer(tmp_path, small_tokenizer, f"deepspeed.zero_stage={zero_stage}")
+    trainer = make_trainer(tmp_path, small_dataset, f"deepspeed.zero_stage={zero_stage}")
     poison_steps(monkeypatch, trainer, {1})
     trainer.train_step()
     before = snapshot(trainer)
@@ -62,8 +62,8 @@ def test_skipped_step_leaves_parameters_unchanged(world, tmp_path, small_tokeniz
     assert any(not torch.equal(a, b) for a, b in zip(before, snapshot(trainer)))
 
 
-def test_consecutive_nonfinite_steps_stop_the_run(world, tmp_path, small_tokenizer, monkeypatch):
-    trainer = make_trainer(tmp_path, small_tokenizer, "train.max_consecutive_nonfinite=3")
+def test_consecutive_nonfinite_steps_stop_the_run(world, tmp_path, small_dataset, monkeypatch):
+    trainer = make_trainer(tmp_path, small_dataset, "train.max_consecutive_nonfinite=3")
     poison_steps(monkeypatch, trainer, {2, 3, 4, 5})
     with pytest.raises(TrainingError, match="3 consecutive steps.*steps 2..4"):
         trainer.fit()
@@ -71,8 +71,8 @@ def test_consecutive_nonfinite_steps_stop_the_run(world, tmp_path, small_tokeniz
     assert summary["status"] == "diverged" and summary["skipped_steps"] == 3
 
 
-def test_step_follows_schedule_and_logs_metrics(world, tmp_path, small_tokenizer):
-    trainer = make_trainer(tmp_path, small_tokenizer, "schedule.warmup_steps=4",
+def test_step_follows_schedule_and_logs_metrics(world, tmp_path, small_dataset):
+    trainer = make_trainer(tmp_path, small_dataset, "schedule.warmup_steps=4",
                            "objective.variable_length_prob=0.5")
     summary = trainer.fit()
     lrs = [r.lr for r in trainer.history]

@@ -1,0 +1,297 @@
+"""Deterministic, resumable streaming of prepared shards to one data-parallel rank.
+
+Order. Every (data-parallel rank, DataLoader worker) pair is a *slot*; there are dp x workers
+slots. In epoch e each dataset's shards are permuted by (seed, dataset, e) and slot s takes every
+(dp x workers)-th shard of that permutation starting at s, so one epoch over all slots reads every
+sample exactly once. Within a shard a shuffle buffer seeded by (seed, dataset, epoch, shard)
+reorders samples. Several datasets are mixed per sample by a seeded draw with the configured
+weights. Tensor/pipeline-parallel peers share a data-parallel rank, hence identical batches.
+Split by *data-parallel* rank: webdataset's split_by_node would split by global rank.
+
+Global sample index. Micro-batch n of data-parallel rank r is global micro-batch n x dp + r; its
+rows are global samples (n x dp + r) x micro_batch_size + row. The index seeds the sample's noise
+and n // accumulation is its optimizer step (seeding the 1% cut).
+
+Exact resume. A slot's state is (per dataset: epoch, shard cursor, samples taken from the current
+shard, raw members read from it; the mixture RNG; batches made; skip counters): a few integers.
+Each batch carries its slot's state as of that batch; the loader keeps the state of the last
+batch it *handed out* per slot, so batches prefetched but not consumed are simply made again. On
+restore a slot reopens its current shard and replays the seeded shuffle up to its offset. Changing
+the data-parallel size or the worker count between save and restore is refused (the slots would
+change): restart the stream with a new data.seed instead.
+
+Bad data never stops the stream: a missing shard, a truncated/corrupt tar, a sample that does not
+decode or has the wrong shape, dtype or ids (including the mask id) is skipped with a warning
+naming shard and sample key, and counted; the counters travel with the state.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from framework.config import ConfigError, DataConfig
+from data_pipeline.collate import MaskCollator, TrainBatch
+from data_pipeline.corpus import warn
+from data_pipeline.shards import (ShardError, ShardSet, TOKENS_EXT, decode_tokens, open_url,
+                                  split_key, tar_members)
+
+STATE_VERSION = 1
+COUNTERS = ("missing_shards", "corrupt_shards", "bad_samples")
+
+
+class DataError(RuntimeError):
+    """No readable sample at all in a slot's shards: the run cannot be fed. Names the dataset."""
+
+
+class ShardStream:
+    """One dataset as one slot reads it: its shards of each epoch's permutation, each shard
+    through a seeded shuffle buffer, epoch after epoch."""
+
+    def __init__(self, ds: ShardSet, ds_index: int, slot: int, num_slots: int, seed: int,
+                 buffer: int, counters: Dict[str, int], state: Optional[dict] = None):
+        self.ds, self.ds_index, self.slot, self.num_slots = ds, ds_index, slot, num_slots
+        self.seed, self.buffer, self.counters = seed, buffer, counters
+        state = state or {}
+        self.epoch = state.get("epoch", 0)
+        self.cursor = state.get("cursor", 0)  # position in this epoch's list of the slot's shards
+        self.offset = state.get("offset", 0)  # samples taken from the current shard
+        self.raw = state.get("raw", 0)  # members read from the current shard
+        self._counted_up_to = self.raw  # replaying a shard: its skips were counted before
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "offset": self.offset, "raw": self.raw}
+
+    def assigned(self, epoch: int) -> np.ndarray:
+        perm = np.random.default_rng([self.seed, self.ds_index, epoch]).permutation(
+            len(self.ds.shards))
+        return perm[self.slot::self.num_slots]
+
+    def _skip(self, counter: str, msg: str) -> None:
+        if self.raw > self._counted_up_to:
+            self.counters[counter] += 1
+            warn(counter, msg)
+
+    def _check(self, arr: np.ndarray) -> Optional[str]:
+        ds = self.ds
+        if arr.shape != (ds.seq_len,):
+            return f"shape {arr.shape}, expected ({ds.seq_len},)"
+        if arr.dtype.name != ds.dtype:
+            return f"dtype {arr.dtype.name}, expected {ds.dtype}"
+        if int(arr.max()) >= ds.vocab_size:
+            return f"token id {int(arr.max())} >= vocabulary size {ds.vocab_size}"
+        if np.any(arr == ds.special_ids["mask"]):
+            return "holds the mask token"
+        return None
+
+    def _read(self, shard: int) -> Iterator[np.ndarray]:
+        """The valid samples of one shard in file order; anything unreadable skipped, counted."""
+        url = self.ds.url(shard)
+        self.raw = 0
+        try:
+            stream = open_url(url)
+        except OSError as e:
+            self.raw = 1
+            self._skip("missing_shards", f"{self.ds.name}: shard {url} unreadable "
+                       f"({type(e).__name__}: {e}); skipped")
+            return
+        key = None
+        try:
+            with stream:
+                for name, data in tar_members(stream, url):
+                    self.raw += 1
+                    key, ext = split_key(name)
+                    try:
+                        if ext != TOKENS_EXT:
+                            raise ValueError(f"unexpected member {name!r}")
+                        arr = decode_tokens(data)
+                        problem = self._check(arr)
+                    except Exception as e:  # noqa: BLE001 - no sample may crash the stream
+                        problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    if problem:
+                        self._skip("bad_samples", f"{self.ds.name}: shard {url} sample {key}: "
+                                   f"{problem}; skipped")
+                        continue
+                    yield arr
+        except (ShardError, OSError) as e:
+            self.raw += 1
+            after = f" after sample {key}" if key else ""
+            self._skip("corrupt_shards", f"{self.ds.name}: {e}{after}; rest of shard skipped")
+
+    def _shuffled(self, shard: int, epoch: int) -> Iterator[np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.ds_index, epoch, int(shard)])
+        buf: List[np.ndarray] = []
+        for arr in self._read(shard):
+            if len(buf) < self.buffer:
+                buf.append(arr)
+                continue
+            i = int(rng.integers(self.buffer))
+            yield buf[i]
+            buf[i] = arr
+        for i in rng.permutation(len(buf)):
+            yield buf[i]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        barren = 0  # shards in a row that gave no readable sample
+        while True:
+            shards = self.assigned(self.epoch)
+            while self.cursor < len(shards):
+                skip, got = self.offset, 0
+                for k, arr in enumerate(self._shuffled(shards[self.cursor], self.epoch)):
+                    got += 1
+                    if k < skip:
+                        continue  # replaying up to where the saved state stood
+                    self.offset = k + 1
+                    yield arr
+                barren = 0 if got else barren + 1
+                if barren >= 2 * len(shards):
+                    raise DataError(
+                        f"{self.ds.name}: none of the {len(shards)} shards of slot {self.slot} "
+                        f"({self.ds.manifest}) has a readable sample")
+                self.cursor += 1
+                self.offset = self.raw = self._counted_up_to = 0
+            self.epoch += 1
+            self.cursor = 0
+
+
+class SlotStream:
+    """The micro-batches of one slot: mixed samples, batched, collated."""
+
+    def __init__(self, sets: List[ShardSet], weights: List[float], collator: MaskCollator, *,
+                 seed: int, buffer: int, micro_batch_size: int, accumulation: int, dp_rank: int,
+                 dp_size: int, workers: int, worker: int, state: Optional[dict] = None):
+        state = state or {}
+        self.mb, self.accum, self.collator = micro_batch_size, accumulation, collator
+        self.dp_rank, self.dp_size, self.workers, self.worker = dp_rank, dp_size, workers, worker
+        slot, num_slots = dp_rank * workers + worker, dp_size * workers
+        self.counters = {k: state.get("counters", {}).get(k, 0) for k in COUNTERS}
+        self.batches = state.get("batches", 0)
+        saved = state.get("streams", [None] * len(sets))
+        self.streams = [ShardStream(ds, i, slot, num_slots, seed, buffer, self.counters, st)
+                        for i, (ds, st) in enumerate(zip(sets, saved))]
+        total = float(sum(weights))
+        self.cumulative = np.cumsum([w / total for w in weights]).tolist()
+        self.rng = np.random.Generator(np.random.PCG64([seed, 104729, slot]))
+        if "mix_rng" in state:
+            self.rng.bit_generator.state = state["mix_rng"]
+
+    def state(self) -> dict:
+        return {"batches": self.batches, "streams": [s.state() for s in self.streams],
+                "mix_rng": self.rng.bit_generator.state, "counters": dict(self.counters)}
+
+    def __iter__(self) -> Iterator[Tuple[TrainBatch, dict]]:
+        iters = [iter(s) for s in self.streams]
+        while True:
+            rows = []
+            for _ in range(self.mb):
+                k = 0 if len(iters) == 1 else min(
+                    bisect.bisect_right(self.cumulative, self.rng.random()), len(iters) - 1)
+                rows.append(next(iters[k]))
+            n = self.batches * self.workers + self.worker  # this rank's micro-batch number
+            first = (n * self.dp_size + self.dp_rank) * self.mb
+            tokens = torch.from_numpy(np.stack(rows).astype(np.int64))
+            batch = self.collator(tokens, torch.arange(first, first + self.mb), n // self.accum)
+            self.batches += 1
+            yield batch, self.state()
+
+
+class _Workers(IterableDataset):
+    """What each DataLoader worker runs: the slot it stands for this time, from its state.
+    Plain data only, so it pickles for spawn-started workers too."""
+
+    def __init__(self, slot_args: dict, states: List[Optional[dict]], rotation: int):
+        self.slot_args, self.states, self.rotation = slot_args, states, rotation
+
+    def __iter__(self):
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        workers = self.slot_args["workers"]
+        logical = (physical + self.rotation) % workers
+        slot = SlotStream(**self.slot_args, worker=logical, state=self.states[logical])
+        for batch, state in slot:
+            yield batch, logical, state
+
+
+class PretrainLoader:
+    """Iterator of collated micro-batches for one data-parallel rank, with state_dict()."""
+
+    def __init__(self, cfg: DataConfig, sets: List[ShardSet], weights: List[float],
+                 collator: MaskCollator, *, micro_batch_size: int, accumulation: int,
+                 dp_rank: int, dp_size: int, pin_memory: bool = False):
+        self.cfg, self.sets, self.weights, self.collator = cfg, sets, weights, collator
+        self.mb, self.accum, self.pin_memory = micro_batch_size, accumulation, pin_memory
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.workers = max(cfg.num_workers, 1)
+        slots = dp_size * self.workers
+        for ds in sets:
+            if len(ds.shards) < slots:
+                raise ConfigError(
+                    f"data.datasets: {ds.manifest} has {len(ds.shards)} shards, fewer than the "
+                    f"{slots} readers (data-parallel size {dp_size} x data.num_workers "
+                    f"{self.workers}); prepare it with a smaller samples_per_shard or use fewer "
+                    "workers")
+        self.slot_states: List[Optional[dict]] = [None] * self.workers
+        self.consumed = 0
+        self._it: Optional[Iterator] = None
+
+    def _batches(self) -> Iterator[TrainBatch]:
+        slot_args = dict(sets=self.sets, weights=self.weights, collator=self.collator,
+                         seed=self.cfg.seed, buffer=self.cfg.shuffle_buffer,
+                         micro_batch_size=self.mb, accumulation=self.accum, dp_rank=self.dp_rank,
+                         dp_size=self.dp_size, workers=self.workers)
+        source = _Workers(slot_args, list(self.slot_states), rotation=self.consumed % self.workers)
+        if self.cfg.num_workers == 0:
+            items = iter(source)
+        else:
+            items = iter(DataLoader(source, batch_size=None, num_workers=self.workers,
+                                    prefetch_factor=self.cfg.prefetch_batches,
+                                    pin_memory=self.pin_memory))
+        for batch, logical, state in items:
+            self.slot_states[logical] = state
+            self.consumed += 1
+            yield batch
+
+    def __iter__(self) -> "PretrainLoader":
+        return self
+
+    def __next__(self) -> TrainBatch:
+        if self._it is None:
+            self._it = self._batches()
+        return next(self._it)
+
+    @property
+    def counters(self) -> Dict[str, int]:
+        """Skipped inputs so far on this rank (missing/corrupt shards, bad samples)."""
+        return {k: sum((s or {}).get("counters", {}).get(k, 0) for s in self.slot_states)
+                for k in COUNTERS}
+
+    def _layout(self) -> dict:
+        return {"dp_rank": self.dp_rank, "dp_size": self.dp_size, "workers": self.workers,
+                "micro_batch_size": self.mb, "seed": self.cfg.seed,
+                "datasets": [[ds.name, ds.samples, ds.tokenizer_sha256] for ds in self.sets]}
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "layout": self._layout(), "consumed": self.consumed,
+                "slots": self.slot_states}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._it is not None:
+            raise RuntimeError("load_state_dict must come before the first batch")
+        if state.get("version") != STATE_VERSION:
+            raise ConfigError(f"data state: version {state.get('version')} is not "
+                              f"{STATE_VERSION}")
+        saved, now = state["layout"], self._layout()
+        if saved != now:
+            diff = ", ".join(f"{k} {saved.get(k)} -> {now[k]}" for k in now
+                             if saved.get(k) != now[k])
+            raise ConfigError(
+                f"data state: saved with a different data layout ({diff}); resuming would "
+                "repeat or skip samples, so it is refused: keep the data-parallel size, "
+                "data.num_workers, micro-batch size, seed and datasets, or start a new stream "
+                "with another data.seed")
+        self.consumed = state["consumed"]
+        self.slot_states = list(state["slots"])

@@ -1,0 +1,230 @@
+"""The on-disk format: WebDataset tar shards of fixed-length token sequences plus a manifest.
+
+A sample is one tar member ``<key>.tokens.npy`` (a 1-D array of token ids, uint16 when the
+vocabulary fits, else uint32), so a plain ``webdataset.WebDataset(url).decode()`` reads it too.
+Tars are written deterministically (fixed mtime/owner/mode): same inputs, byte-identical shards.
+
+The reader is a small streaming ustar parser that checks each header's checksum: a truncated or
+corrupt shard is detected at the first bad block, and it reads ``pipe:`` URLs as well as files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from framework.config import ConfigError
+from data_pipeline.tokenizer import atomic_write
+
+MANIFEST = "manifest.json"
+FORMAT = "llada-shards"
+VERSION = 1
+TOKENS_EXT = "tokens.npy"
+BLOCK = 512
+
+
+class ShardError(Exception):
+    """A shard that cannot be read (missing, truncated, corrupt); names the shard."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def encode_tokens(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+_NPY_HEADERS: Dict[bytes, Tuple[np.dtype, tuple]] = {}  # header bytes -> (dtype, shape)
+
+
+def decode_tokens(data: bytes) -> np.ndarray:
+    """A .npy payload as an array. Shards repeat one header (same dtype and shape), so each
+    distinct header is parsed once by numpy and then served from a cache: no per-sample
+    header parsing on the hot path."""
+    if data[:6] != b"\x93NUMPY" or len(data) < 12:
+        raise ValueError("not a .npy array")
+    size_bytes = 2 if data[6] == 1 else 4
+    start = 8 + size_bytes + int.from_bytes(data[8:8 + size_bytes], "little")
+    header = data[:start]
+    meta = _NPY_HEADERS.get(header)
+    if meta is None:
+        arr = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+        if arr.dtype.hasobject or arr.flags.f_contiguous and arr.ndim > 1:
+            return arr  # unusual: not cached
+        if len(_NPY_HEADERS) < 64:
+            _NPY_HEADERS[header] = (arr.dtype, arr.shape)
+        return arr
+    dtype, shape = meta
+    count = int(np.prod(shape))
+    if len(data) - start != count * dtype.itemsize:
+        raise ValueError(f"array data is {len(data) - start} bytes, expected "
+                         f"{count * dtype.itemsize}")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=start).reshape(shape)
+
+
+class ShardWriter:
+    """One tar shard written under ``<final>.tmp`` and renamed when closed complete."""
+
+    def __init__(self, final: Path):
+        self.final = final
+        self.tmp = final.with_name(final.name + ".tmp")
+        self._file = open(self.tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.samples = 0
+        self.tokens = 0
+
+    def add(self, key: str, tokens: np.ndarray) -> None:
+        data = encode_tokens(tokens)
+        info = tarfile.TarInfo(f"{key}.{TOKENS_EXT}")
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self._tar.addfile(info, io.BytesIO(data))
+        self.samples += 1
+        self.tokens += int(tokens.size)
+
+    def close(self) -> dict:
+        self._tar.close()
+        self._file.close()
+        data = self.tmp.read_bytes()
+        self.tmp.replace(self.final)
+        return {"file": self.final.name, "samples": self.samples, "tokens": self.tokens,
+                "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    def abort(self) -> None:
+        self._file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _read_exact(f: BinaryIO, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = f.read(left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+
+def _header(block: bytes, shard: str) -> Tuple[str, int, bytes]:
+    """(name, size, type) of a ustar header block, after checking its checksum."""
+    try:
+        stored = int(block[148:156].rstrip(b"\0 ").decode() or "0", 8)
+        size = int(block[124:136].rstrip(b"\0 ").decode() or "0", 8)
+    except ValueError:
+        raise ShardError(f"{shard}: corrupt tar header (not octal)") from None
+    computed = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    if stored != computed:
+        raise ShardError(f"{shard}: corrupt tar header (checksum mismatch)")
+    name = block[0:100].split(b"\0", 1)[0]
+    prefix = block[345:500].split(b"\0", 1)[0] if block[257:262] == b"ustar" else b""
+    if prefix:
+        name = prefix + b"/" + name
+    return name.decode("utf-8", "replace"), size, block[156:157]
+
+
+def tar_members(f: BinaryIO, shard: str) -> Iterator[Tuple[str, bytes]]:
+    """(name, data) of each regular file in a tar stream. Raises ShardError where the stream is
+    truncated or a header is corrupt; a clean end (two zero blocks or EOF at a boundary) ends."""
+    long_name: Optional[str] = None
+    while True:
+        block = _read_exact(f, BLOCK)
+        if not block or block == bytes(BLOCK):
+            return
+        if len(block) < BLOCK:
+            raise ShardError(f"{shard}: truncated (partial tar header)")
+        name, size, kind = _header(block, shard)
+        padded = (size + BLOCK - 1) // BLOCK * BLOCK
+        data = _read_exact(f, padded)
+        if len(data) < padded:
+            raise ShardError(f"{shard}: truncated inside member {name!r}")
+        data = data[:size]
+        if kind == b"L":  # GNU long name for the next member
+            long_name = data.rstrip(b"\0").decode("utf-8", "replace")
+            continue
+        if kind in (b"0", b"\0"):
+            yield (long_name or name), data
+        long_name = None  # directories, pax headers, links: not samples
+
+
+def split_key(name: str) -> Tuple[str, str]:
+    """WebDataset's convention: the key is the path up to the first dot of the base name."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
+
+
+def open_url(url: str) -> BinaryIO:
+    """A local path or any WebDataset URL (``pipe:cmd``, ``file:``, http...)."""
+    if url.startswith("pipe:") or "://" in url:
+        import webdataset
+        return webdataset.gopen(url, "rb")
+    return open(url.removeprefix("file:"), "rb", buffering=1 << 20)
+
+
+@dataclass
+class ShardSet:
+    """A loaded, checked manifest: what the loader needs to stream a dataset."""
+
+    name: str
+    manifest: Path
+    seq_len: int
+    dtype: str
+    vocab_size: int
+    special_ids: Dict[str, Optional[int]]
+    tokenizer_sha256: str
+    tokenizer_path: Path
+    shards: List[dict]
+    shards_url: Optional[str] = None
+
+    @property
+    def samples(self) -> int:
+        return sum(s["samples"] for s in self.shards)
+
+    def url(self, i: int) -> str:
+        file = self.shards[i]["file"]
+        if self.shards_url:
+            return self.shards_url.replace("{shard}", file)
+        return str(self.manifest.parent / file)
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> Path:
+    path = out_dir / MANIFEST
+    atomic_write(path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    return path
+
+
+def load_manifest(path: str | Path, shards_url: Optional[str] = None,
+                  key: str = "data.datasets.manifest") -> ShardSet:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{key}: {path} not found (run `llada prepare` to create it)")
+    try:
+        m = json.loads(path.read_text())
+        if m.get("format") != FORMAT:
+            raise ValueError(f"format is {m.get('format')!r}, expected {FORMAT!r}")
+        if m.get("version") != VERSION:
+            raise ValueError(f"version {m.get('version')} is not {VERSION}")
+        tok = m["tokenizer"]
+        s = ShardSet(name=m["name"], manifest=path, seq_len=int(m["seq_len"]), dtype=m["dtype"],
+                     vocab_size=int(tok["vocab_size"]), special_ids=dict(tok["special_ids"]),
+                     tokenizer_sha256=tok["sha256"], tokenizer_path=path.parent / tok["file"],
+                     shards=list(m["shards"]), shards_url=shards_url)
+        if not s.shards:
+            raise ValueError("it lists no shard")
+        if s.special_ids.get("mask") is None:
+            raise ValueError("its tokenizer has no mask token")
+    except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        raise ConfigError(f"{key}: {path} is not a valid manifest ({e})") from None
+    return s

@@ -1,0 +1,43 @@
+"""Loader construction shared by the data tests."""
+
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from data_pipeline.collate import MaskCollator
+from data_pipeline.loader import PretrainLoader
+from data_pipeline.shards import load_manifest
+from framework.config import DataConfig, DatasetConfig, ObjectiveConfig
+
+
+def make_loader(manifests: List[Path], *, dp_rank=0, dp_size=1, workers=0, mb=4, accum=1,
+                seed=0, buffer=16, weights: Optional[List[float]] = None, shards_url=None,
+                variable_length_prob=0.0, state=None) -> PretrainLoader:
+    weights = weights or [1.0] * len(manifests)
+    cfg = DataConfig(datasets=[DatasetConfig(manifest=str(m), weight=w)
+                               for m, w in zip(manifests, weights)],
+                     seq_len=load_manifest(manifests[0]).seq_len, seed=seed,
+                     shuffle_buffer=buffer, num_workers=workers, prefetch_batches=2)
+    sets = [load_manifest(m, shards_url) for m in manifests]
+    collator = MaskCollator(ObjectiveConfig(variable_length_prob=variable_length_prob),
+                            sets[0].special_ids["mask"], cfg.seq_len)
+    loader = PretrainLoader(cfg, sets, weights, collator, micro_batch_size=mb, accumulation=accum,
+                            dp_rank=dp_rank, dp_size=dp_size)
+    if state is not None:
+        loader.load_state_dict(state)
+    return loader
+
+
+def take(loader, n):
+    """n micro-batches as plain tensors (comparable with torch.equal)."""
+    out = []
+    for _ in range(n):
+        b = next(loader)
+        out.append({"noisy": b.noisy, "targets": b.targets, "mask": b.mask, "p_mask": b.p_mask,
+                    "index": b.index, "step": torch.tensor(b.step)})
+    return out
+
+
+def same(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)

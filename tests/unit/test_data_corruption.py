@@ -1,0 +1,98 @@
+"""Bad shards never stop the stream: a missing shard, a truncated tar, a corrupt header and a
+garbage sample are skipped with a warning naming shard and key, counted, and the run completes."""
+
+import io
+import json
+import shutil
+import tarfile
+
+import pytest
+
+from collections import Counter
+
+from data_pipeline.loader import DataError, ShardStream
+from data_pipeline.shards import load_manifest
+from tests.conftest import DEBUG_RECIPE, prepare_small, quick_overrides, run_cli, stdlib_glob
+from tests.unit.data_helpers import make_loader, take
+
+
+def corrupt_copy(src_manifest, dst):
+    """A copy of the dataset with shard 1 truncated, shard 2 holding a garbage sample and a sample
+    with an id outside the vocabulary, shard 3 with a corrupt header, shard 4 missing."""
+    shutil.copytree(src_manifest.parent, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    files = [dst / s["file"] for s in m["shards"]]
+    files[1].write_bytes(files[1].read_bytes()[:3000])
+    with tarfile.open(files[2]) as t:
+        members = [(i, t.extractfile(i).read()) for i in t.getmembers()]
+    with tarfile.open(files[2], "w", format=tarfile.USTAR_FORMAT) as t:
+        for k, (info, data) in enumerate(members):
+            if k == 5:
+                data = b"\x93NUMPY garbage that is not an array"
+                info.name = "garbage.tokens.npy"
+            elif k == 9:
+                data = data[:-2] + b"\xff\xff"  # id 65535 in a 512-piece vocabulary
+                info.name = "outofvocab.tokens.npy"
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    raw = bytearray(files[3].read_bytes())
+    raw[512 * 6 + 10] ^= 0xFF  # inside the 4th member's header: checksum no longer matches
+    files[3].write_bytes(bytes(raw))
+    files[4].unlink()
+    return dst / "manifest.json"
+
+
+def test_bad_shards_and_samples_are_skipped_counted_and_named(small_dataset, tmp_path, capfd):
+    bad = corrupt_copy(small_dataset, tmp_path / "bad")
+    loader = make_loader([bad], mb=16, buffer=8, seed=1)
+    # exactly one epoch (every damaged shard once): until the stream has entered epoch 1,
+    # whose first shard (seeded) is an intact one
+    assert ShardStream(load_manifest(bad), 0, 0, 1, 1, 8, Counter()).assigned(1)[0] > 4
+    while loader.consumed == 0 or loader.slot_states[0]["streams"][0]["epoch"] == 0:
+        next(loader)
+    assert loader.counters == {"missing_shards": 1, "corrupt_shards": 2, "bad_samples": 2}
+    err = capfd.readouterr().err
+    assert "small-000004.tar unreadable" in err
+    assert "small-000001.tar: truncated" in err
+    assert "small-000003.tar: corrupt tar header (checksum mismatch) after sample 0000000386" in err
+    assert "small-000002.tar sample garbage" in err
+    assert "sample outofvocab: token id 65535 >= vocabulary size 512" in err
+
+
+def test_counters_survive_a_resume_without_double_counting(small_dataset, tmp_path):
+    bad = corrupt_copy(small_dataset, tmp_path / "bad")
+    total = json.loads(bad.read_text())["samples"]
+    straight = make_loader([bad], mb=16, buffer=8)
+    take(straight, total // 16)
+    first = make_loader([bad], mb=16, buffer=8)
+    take(first, 40)
+    second = make_loader([bad], mb=16, buffer=8, state=first.state_dict())
+    take(second, total // 16 - 40)
+    assert second.counters == straight.counters
+
+
+def test_no_readable_shard_at_all_is_an_error_not_a_stall(small_dataset, tmp_path):
+    shutil.copytree(small_dataset.parent, tmp_path / "gone")
+    for shard in (tmp_path / "gone").glob("*.tar"):
+        shard.unlink()
+    with pytest.raises(DataError, match="none of the .* shards .* has a readable sample"):
+        next(make_loader([tmp_path / "gone" / "manifest.json"]))
+
+
+@pytest.mark.slow
+def test_training_on_a_damaged_dataset_completes_and_reports(small_tokenizer, tmp_path):
+    # ~8 shards of 24 sequences; 40 steps of 16 read each worker's half several times over
+    good = prepare_small(tmp_path / "good", small_tokenizer, samples_per_shard=24,
+                         inputs=[stdlib_glob("json")])
+    bad = corrupt_copy(good, tmp_path / "bad")
+    run = tmp_path / "run"
+    proc = run_cli(["train", str(DEBUG_RECIPE), *quick_overrides(run, bad, steps=40),
+                    "data.num_workers=2", "tracking.log_interval=20"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 40
+    skipped = summary["data_skipped"]  # counted at every read, once per epoch
+    assert skipped["bad_samples"] >= 2 and skipped["corrupt_shards"] >= 2
+    assert skipped["missing_shards"] >= 1
+    assert "data skipped" in proc.stdout
+    assert "small-000002.tar sample garbage" in proc.stderr
