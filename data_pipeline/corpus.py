@@ -12,6 +12,7 @@ import gzip
 import json
 import sys
 import sysconfig
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Iterator, List
@@ -82,7 +83,7 @@ def read_lines(path: Path, counts: Counter, quiet: bool = False) -> Iterator[tup
                 except UnicodeDecodeError as e:
                     skip("bad_lines", f"{path}:{lineno}: not UTF-8 ({e.reason} at byte "
                          f"{e.start}); line skipped")
-    except (OSError, EOFError) as e:  # a truncated .gz, a file removed under us
+    except (OSError, EOFError, zlib.error) as e:  # a truncated/corrupt .gz, a file removed
         skip("unreadable_files", f"{path}: unreadable ({type(e).__name__}: {e}); rest of file "
              "skipped")
 
@@ -91,7 +92,7 @@ def _whole_text(path: Path) -> str | None:
     try:
         with _binary_lines(path) as f:
             return f.read().decode("utf-8")
-    except (UnicodeDecodeError, OSError, EOFError):
+    except (UnicodeDecodeError, OSError, EOFError, zlib.error):
         return None
 
 

@@ -4,25 +4,54 @@ checked against one another, and opened as a loader for one data-parallel rank."
 from __future__ import annotations
 
 import re
+import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 from framework.config import ConfigError, DataConfig, PrepareConfig
 from data_pipeline.shards import MANIFEST, ShardSet, load_manifest
 
 
-def prepare_config(cfg: DataConfig, index: int) -> PrepareConfig:
-    """How ``llada train`` prepares dataset ``index`` when its manifest is missing."""
+def prepare_config(cfg: DataConfig, index: int, tokenizer: Optional[str] = None) -> PrepareConfig:
+    """How ``llada train`` prepares dataset ``index`` when its manifest is missing; with
+    ``tokenizer``, that model instead of data.tokenizer's (one tokenizer for a whole mixture)."""
     ds = cfg.datasets[index]
     manifest = Path(ds.manifest)
     if manifest.name != MANIFEST:
         raise ConfigError(f"data.datasets[{index}].manifest: {manifest} must be named {MANIFEST} "
                           "to be prepared from prepare_inputs")
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", manifest.parent.name) or "data"
+    tok = cfg.tokenizer if tokenizer is None else replace(cfg.tokenizer, model=tokenizer)
     return PrepareConfig(inputs=list(ds.prepare_inputs), output=str(manifest.parent), name=name,
                          seq_len=cfg.seq_len, samples_per_shard=cfg.samples_per_shard,
                          jsonl_text_field=cfg.jsonl_text_field, workers=cfg.prepare_workers,
-                         seed=cfg.seed, tokenizer=cfg.tokenizer)
+                         seed=cfg.seed, tokenizer=tok)
+
+
+def prepare_missing(cfg: DataConfig) -> None:
+    """Prepare every dataset whose manifest is missing and that names prepare_inputs. Without
+    data.tokenizer.model the mixture shares one tokenizer: an already prepared dataset's, or the
+    one trained for the first dataset prepared here."""
+    from data_pipeline.prepare import TOKENIZER_FILE, prepare
+
+    shared = cfg.tokenizer.model
+    if shared is None:
+        ready = [Path(d.manifest) for d in cfg.datasets if Path(d.manifest).is_file()]
+        shared = str(ready[0].parent / TOKENIZER_FILE) if ready else None
+    for i, ds in enumerate(cfg.datasets):
+        if ds.prepare_inputs and not Path(ds.manifest).is_file():
+            prepare(prepare_config(cfg, i, shared))
+            shared = shared or str(Path(ds.manifest).parent / TOKENIZER_FILE)
+
+
+def _wait_for_manifests(cfg: DataConfig, poll_s: float = 2.0) -> None:
+    """Ranks other than 0 wait for rank 0's first-run preparation by polling the filesystem,
+    not in a collective: preparing a real corpus outlasts a process-group timeout, and if rank 0
+    fails, its launcher (torchrun, srun) ends the job instead of a barrier hanging."""
+    pending = [Path(d.manifest) for d in cfg.datasets if d.prepare_inputs]
+    while not all(p.is_file() for p in pending):
+        time.sleep(poll_s)
 
 
 def open_datasets(cfg: DataConfig, is_main: bool, barrier: Callable[[], None]) -> List[ShardSet]:
@@ -30,10 +59,9 @@ def open_datasets(cfg: DataConfig, is_main: bool, barrier: Callable[[], None]) -
 
     Rank 0 prepares what is missing (and can be prepared) while the other ranks wait."""
     if is_main:
-        from data_pipeline.prepare import prepare
-        for i, ds in enumerate(cfg.datasets):
-            if ds.prepare_inputs and not Path(ds.manifest).is_file():
-                prepare(prepare_config(cfg, i))
+        prepare_missing(cfg)
+    else:
+        _wait_for_manifests(cfg)
     barrier()
     sets = [load_manifest(ds.manifest, ds.shards_url, key=f"data.datasets[{i}].manifest")
             for i, ds in enumerate(cfg.datasets)]

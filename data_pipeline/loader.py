@@ -136,22 +136,23 @@ class ShardStream:
             yield buf[i]
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        barren = 0  # shards in a row that gave no readable sample
+        # shards in a row that gave nothing; only when that streak has covered every shard of
+        # the dataset is the data unusable (one bad shard, however often drawn, never is)
+        barren: set = set()
         while True:
             shards = self.assigned(self.epoch)
             while self.cursor < len(shards):
-                skip, got = self.offset, 0
-                for k, arr in enumerate(self._shuffled(shards[self.cursor], self.epoch)):
+                shard, skip, got = int(shards[self.cursor]), self.offset, 0
+                for k, arr in enumerate(self._shuffled(shard, self.epoch)):
                     got += 1
                     if k < skip:
                         continue  # replaying up to where the saved state stood
                     self.offset = k + 1
                     yield arr
-                barren = 0 if got else barren + 1
-                if barren >= 2 * len(shards):
-                    raise DataError(
-                        f"{self.ds.name}: none of the {len(shards)} shards of slot {self.slot} "
-                        f"({self.ds.manifest}) has a readable sample")
+                barren = barren | {shard} if got == 0 else set()
+                if len(barren) == len(self.ds.shards):
+                    raise DataError(f"{self.ds.name}: none of the {len(self.ds.shards)} shards of "
+                                    f"{self.ds.manifest} has a readable sample")
                 self.cursor += 1
                 self.offset = self.raw = self._counted_up_to = 0
             self.epoch += 1
@@ -272,6 +273,7 @@ class PretrainLoader:
     def _layout(self) -> dict:
         return {"dp_rank": self.dp_rank, "dp_size": self.dp_size, "workers": self.workers,
                 "micro_batch_size": self.mb, "seed": self.cfg.seed,
+                "shuffle_buffer": self.cfg.shuffle_buffer,
                 "datasets": [[ds.name, ds.samples, ds.tokenizer_sha256] for ds in self.sets]}
 
     def state_dict(self) -> dict:
@@ -291,7 +293,8 @@ class PretrainLoader:
             raise ConfigError(
                 f"data state: saved with a different data layout ({diff}); resuming would "
                 "repeat or skip samples, so it is refused: keep the data-parallel size, "
-                "data.num_workers, micro-batch size, seed and datasets, or start a new stream "
+                "data.num_workers, micro-batch size, seed, shuffle buffer and datasets, or start "
+                "a new stream "
                 "with another data.seed")
         self.consumed = state["consumed"]
         self.slot_states = list(state["slots"])

@@ -136,12 +136,16 @@ def _header(block: bytes, shard: str) -> Tuple[str, int, bytes]:
 
 def tar_members(f: BinaryIO, shard: str) -> Iterator[Tuple[str, bytes]]:
     """(name, data) of each regular file in a tar stream. Raises ShardError where the stream is
-    truncated or a header is corrupt; a clean end (two zero blocks or EOF at a boundary) ends."""
+    truncated or a header is corrupt. Only the end-of-archive zero block ends it cleanly: a
+    stream that stops at a member boundary without it (an interrupted copy, an empty file) is
+    truncated, not short."""
     long_name: Optional[str] = None
     while True:
         block = _read_exact(f, BLOCK)
-        if not block or block == bytes(BLOCK):
+        if block == bytes(BLOCK):
             return
+        if not block:
+            raise ShardError(f"{shard}: truncated (no end-of-archive marker)")
         if len(block) < BLOCK:
             raise ShardError(f"{shard}: truncated (partial tar header)")
         name, size, kind = _header(block, shard)

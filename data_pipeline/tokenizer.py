@@ -112,6 +112,17 @@ def train_tokenizer(files: List[Path], cfg: TokenizerConfig, out_path: Path,
         raise ConfigError(f"tokenizer: no text to train on in {len(files)} input files")
     spm.set_random_generator_seed(cfg.seed + 1)
     model = io.BytesIO()
+    try:
+        _train(sample, model, cfg)
+    except RuntimeError as e:  # e.g. "Vocabulary size too high (32000). Please set it to <= N"
+        msg = " ".join(str(e).split())
+        raise ConfigError(f"tokenizer.vocab_size: SentencePiece training failed: "
+                          f"{msg[msg.find(']') + 1:].strip()[:200]}") from None
+    atomic_write(out_path, model.getvalue())
+    return load_tokenizer(out_path)
+
+
+def _train(sample: List[str], model: io.BytesIO, cfg: TokenizerConfig) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sample),
         model_writer=model,
@@ -130,8 +141,6 @@ def train_tokenizer(files: List[Path], cfg: TokenizerConfig, out_path: Path,
         num_threads=1,  # deterministic merges
         minloglevel=2,
     )
-    atomic_write(out_path, model.getvalue())
-    return load_tokenizer(out_path)
 
 
 def atomic_write(path: Path, data: bytes) -> None:

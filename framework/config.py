@@ -83,6 +83,7 @@ class TokenizerConfig:
 
     def __post_init__(self):
         _positive(self, "tokenizer", "vocab_size", "train_bytes")
+        _require(self.seed >= 0, "tokenizer.seed", f"must be >= 0, got {self.seed}")
 
 
 @dataclass
@@ -106,6 +107,7 @@ class PrepareConfig:
                  f"{self.name!r}: use letters, digits, '_', '.' and '-' only")
         _positive(self, "prepare", "seq_len", "samples_per_shard")
         _require(self.workers >= 0, "prepare.workers", "must be >= 0")
+        _require(self.seed >= 0, "prepare.seed", f"must be >= 0, got {self.seed}")
 
 
 @dataclass
@@ -143,6 +145,7 @@ class DataConfig:
         _positive(self, "data", "seq_len", "shuffle_buffer", "prefetch_batches", "samples_per_shard")
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _require(self.prepare_workers >= 0, "data.prepare_workers", "must be >= 0")
+        _require(self.seed >= 0, "data.seed", f"must be >= 0, got {self.seed}")
 
 
 T_SAMPLING = ("uniform", "stratified", "antithetic")
@@ -162,6 +165,7 @@ class ObjectiveConfig:
         _require(0.0 < self.eps < 1.0, "objective.eps", f"must be in (0, 1), got {self.eps}")
         _require(0.0 <= self.variable_length_prob <= 1.0, "objective.variable_length_prob",
                  f"must be in [0, 1], got {self.variable_length_prob}")
+        _require(self.seed >= 0, "objective.seed", f"must be >= 0, got {self.seed}")
         _require(self.t_sampling in T_SAMPLING, "objective.t_sampling",
                  f"must be one of {', '.join(T_SAMPLING)}; got {self.t_sampling!r}")
 

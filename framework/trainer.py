@@ -272,7 +272,9 @@ class Trainer:
         counters = self.data.counters
         if not reduce:
             return counters
-        t = torch.tensor([counters[k] for k in sorted(counters)], dtype=torch.int64)
+        # on the training device: NCCL groups reduce CUDA tensors only
+        t = torch.tensor([counters[k] for k in sorted(counters)], dtype=torch.int64,
+                         device=self.world.device)
         dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
         return dict(zip(sorted(counters), t.tolist()))
 
@@ -291,11 +293,12 @@ class Trainer:
             return
         root = self.run_dir / "checkpoints"
         tag = f"step_{self.step:08d}"
-        self.engine.save_checkpoint(str(root), tag=tag, client_state={"step": self.step})
-        # the data stream's position, one small file per data-parallel rank (exact resume)
+        # the data stream's position, one small file per data-parallel rank (exact resume);
+        # written first: save_checkpoint moves DeepSpeed's `latest` to this tag when it is done
         if parallel_state.get_tensor_model_parallel_rank() == 0:
             atomic_write(root / tag / "data" / f"dp_rank_{self.world.dp_rank:05d}.json",
                          json.dumps(self.data.state_dict()).encode())
+        self.engine.save_checkpoint(str(root), tag=tag, client_state={"step": self.step})
         dist.barrier()
         if self.world.is_main:
             tags = sorted(p for p in root.glob("step_*") if p.is_dir())

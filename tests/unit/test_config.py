@@ -41,6 +41,8 @@ def test_paper_recipes_load_once_data_is_named(recipe, tmp_path):
     (["data.datasets=[{manifest: m.json, shards_url: 'pipe:cat x'}]"], "data.datasets.shards_url"),
     (["data.datasets=[{path: m.json}]"], "path"),
     (["objective.t_sampling=sobol"], "objective.t_sampling"),
+    (["data.seed=-1"], "data.seed"),
+    (["objective.seed=-3"], "objective.seed"),
     (["nosuchsection.x=1"], "nosuchsection"),
 ])
 def test_bad_values_name_the_key(override, key):

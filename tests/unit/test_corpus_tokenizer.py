@@ -70,3 +70,26 @@ def test_glob_that_matches_nothing_is_an_error_naming_it(tmp_path):
     assert expand_inputs([str(tmp_path / "*.txt")]) == [tmp_path / "a.txt"]
     with pytest.raises(ConfigError, match=r"prepare.inputs: '.*\*.jsonl' matches no file"):
         expand_inputs([str(tmp_path / "*.txt"), str(tmp_path / "*.jsonl")])
+
+
+def test_corrupt_gzip_data_is_skipped_not_raised(tmp_path):
+    path = tmp_path / "flip.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        for i in range(3000):
+            f.write(f'{{"text": "document {i} with some words in it, {i * 7}"}}\n')
+    raw = bytearray(path.read_bytes())
+    for pos in range(200, len(raw) - 200, 997):  # damage the deflate stream itself
+        raw[pos] ^= 0x5A
+    path.write_bytes(bytes(raw))
+    counts = Counter()
+    list(read_documents(path, "text", counts, quiet=True))
+    assert counts["unreadable_files"] + counts["bad_lines"] >= 1
+
+
+def test_a_vocabulary_too_large_for_the_corpus_is_a_config_error(tmp_path):
+    from data_pipeline.tokenizer import train_tokenizer
+    from framework.config import TokenizerConfig
+
+    (tmp_path / "a.txt").write_text("a tiny corpus\n" * 10)
+    with pytest.raises(ConfigError, match=r"tokenizer.vocab_size: .*Vocabulary size too high"):
+        train_tokenizer([tmp_path / "a.txt"], TokenizerConfig(vocab_size=32000), tmp_path / "t.model")

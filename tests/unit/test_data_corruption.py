@@ -71,11 +71,37 @@ def test_counters_survive_a_resume_without_double_counting(small_dataset, tmp_pa
     assert second.counters == straight.counters
 
 
+def test_shards_cut_at_a_member_boundary_or_empty_are_truncated_not_short(small_dataset,
+                                                                          tmp_path):
+    shutil.copytree(small_dataset.parent, tmp_path / "cut")
+    m = json.loads((tmp_path / "cut" / "manifest.json").read_text())
+    first, second = (tmp_path / "cut" / m["shards"][i]["file"] for i in (0, 1))
+    first.write_bytes(first.read_bytes()[:1024 * 50])  # exactly 50 whole members, no end marker
+    second.write_bytes(b"")
+    stream = ShardStream(load_manifest(tmp_path / "cut" / "manifest.json"), 0, 0, 1, 0, 8,
+                         Counter())
+    assert len(list(stream._read(0))) == 50 and list(stream._read(1)) == []
+    assert stream.counters == {"corrupt_shards": 2}
+
+
+def test_one_bad_shard_drawn_again_and_again_never_stops_the_stream(small_dataset, tmp_path):
+    # as many readers as shards: each reader holds one shard per epoch, so the bad one comes up
+    # for a reader several epochs in a row now and then
+    shutil.copytree(small_dataset.parent, tmp_path / "one")
+    ds = load_manifest(tmp_path / "one" / "manifest.json")
+    (tmp_path / "one" / ds.shards[0]["file"]).unlink()
+    n = len(ds.shards)
+    for slot in range(n):
+        stream = iter(ShardStream(ds, 0, slot, n, 0, 8, Counter()))
+        for _ in range(128 * 12):  # about a dozen epochs of this reader
+            next(stream)
+
+
 def test_no_readable_shard_at_all_is_an_error_not_a_stall(small_dataset, tmp_path):
     shutil.copytree(small_dataset.parent, tmp_path / "gone")
     for shard in (tmp_path / "gone").glob("*.tar"):
         shard.unlink()
-    with pytest.raises(DataError, match="none of the .* shards .* has a readable sample"):
+    with pytest.raises(DataError, match="none of the .* shards of .* has a readable sample"):
         next(make_loader([tmp_path / "gone" / "manifest.json"]))
 
 

@@ -125,6 +125,20 @@ def test_mixture_follows_the_weights(tiny, other):
     assert abs(share - 0.75) < 0.05
 
 
+def test_datasets_prepared_on_first_run_share_one_tokenizer(tmp_path):
+    from data_pipeline.datasets import open_datasets
+    from framework.config import DataConfig, DatasetConfig, TokenizerConfig
+
+    cfg = DataConfig(
+        datasets=[DatasetConfig(manifest=str(tmp_path / n / "manifest.json"),
+                                prepare_inputs=[stdlib_glob(pkg)])
+                  for n, pkg in (("a", "json"), ("b", "logging"))],
+        seq_len=32, samples_per_shard=64, prepare_workers=1,
+        tokenizer=TokenizerConfig(vocab_size=800, train_bytes=100_000))
+    a, b = open_datasets(cfg, is_main=True, barrier=lambda: None)
+    assert a.tokenizer_sha256 == b.tokenizer_sha256 and a.samples and b.samples
+
+
 def test_pipe_urls_read_the_same_stream(tiny):
     local = take(make_loader([tiny]), 20)
     piped = take(make_loader([tiny], shards_url=f"pipe:cat {tiny.parent}/{{shard}}"), 20)
@@ -143,6 +157,8 @@ def test_restoring_into_another_layout_is_refused(tiny):
         make_loader([tiny], dp_rank=0, dp_size=4, workers=2, state=state)
     with pytest.raises(ConfigError, match=r"workers 2 -> 1"):
         make_loader([tiny], dp_rank=0, dp_size=2, workers=1, state=state)
+    with pytest.raises(ConfigError, match=r"shuffle_buffer 16 -> 8"):  # replay needs the same
+        make_loader([tiny], dp_rank=0, dp_size=2, workers=2, buffer=8, state=state)
 
 
 def test_fewer_shards_than_readers_is_a_clear_error(tiny):

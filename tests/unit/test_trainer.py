@@ -82,3 +82,13 @@ def test_step_follows_schedule_and_logs_metrics(world, tmp_path, small_dataset):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [9, 11]
     assert all(r["grad_norm"] is not None and r["grad_norm"] > 0 for r in records)
+
+
+def test_checkpoints_carry_each_data_parallel_ranks_stream_position(world, tmp_path, small_dataset):
+    trainer = make_trainer(tmp_path, small_dataset, "checkpoint.interval=6", "checkpoint.keep=1")
+    trainer.fit()
+    state_file = tmp_path / "checkpoints" / "step_00000012" / "data" / "dp_rank_00000.json"
+    state = json.loads(state_file.read_text())
+    assert state["consumed"] == 12 * trainer.accum  # every micro-batch of 12 steps, no more
+    assert state["layout"]["dp_size"] == 1
+    assert not (tmp_path / "checkpoints" / "step_00000006").exists()  # keep=1
