@@ -119,7 +119,7 @@ def test_global_sample_indices_partition_over_ranks_and_step_counts_accumulation
 
 def test_mixture_follows_the_weights(tiny, other):
     tiny_rows = {a.tobytes() for a in _samples(tiny)}
-    batches = take(make_loader([tiny, other], weights=[3, 1], mb=8, buffer=4), 100)
+    batches = take(make_loader([tiny, other], weights=[3, 1], mb=8, buffer=4), 80)
     rows = torch.cat([b["targets"] for b in batches]).numpy().astype(np.uint16)
     share = np.mean([r.tobytes() in tiny_rows for r in rows])
     assert abs(share - 0.75) < 0.05
