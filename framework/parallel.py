@@ -62,6 +62,14 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def _skip_shm_comm_build() -> None:
+    """DeepSpeed JIT-compiles a shared-memory all-reduce op when a CPU world starts (one to two
+    minutes in every fresh environment); only its inference all-reduce uses it, training never
+    does. Marking the op incompatible makes DeepSpeed fall back to torch.distributed."""
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_world(cfg: ParallelConfig, device_choice: str) -> World:
     import deepspeed  # deferred: importing it is slow and only training needs it
 
@@ -69,6 +77,8 @@ def init_world(cfg: ParallelConfig, device_choice: str) -> World:
     device = resolve_device(device_choice)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if device.type == "cpu":
+        _skip_shm_comm_build()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    auto_mpi_discovery=False)
