@@ -68,12 +68,18 @@ def _binary_lines(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def read_lines(path: Path, counts: Counter, quiet: bool = False) -> Iterator[tuple[int, str]]:
-    """(line number, text) of every UTF-8 line; other lines are skipped with a warning."""
+def _skipper(counts: Counter, quiet: bool):
+    """Count a skipped input of some kind and, unless quiet, warn naming it."""
     def skip(kind: str, msg: str) -> None:
         counts[kind] += 1
         if not quiet:
             warn(kind, msg)
+    return skip
+
+
+def read_lines(path: Path, counts: Counter, quiet: bool = False) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every UTF-8 line; other lines are skipped with a warning."""
+    skip = _skipper(counts, quiet)
 
     try:
         with _binary_lines(path) as f:
@@ -100,11 +106,7 @@ def read_documents(path: Path, text_field: str = "text", counts: Counter | None 
                    quiet: bool = False) -> Iterator[str]:
     """The documents of one file: the whole file for text, one per line for JSONL."""
     counts = Counter() if counts is None else counts
-
-    def skip(kind: str, msg: str) -> None:
-        counts[kind] += 1
-        if not quiet:
-            warn(kind, msg)
+    skip = _skipper(counts, quiet)
 
     found = False
     if is_jsonl(path):

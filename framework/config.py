@@ -124,7 +124,7 @@ class DatasetConfig:
             _require(bool(self.manifest), "data.datasets.manifest", "must be set")
         _require(self.weight > 0, "data.datasets.weight", f"must be > 0, got {self.weight}")
         _require(self.shards_url is None or "{shard}" in self.shards_url, "data.datasets.shards_url",
-                 f"{self.shards_url!r} has no {{shard}} placeholder")
+                 f"{self.shards_url!r} lacks {{shard}}, where each shard's file name goes")
 
 
 @dataclass
