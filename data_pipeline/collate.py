@@ -28,14 +28,16 @@ class TrainBatch(NamedTuple):
 
 
 class MaskCollator:
-    def __init__(self, cfg: ObjectiveConfig, mask_id: int, seq_len: int):
+    def __init__(self, cfg: ObjectiveConfig, mask_id: int, seq_len: int, length_multiple: int = 1):
         self.cfg, self.mask_id, self.seq_len = cfg, mask_id, seq_len
+        self.length_multiple = length_multiple  # sequence parallelism splits the length
 
     def __call__(self, tokens: torch.Tensor, index: torch.Tensor, step: int) -> TrainBatch:
         cfg = self.cfg
         noise = sample_noise(index, self.seq_len, cfg.seed, cfg.t_sampling)
         noisy, mask, p_mask = forward_process(tokens, noise, self.mask_id, cfg.eps)
-        length = batch_length(step, self.seq_len, cfg.variable_length_prob, cfg.seed)
+        length = batch_length(step, self.seq_len, cfg.variable_length_prob, cfg.seed,
+                              self.length_multiple)
         if length < tokens.shape[1]:  # masks drawn at full length, then the whole batch is cut
             noisy, tokens, mask = noisy[:, :length], tokens[:, :length], mask[:, :length]
         return TrainBatch(noisy.contiguous(), tokens.contiguous(), mask.contiguous(), p_mask,

@@ -264,6 +264,14 @@ class PretrainLoader:
             self._it = self._batches()
         return next(self._it)
 
+    def close(self) -> None:
+        """Stop the worker processes now. Left to the garbage collector (the stream and this
+        loader refer to each other), the DataLoader waits 5 s per worker for them to exit.
+        A later ``next`` starts them again from the state of the last batch handed out."""
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+
     @property
     def counters(self) -> Dict[str, int]:
         """Skipped inputs so far on this rank (missing/corrupt shards, bad samples)."""

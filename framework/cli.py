@@ -1,5 +1,5 @@
 """``llada``: the command line. ``llada train RECIPE [key=value ...]``,
-``llada prepare INPUT... -o DIR [options]``.
+``llada plan RECIPE [key=value ...]``, ``llada prepare INPUT... -o DIR [options]``.
 
 Bad input (a missing recipe, an unknown key, a wrong type, sizes that do not divide) prints one
 line naming the key or file and exits 2, without a traceback.
@@ -43,6 +43,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from framework.config import ConfigError, load_config
+    from framework.plan import plan
+
+    try:
+        cfg = load_config(args.recipe, args.overrides, need_data=False)
+        if cfg.parallel.world_size is None:
+            raise ConfigError("parallel.world_size: llada plan needs the number of GPUs, e.g. "
+                              "parallel.world_size=1024")
+        if not 0 < args.mfu <= 1:
+            raise ConfigError(f"--mfu: must be in (0, 1], got {args.mfu}")
+        print(plan(cfg, mfu=args.mfu, peak_flops=args.peak_tflops * 1e12))
+    except ConfigError as e:
+        return _error(str(e), EXIT_BAD_INPUT)
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from framework.config import ConfigError, PrepareConfig, TokenizerConfig
 
@@ -77,6 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="recipe YAML, e.g. recipes/debug-cpu.yaml")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     train.set_defaults(func=cmd_train)
+
+    from framework.flops import PEAK_FLOPS
+    plan = sub.add_parser(
+        "plan", help="check and size a parallel layout without launching anything",
+        description="Check that tp x pp x dp fits the model and batch for parallel.world_size "
+        "GPUs, and print per-GPU parameters and memory (weights, gradients, optimizer state by "
+        "ZeRO stage, activations), FLOPs per step and the step time at a stated MFU. E.g. "
+        "llada plan recipes/llada-8b.yaml parallel.tp=8 parallel.pp=4 parallel.world_size=1024")
+    plan.add_argument("recipe", help="recipe YAML")
+    plan.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume")
+    plan.add_argument("--peak-tflops", type=float, default=PEAK_FLOPS["H100"] / 1e12,
+                      help="dense bf16 peak per GPU (default: H100, measured)")
+    plan.set_defaults(func=cmd_plan)
 
     prep = sub.add_parser(
         "prepare", help="tokenise text/JSONL into WebDataset tar shards",

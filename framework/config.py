@@ -54,7 +54,7 @@ class ModelConfig:
     num_kv_heads: int = 4  # == heads: MHA; fewer: GQA
     ffn_hidden_size: int = 352
     vocab_size: int = 4096  # the tokenizer's; padded for tensor parallelism when built
-    pad_vocab_to_multiple_of: int = 128  # times the tensor-parallel size
+    pad_vocab_to_multiple_of: int = 128  # a multiple of parallel.tp; the same under every layout
     rope_theta: float = 500000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -209,13 +209,24 @@ class ScheduleConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor: int = 1
-    pipeline: int = 1  # data parallelism is what remains: world_size / (tensor * pipeline)
+    """Layout: tensor x pipeline x data parallel; data parallelism is what remains of the world."""
+
+    tp: int = 1  # tensor parallel: heads, MLP and vocabulary split across this many GPUs
+    pp: int = 1  # pipeline parallel stages (DeepSpeed's pipeline engine, 1F1B)
+    world_size: Optional[int] = None  # for `llada plan` only; a launched run takes the launcher's
+    sequence_parallel: bool = False  # shard norms/residuals along the sequence across tp ranks
+    pp_layers: List[int] = field(default_factory=list)  # Transformer layers per stage; []: even
 
     def __post_init__(self):
-        _positive(self, "parallel", "tensor", "pipeline")
-        _require(self.pipeline == 1, "parallel.pipeline",
-                 "pipeline parallelism is not available yet; use parallel.pipeline=1")
+        _positive(self, "parallel", "tp", "pp")
+        _require(self.world_size is None or self.world_size > 0, "parallel.world_size",
+                 f"must be > 0, got {self.world_size}")
+        _require(not self.sequence_parallel or self.tp > 1, "parallel.sequence_parallel",
+                 "needs parallel.tp > 1 (it shards along the sequence across tensor-parallel ranks)")
+        _require(not self.pp_layers or len(self.pp_layers) == self.pp, "parallel.pp_layers",
+                 f"{len(self.pp_layers)} entries for parallel.pp={self.pp} stages")
+        _require(all(n > 0 for n in self.pp_layers), "parallel.pp_layers",
+                 f"every stage needs at least one layer, got {list(self.pp_layers)}")
 
 
 @dataclass
@@ -265,7 +276,10 @@ class TrainConfig:
     global_batch_size: int = 8  # = micro x accumulation x data-parallel size
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     max_consecutive_nonfinite: int = 5  # a NaN/Inf loss skips the step; this many in a row stop
-    compile: bool = False  # torch.compile the Transformer block
+    compile: bool = False  # torch.compile each Transformer layer
+    # recompute activations in backward: saves memory for one more forward per layer
+    activation_checkpointing: bool = False
+    checkpoint_layers: Optional[int] = None  # None: every layer; N: the first N of each stage
 
     def __post_init__(self):
         if self.steps != MISSING:  # the schema itself is built with steps unset
@@ -274,6 +288,8 @@ class TrainConfig:
                   "max_consecutive_nonfinite")
         _require(self.precision in ("auto", "bf16", "fp32"), "train.precision",
                  f"must be one of auto, bf16, fp32; got {self.precision!r}")
+        _require(self.checkpoint_layers is None or self.checkpoint_layers >= 0,
+                 "train.checkpoint_layers", f"must be >= 0 or null, got {self.checkpoint_layers}")
         _require(self.global_batch_size % self.micro_batch_size == 0, "train.global_batch_size",
                  f"{self.global_batch_size} is not a multiple of "
                  f"train.micro_batch_size={self.micro_batch_size}")
@@ -300,16 +316,52 @@ class Config:
                  "objective.mask_id",
                  f"{self.objective.mask_id} is outside the vocabulary "
                  f"(model.vocab_size={self.model.vocab_size})")
-        _require(self.model.num_attention_heads % self.parallel.tensor == 0, "parallel.tensor",
-                 f"{self.parallel.tensor} does not divide "
-                 f"model.num_attention_heads={self.model.num_attention_heads}")
-        _require(self.model.num_kv_heads % self.parallel.tensor == 0
-                 or self.parallel.tensor % self.model.num_kv_heads == 0, "parallel.tensor",
-                 f"{self.parallel.tensor} and model.num_kv_heads={self.model.num_kv_heads} "
-                 "must divide one another")
-        _require(self.model.ffn_hidden_size % self.parallel.tensor == 0, "parallel.tensor",
-                 f"{self.parallel.tensor} does not divide "
-                 f"model.ffn_hidden_size={self.model.ffn_hidden_size}")
+        # DeepSpeed's pipeline engine refuses ZeRO-2/3; without ZeRO its gradient clipping
+        # counts the replicated weights (norm gains) of the first stage only
+        _require(self.parallel.pp == 1 or self.deepspeed.zero_stage == 1, "deepspeed.zero_stage",
+                 f"ZeRO-{self.deepspeed.zero_stage} cannot be combined with pipeline parallelism "
+                 f"(parallel.pp={self.parallel.pp}); use deepspeed.zero_stage=1")
+        check_model_split(self.model, self.parallel)
+        _require(not self.parallel.sequence_parallel or self.data.seq_len % self.parallel.tp == 0,
+                 "parallel.sequence_parallel", f"data.seq_len={self.data.seq_len} is not a "
+                 f"multiple of parallel.tp={self.parallel.tp}")
+
+
+def check_model_split(model: ModelConfig, par: ParallelConfig) -> None:
+    """The model's sizes against tensor and pipeline parallelism (no world size needed)."""
+    tp, pp = par.tp, par.pp
+    _require(model.num_attention_heads % tp == 0, "parallel.tp",
+             f"{tp} does not divide model.num_attention_heads={model.num_attention_heads}")
+    _require(model.num_kv_heads % tp == 0 or tp % model.num_kv_heads == 0, "parallel.tp",
+             f"{tp} and model.num_kv_heads={model.num_kv_heads} must divide one another")
+    _require(model.ffn_hidden_size % tp == 0, "parallel.tp",
+             f"{tp} does not divide model.ffn_hidden_size={model.ffn_hidden_size}")
+    # the padded vocabulary must not depend on tp: a run keeps its shapes under any layout
+    _require(model.pad_vocab_to_multiple_of % tp == 0, "model.pad_vocab_to_multiple_of",
+             f"{model.pad_vocab_to_multiple_of} is not a multiple of parallel.tp={tp}")
+    _require(model.num_layers >= pp, "parallel.pp",
+             f"{pp} stages for model.num_layers={model.num_layers}")
+    _require(not par.pp_layers or sum(par.pp_layers) == model.num_layers, "parallel.pp_layers",
+             f"{list(par.pp_layers)} sums to {sum(par.pp_layers)}, "
+             f"not model.num_layers={model.num_layers}")
+
+
+def data_parallel_size(par: ParallelConfig, world_size: int) -> int:
+    model_parallel = par.tp * par.pp
+    _require(world_size % model_parallel == 0, "parallel.tp",
+             f"tp x pp = {par.tp} x {par.pp} = {model_parallel} does not divide the world size "
+             f"{world_size}")
+    return world_size // model_parallel
+
+
+def check_world(train: TrainConfig, par: ParallelConfig, world_size: int) -> int:
+    """The layout against a world size; returns the data-parallel size."""
+    dp = data_parallel_size(par, world_size)
+    _require(train.global_batch_size % (train.micro_batch_size * dp) == 0,
+             "train.global_batch_size",
+             f"{train.global_batch_size} is not a multiple of train.micro_batch_size x "
+             f"data-parallel size = {train.micro_batch_size} x {dp}")
+    return dp
 
 
 def _one_line(err: OmegaConfBaseException) -> str:
@@ -318,8 +370,9 @@ def _one_line(err: OmegaConfBaseException) -> str:
     return f"{key}: {msg}" if key else msg
 
 
-def load_config(recipe: str | Path, overrides: List[str] = ()) -> Config:
-    """Merge the recipe YAML, then ``key=value`` overrides, over the schema and validate."""
+def load_config(recipe: str | Path, overrides: List[str] = (), need_data: bool = True) -> Config:
+    """Merge the recipe YAML, then ``key=value`` overrides, over the schema and validate.
+    ``need_data=False`` (``llada plan``): unset dataset keys are tolerated."""
     path = Path(recipe)
     if not path.is_file():
         raise ConfigError(f"recipe not found: {path}")
@@ -341,6 +394,10 @@ def load_config(recipe: str | Path, overrides: List[str] = ()) -> Config:
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as e:
         raise ConfigError(f"override: {_one_line(e)}") from None
+    if not need_data:
+        for key in OmegaConf.missing_keys(merged):
+            if key.startswith("data."):
+                OmegaConf.update(merged, key, "(not read by llada plan)")
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise ConfigError(f"{path}: {missing[0]}: required but not set")

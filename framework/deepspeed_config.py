@@ -7,7 +7,8 @@ from framework.config import DeepSpeedConfig
 
 
 def deepspeed_json(cfg: DeepSpeedConfig, *, micro_batch_size: int, grad_accumulation: int,
-                   data_parallel_size: int, bf16: bool, grad_clip: float) -> dict:
+                   data_parallel_size: int, bf16: bool, grad_clip: float,
+                   pipeline_partitioned: bool = True) -> dict:
     zero: dict = {"stage": cfg.zero_stage}
     if cfg.zero_stage > 0:
         zero.update(
@@ -29,6 +30,11 @@ def deepspeed_json(cfg: DeepSpeedConfig, *, micro_batch_size: int, grad_accumula
         "bf16": {"enabled": bf16},
         "fp16": {"enabled": False},
         "zero_optimization": zero,
+        # Pipeline engine only: split the activations (and gradients) a stage sends across its
+        # tensor-parallel peers, which hold identical copies, and gather them on arrival. Not
+        # with sequence parallelism: there each peer already holds a different part.
+        "pipeline": {"pipe_partitioned": pipeline_partitioned,
+                     "grad_partitioned": pipeline_partitioned},
         # The optimizer is ours (torch AdamW, fused on CUDA); ZeRO partitions its state.
         "zero_allow_untested_optimizer": True,
         # Logging is ours too (framework/trainer.py); keep DeepSpeed's own reports quiet.

@@ -131,3 +131,22 @@ def _cross_entropy(logits, targets, cross_entropy) -> torch.Tensor:
     if cross_entropy is None:
         return F.cross_entropy(logits.float(), targets, reduction="none")
     return cross_entropy(logits, targets).float()
+
+
+class PretrainLoss:
+    """The loss of one micro-batch from the head's logits at the masked positions, with
+    ``labels`` = (targets [b, l], mask [b, l], p_mask [b]). One callable for both engines: the
+    trainer calls it after the forward, DeepSpeed's pipeline engine as the last stage's loss_fn.
+    ``observe`` sees every loss (the trainer's non-finite guard)."""
+
+    def __init__(self, cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 observe: Callable[[torch.Tensor], None]):
+        self.cross_entropy, self.observe = cross_entropy, observe
+
+    def __call__(self, logits: torch.Tensor, labels) -> torch.Tensor:
+        targets, mask, p_mask = labels
+        masked_p = p_mask[:, None].expand_as(targets)[mask]
+        loss = llada_loss(logits, targets[mask], masked_p, targets.numel(),
+                          cross_entropy=self.cross_entropy)
+        self.observe(loss)
+        return loss

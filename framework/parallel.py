@@ -8,6 +8,7 @@ code path (DeepSpeed engine, megatron layers) runs for ``llada train`` and for t
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from framework.config import ConfigError, ParallelConfig
+from framework.config import ConfigError, ParallelConfig, data_parallel_size
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class World:
     dp: int
     dp_rank: int
     tp_rank: int
+    pp_rank: int
     device: torch.device
 
     @property
@@ -41,14 +43,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _fill_single_process_env() -> None:
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: 'gpu[07-09,12],cpu01' -> 'gpu07'."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):  # the first top-level entry
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            end = i
+            break
+    # each bracket group: its first range's first number, zero padding kept
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0],
+                  nodelist[:end])
+
+
+def _fill_launcher_env() -> None:
+    """torchrun sets RANK & co.; under ``srun`` (one task per GPU) they come from Slurm's
+    variables; a plain ``llada train`` is a world of one."""
     if "RANK" in os.environ:
         return
-    # Under Slurm without torchrun, srun gives one task per rank.
-    if "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
         os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+        if "MASTER_ADDR" not in os.environ:
+            if not nodes:
+                raise ConfigError("Slurm launch: neither MASTER_ADDR nor SLURM_JOB_NODELIST is set")
+            os.environ["MASTER_ADDR"] = first_host(nodes)
+        # a port of the job's own, so that two jobs sharing a node do not collide
+        job = int(os.environ.get("SLURM_JOB_ID", "0"))
+        os.environ.setdefault("MASTER_PORT", str(20000 + job % 20000))
         return
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(_free_port()))
@@ -73,7 +97,7 @@ def _skip_shm_comm_build() -> None:
 def init_world(cfg: ParallelConfig, device_choice: str) -> World:
     import deepspeed  # deferred: importing it is slow and only training needs it
 
-    _fill_single_process_env()
+    _fill_launcher_env()
     device = resolve_device(device_choice)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -83,17 +107,39 @@ def init_world(cfg: ParallelConfig, device_choice: str) -> World:
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    auto_mpi_discovery=False)
     world_size = dist.get_world_size()
-    model_parallel = cfg.tensor * cfg.pipeline
-    if world_size % model_parallel != 0:
-        raise ConfigError(f"parallel.tensor: tensor x pipeline = {model_parallel} does not divide "
-                          f"the world size {world_size}")
+    data_parallel_size(cfg, world_size)  # tp x pp must divide the world: one line, exit 2
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=cfg.tensor,
-                                     pipeline_model_parallel_size=cfg.pipeline)
+        # megatron's rank order (tp fastest, then dp, then pp) is DeepSpeed's pipeline topology
+        # order (model, data, pipe) too: both see the same groups
+        ps.initialize_model_parallel(tensor_model_parallel_size=cfg.tp,
+                                     pipeline_model_parallel_size=cfg.pp)
     return World(rank=dist.get_rank(), world_size=world_size,
-                 local_rank=int(os.environ.get("LOCAL_RANK", 0)), tp=cfg.tensor, pp=cfg.pipeline,
+                 local_rank=int(os.environ.get("LOCAL_RANK", 0)), tp=cfg.tp, pp=cfg.pp,
                  dp=ps.get_data_parallel_world_size(), dp_rank=ps.get_data_parallel_rank(),
-                 tp_rank=ps.get_tensor_model_parallel_rank(), device=device)
+                 tp_rank=ps.get_tensor_model_parallel_rank(),
+                 pp_rank=ps.get_pipeline_model_parallel_rank(), device=device)
+
+
+def check_sequence_parallel(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise ConfigError("parallel.sequence_parallel: needs CUDA devices (megatron-core's "
+                          "sequence-parallel communication allocates on the GPU)")
+
+
+def reduce_sequence_parallel_grads(model: torch.nn.Module) -> None:
+    """Under sequence parallelism each tensor-parallel rank sees part of the sequence, so the
+    gradient of a replicated norm gain is a partial sum: add the parts as it is produced, before
+    DeepSpeed accumulates or reduces it over data parallel."""
+    group = ps.get_tensor_model_parallel_group()
+
+    def all_reduce(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    for p in model.parameters():
+        if getattr(p, "sequence_parallel", False):
+            p.register_hook(all_reduce)
 
 
 def shutdown_world() -> None:

@@ -22,18 +22,25 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+import framework.parallel
+
 from data_pipeline.collate import MaskCollator
 from data_pipeline.datasets import open_datasets
 from data_pipeline.loader import DataError, PretrainLoader
 from data_pipeline.shards import ShardSet
 from data_pipeline.tokenizer import atomic_write
-from framework.config import Config, ConfigError, to_yaml
+from framework.config import Config, ConfigError, check_world, to_yaml
 from framework.deepspeed_config import deepspeed_json
 from framework.flops import peak_flops, train_flops_per_token
-from framework.optimizer import SkippableAdamW, param_groups
-from framework.model.model import LLaDAModel, transformer_config
-from framework.objective import llada_loss
-from framework.parallel import DeepSpeedMPU, World, init_world
+from framework.layout import recompute_flags, stage_bounds
+from framework.model.model import (Layer, LLaDAModel, piece_specs,
+                                   transformer_config, vocab_cross_entropy)
+from framework.model.pipeline import LLaDAPipeline
+from framework.model.weights import full_shape, init_weights
+from framework.objective import PretrainLoss
+from framework.optimizer import NonFiniteGuard, SkippableAdamW, param_groups
+from framework.parallel import (DeepSpeedMPU, World, init_world,
+                                reduce_sequence_parallel_grads)
 from framework.schedule import wsd_lr
 
 SUMMARY_WINDOW = 10  # first_loss / last_loss: means over this many steps
@@ -84,43 +91,45 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
 
         tc = cfg.train
-        per_step = tc.micro_batch_size * world.dp
-        if tc.global_batch_size % per_step != 0:
-            raise ConfigError(
-                f"train.global_batch_size: {tc.global_batch_size} is not a multiple of "
-                f"train.micro_batch_size x data-parallel size = {tc.micro_batch_size} x {world.dp}")
-        self.accum = tc.global_batch_size // per_step
+        check_world(tc, cfg.parallel, world.world_size)
+        self.accum = tc.global_batch_size // (tc.micro_batch_size * world.dp)
         on_gpu = world.device.type == "cuda"
         self.bf16 = tc.precision == "bf16" or (tc.precision == "auto" and on_gpu)
+        sp = cfg.parallel.sequence_parallel
+        if sp:
+            framework.parallel.check_sequence_parallel(world.device)
 
         sets = open_datasets(cfg.data, world.is_main, dist.barrier)
         self.mask_id = check_data(cfg, sets)
+        # every rank reads the data, pipeline stages too: all ranks of a tensor/pipeline group
+        # then hold the same batches (and the same loader state) without any broadcast
         self.data = PretrainLoader(
             cfg.data, sets, [d.weight for d in cfg.data.datasets],
-            MaskCollator(cfg.objective, self.mask_id, cfg.data.seq_len),
+            MaskCollator(cfg.objective, self.mask_id, cfg.data.seq_len,
+                         length_multiple=world.tp if sp else 1),
             micro_batch_size=tc.micro_batch_size, accumulation=self.accum,
             dp_rank=world.dp_rank, dp_size=world.dp, pin_memory=on_gpu)
 
+        self.guard = NonFiniteGuard(world.device)
+        self.loss_fn = PretrainLoss(vocab_cross_entropy, self.guard.observe)
         torch.manual_seed(cfg.run.seed)
-        if on_gpu:
+        if on_gpu:  # megatron's per-tensor-rank CUDA generators
             from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
             model_parallel_cuda_manual_seed(cfg.run.seed)
-        mcfg = transformer_config(cfg.model, tensor_parallel=world.tp, pipeline_parallel=world.pp,
-                                  params_dtype=torch.bfloat16 if self.bf16 else torch.float32,
-                                  on_cpu=not on_gpu)
-        model = LLaDAModel(cfg.model, mcfg)
-        self.num_params = sum(p.numel() for p in model.parameters())
-        if tc.compile:
-            model.decoder = torch.compile(model.decoder)
+        model = self._build_model(on_gpu)
         oc = cfg.optimizer
         self.optimizer = SkippableAdamW(
             param_groups(model, oc.weight_decay), lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps,
-            fused=on_gpu)
+            fused=on_gpu, guard=self.guard)
         ds_cfg = deepspeed_json(cfg.deepspeed, micro_batch_size=tc.micro_batch_size,
                                 grad_accumulation=self.accum, data_parallel_size=world.dp,
-                                bf16=self.bf16, grad_clip=oc.grad_clip)
+                                bf16=self.bf16, grad_clip=oc.grad_clip,
+                                pipeline_partitioned=not sp)
+        # a PipelineModule brings its own topology (same groups); DeepSpeed then refuses an mpu
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=self.optimizer, config=ds_cfg, mpu=DeepSpeedMPU)
+            model=model, optimizer=self.optimizer, config=ds_cfg,
+            mpu=None if world.pp > 1 else DeepSpeedMPU)
+        self.pipe_length: Optional[int] = None  # activation shape the pipeline last sent
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = peak_flops(torch.cuda.get_device_name(world.device)) if on_gpu else None
 
@@ -129,52 +138,88 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
+    def _build_model(self, on_gpu: bool) -> torch.nn.Module:
+        """The pieces of the model, all in one module or cut into this rank's pipeline stage;
+        initialised alike under every layout (framework/model/weights.py)."""
+        cfg, world = self.cfg, self.world
+        mcfg = transformer_config(cfg.model, tensor_parallel=world.tp,
+                                  params_dtype=torch.bfloat16 if self.bf16 else torch.float32,
+                                  on_cpu=not on_gpu,
+                                  sequence_parallel=cfg.parallel.sequence_parallel)
+        bounds = stage_bounds(cfg.model.num_layers, world.pp, cfg.parallel.pp_layers)
+        recompute = recompute_flags(cfg.model.num_layers, bounds,
+                                    cfg.train.activation_checkpointing,
+                                    cfg.train.checkpoint_layers)
+        specs = piece_specs(cfg.model, mcfg, recompute)
+        if world.pp > 1:
+            model = LLaDAPipeline(specs, bounds, self.loss_fn, tp=world.tp, pp=world.pp,
+                                  dp=world.dp)
+        else:
+            model = LLaDAModel([spec.build() for spec in specs])
+        init_weights(model, cfg.model, cfg.run.seed, world.tp_rank, world.tp)
+        if cfg.parallel.sequence_parallel:
+            reduce_sequence_parallel_grads(model)
+        # whole-model count: this rank's slices at full size, summed over pipeline stages
+        count = torch.tensor(sum(full_shape(n, p.shape, world.tp).numel()
+                                 for n, p in model.named_parameters()), device=world.device)
+        dist.all_reduce(count, group=parallel_state.get_pipeline_model_parallel_group())
+        self.num_params = int(count.item())
+        if cfg.train.compile:
+            for module in model.modules():
+                if isinstance(module, Layer):
+                    module.compile()
+        return model
+
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self) -> StepResult:
-        cfg, engine, world = self.cfg, self.engine, self.world
+        cfg, world = self.cfg, self.world
         lr = wsd_lr(self.step, cfg.train.steps, cfg.optimizer.lr, cfg.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-        # accumulated on the device: no host sync inside the micro-batch loop
-        loss_sum = torch.zeros((), dtype=torch.float64, device=world.device)
-        nonfinite = torch.zeros((), dtype=torch.float32, device=world.device)
-        for micro in range(self.accum):
-            # data: masked by the collator (per-sequence t, seeded by each sample's global
-            # index); 1% of steps cut to a random length, alike on every data-parallel rank
-            batch = self._next_batch()
-            noisy, targets, mask, p_mask = (x.to(world.device, non_blocking=True) for x in
-                                            (batch.noisy, batch.targets, batch.mask, batch.p_mask))
-            length = noisy.shape[1]
-            # forward: the head runs at masked positions only
-            logits = engine(noisy, select=mask)
-            # loss
-            masked_p = p_mask[:, None].expand_as(targets)[mask]
-            loss = llada_loss(logits, targets[mask], masked_p, targets.numel(),
-                              cross_entropy=engine.module.cross_entropy)
-            nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss.detach())).float())
-            # backward (DeepSpeed scales by 1/accumulation and reduces across data parallel)
-            engine.backward(loss)
-            if micro == self.accum - 1:
-                dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
-                # every rank skips alike; ZeRO/bf16 would also skip on the non-finite gradient
-                self.optimizer.skip_next = bool(nonfinite.item())
-            # clip + optimizer step (DeepSpeed applies it at the accumulation boundary)
-            engine.step()
-            loss_sum += loss.detach().double()
-
-        skipped = bool(nonfinite.item())
-        mean_loss = float("nan")
-        if not skipped:
-            dist.all_reduce(loss_sum, group=parallel_state.get_data_parallel_group())
-            mean_loss = loss_sum.item() / (self.accum * world.dp)
-        grad_norm = None if skipped else engine.get_global_grad_norm()
-        result = StepResult(step=self.step, loss=mean_loss, lr=lr,
+        # data: the step's micro-batches, masked by the collator (per-sequence t, seeded by each
+        # sample's global index); 1% of steps cut to a random length, alike on every rank
+        batches = [self._next_batch() for _ in range(self.accum)]
+        length = batches[0].noisy.shape[1]
+        self.guard.reset()
+        # forward, loss, backward, clip + optimizer step (skipped on a non-finite loss)
+        if world.pp > 1:
+            loss = self._pipeline_step(batches, length)
+        else:
+            loss = self._micro_steps(batches)
+        skipped = self.guard.verdict()
+        grad_norm = None if skipped else self.engine.get_global_grad_norm()
+        result = StepResult(step=self.step, loss=float("nan") if skipped else loss, lr=lr,
                             grad_norm=None if grad_norm is None else float(grad_norm),
                             tokens=cfg.train.global_batch_size * length, seq_len=length,
                             skipped=skipped)
         self.step += 1
         return result
+
+    def _micro_steps(self, batches) -> float:
+        """One process holds the whole model: forward, loss, backward per micro-batch; DeepSpeed
+        scales by 1/accumulation, reduces over data parallel and steps at the boundary."""
+        engine, device = self.engine, self.world.device
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # no host sync per micro
+        for batch in batches:
+            noisy, targets, mask, p_mask = (x.to(device, non_blocking=True) for x in
+                                            (batch.noisy, batch.targets, batch.mask, batch.p_mask))
+            logits = engine(noisy, select=mask)  # the head runs at masked positions only
+            loss = self.loss_fn(logits, (targets, mask, p_mask))
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().double()
+        dist.all_reduce(loss_sum, group=parallel_state.get_data_parallel_group())
+        return loss_sum.item() / (len(batches) * self.world.dp)
+
+    def _pipeline_step(self, batches, length: int) -> float:
+        """DeepSpeed's 1F1B schedule over the micro-batches: the first stage takes the inputs,
+        the last the labels and the loss; the mean loss comes back to every stage."""
+        if length != self.pipe_length:  # the 1% cut: stages must agree on new activation shapes
+            self.engine.reset_activation_shape()
+            self.pipe_length = length
+        micro = iter([((b.noisy, b.mask), (b.targets, b.mask, b.p_mask)) for b in batches])
+        return float(self.engine.train_batch(micro))
 
     def _next_batch(self):
         try:
@@ -228,6 +273,7 @@ class Trainer:
             raise
         finally:
             bar.close()
+            self.data.close()
             elapsed = time.perf_counter() - start
             summary = self._summary(total_tokens, elapsed, status)
             if world.is_main:
@@ -295,7 +341,7 @@ class Trainer:
         tag = f"step_{self.step:08d}"
         # the data stream's position, one small file per data-parallel rank (exact resume);
         # written first: save_checkpoint moves DeepSpeed's `latest` to this tag when it is done
-        if parallel_state.get_tensor_model_parallel_rank() == 0:
+        if self.world.tp_rank == 0 and self.world.pp_rank == 0:  # one writer per DP rank
             atomic_write(root / tag / "data" / f"dp_rank_{self.world.dp_rank:05d}.json",
                          json.dumps(self.data.state_dict()).encode())
         self.engine.save_checkpoint(str(root), tag=tag, client_state={"step": self.step})
@@ -325,6 +371,8 @@ class Trainer:
             "world_size": self.world.world_size,
             "data_parallel": self.world.dp,
             "tensor_parallel": self.world.tp,
+            "pipeline_parallel": self.world.pp,
+            "sequence_parallel": self.cfg.parallel.sequence_parallel,
             "zero_stage": self.cfg.deepspeed.zero_stage,
             "precision": "bf16" if self.bf16 else "fp32",
             "device": str(self.world.device),

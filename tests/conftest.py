@@ -71,17 +71,19 @@ def quick_overrides(run_dir: Path, manifest: Path, steps: int = 30) -> List[str]
 _RENDEZVOUS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
 
 
-def run_cli(args: List[str], timeout: int = 600, nproc: int = 0) -> subprocess.CompletedProcess:
-    """``llada ...`` in a fresh process; with nproc, under torchrun with that many processes."""
+def run_cli(args: List[str], timeout: int = 600, nproc: int = 0, module: str = "framework.cli",
+            module_args: List[str] = ()) -> subprocess.CompletedProcess:
+    """``llada ...`` (or ``python -m module``) in a fresh process; with nproc, under torchrun
+    with that many processes."""
     # the rendezvous variables of an in-process test world must not leak into the child
     env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
     env = {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if nproc else
            os.environ.get("OMP_NUM_THREADS", "2")}
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", "-m", "framework.cli", *args]
+               f"--nproc-per-node={nproc}", "-m", module, *module_args, *args]
     else:
-        cmd = [sys.executable, "-m", "framework.cli", *args]
+        cmd = [sys.executable, "-m", module, *module_args, *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,38 +1,38 @@
-"""LLaDA: a LLaMA-shaped bidirectional Transformer built from megatron-core blocks.
+"""LLaDA: a LLaMA-shaped bidirectional Transformer built from megatron-core layers.
 
-Embedding (vocab-parallel) -> TransformerBlock of ``llada_layer_spec`` with a final RMSNorm ->
-output head (column-parallel over the vocabulary, untied). No timestep input: the model sees only
-the partly masked sequence. The head can run at selected (masked) positions only, which is all the
-loss needs and saves the largest matmul on the rest.
+The model is a list of *pieces*: Embedding (vocab-parallel), one Layer per Transformer layer (our
+``llada_layer_spec``), Head (final RMSNorm + column-parallel output projection, untied). Each piece
+maps a tuple ``(activations, select)`` to the next, so the same list is either run in one process
+(``LLaDAModel``) or cut into stages by DeepSpeed's pipeline engine (``framework/pipeline.py``); the
+parameter names (``0.word_embeddings.weight``, ``3.layer.mlp.linear_fc1.weight``, ...) are global
+indices in both, so a checkpoint means the same thing under every layout.
+
+No timestep input: the model sees only the partly masked sequence. The head runs at the selected
+(masked) positions only, which is all the loss needs and saves the largest matmul on the rest.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from deepspeed.pipe import LayerSpec
 from megatron.core.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
+                                           gather_from_sequence_parallel_region,
                                            vocab_parallel_cross_entropy)
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
-from megatron.core.transformer.transformer_block import (TransformerBlock,
-                                                         TransformerBlockSubmodules,
-                                                         get_num_layers_to_build)
+from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
+from torch.utils.checkpoint import checkpoint
 
 from framework.config import ModelConfig
-from framework.model.spec import llada_layer_spec
+from framework.layout import padded_vocab_size, recompute_flags, stage_bounds
+from framework.model.spec import RMSNorm, llada_layer_spec
 
 
-def padded_vocab_size(vocab_size: int, multiple: int, tensor_parallel: int) -> int:
-    """Round the vocabulary up so each tensor-parallel rank holds an equal, aligned slice."""
-    step = multiple * tensor_parallel
-    return ((vocab_size + step - 1) // step) * step
-
-
-def transformer_config(cfg: ModelConfig, *, tensor_parallel: int, pipeline_parallel: int,
-                       params_dtype: torch.dtype, on_cpu: bool) -> TransformerConfig:
+def transformer_config(cfg: ModelConfig, *, tensor_parallel: int, params_dtype: torch.dtype,
+                       on_cpu: bool, sequence_parallel: bool = False) -> TransformerConfig:
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -50,10 +50,15 @@ def transformer_config(cfg: ModelConfig, *, tensor_parallel: int, pipeline_paral
         attention_dropout=0.0,
         init_method_std=cfg.init_std,
         tensor_model_parallel_size=tensor_parallel,
-        pipeline_model_parallel_size=pipeline_parallel,
+        sequence_parallel=sequence_parallel,
+        # Pipeline stages are DeepSpeed's (framework/pipeline.py); megatron's layers are told 1
+        # so that they keep the global layer numbers we give them.
+        pipeline_model_parallel_size=1,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=on_cpu,
+        # Weights are initialised by framework/model/weights.py, the same under every layout.
+        perform_initialization=False,
         # The fused paths below are CUDA/apex kernels; the plain paths run everywhere.
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
@@ -80,39 +85,119 @@ class RotaryAngles(torch.nn.Module):
         return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
 
 
-class LLaDAModel(MegatronModule):
+# What flows between pieces: activations [s, b, h] (or the input ids [b, s] into the embedding)
+# and the positions the head computes, as uint8 [b, s]: DeepSpeed's pipeline engine sends integer
+# tensors between stages as they are, but would expect a gradient for a floating one.
+Flow = Tuple[torch.Tensor, torch.Tensor]
+
+
+class Embedding(MegatronModule):
     def __init__(self, cfg: ModelConfig, config: TransformerConfig):
         super().__init__(config=config)
-        tp = config.tensor_model_parallel_size
-        self.vocab_size = cfg.vocab_size
-        self.padded_vocab_size = padded_vocab_size(cfg.vocab_size, cfg.pad_vocab_to_multiple_of, tp)
-        self.embedding = VocabParallelEmbedding(
-            self.padded_vocab_size, cfg.hidden_size, init_method=config.init_method, config=config)
+        self.word_embeddings = VocabParallelEmbedding(
+            padded_vocab_size(cfg.vocab_size, cfg.pad_vocab_to_multiple_of), cfg.hidden_size,
+            init_method=config.init_method, config=config,
+            # sequence parallel: reduce-scatter along the sequence instead of all-reduce
+            reduce_scatter_embeddings=config.sequence_parallel)
+
+    def forward(self, inputs: Flow) -> Flow:
+        input_ids, select = inputs
+        if self.config.sequence_parallel:  # [b, s] -> [s/tp, b, h], transposed inside
+            hidden = self.word_embeddings(input_ids)
+        else:
+            hidden = self.word_embeddings(input_ids).transpose(0, 1).contiguous()
+        return hidden, select.to(torch.uint8)
+
+
+class Layer(MegatronModule):
+    """One Transformer layer; with ``recompute`` its activations are recomputed in backward."""
+
+    def __init__(self, cfg: ModelConfig, config: TransformerConfig, layer_number: int,
+                 recompute: bool = False):
+        super().__init__(config=config)
+        self.layer = build_module(llada_layer_spec, config=config, layer_number=layer_number)
         self.rotary = RotaryAngles(config.kv_channels, cfg.rope_theta)
-        block = TransformerBlockSubmodules(
-            layer_specs=[llada_layer_spec] * get_num_layers_to_build(config),
-            layer_norm=WrappedTorchNorm)
-        self.decoder = TransformerBlock(config, block, post_layer_norm=True)
+        self.recompute = recompute
+
+    def _run(self, hidden: torch.Tensor) -> torch.Tensor:
+        seq_len = hidden.shape[0] * (self.config.tensor_model_parallel_size
+                                     if self.config.sequence_parallel else 1)
+        out, _ = self.layer(hidden, attention_mask=None, rotary_pos_emb=self.rotary(seq_len))
+        return out
+
+    def forward(self, inputs: Flow) -> Flow:
+        hidden, select = inputs
+        if self.recompute and torch.is_grad_enabled():
+            # no dropout in LLaDA: the recomputed forward is the same computation exactly
+            hidden = checkpoint(self._run, hidden, use_reentrant=False)
+        else:
+            hidden = self._run(hidden)
+        return hidden, select
+
+
+class Head(MegatronModule):
+    """Final RMSNorm, then the output projection at the selected positions only:
+    logits over this rank's vocabulary slice, [N, V/tp] for the N selected positions."""
+
+    def __init__(self, cfg: ModelConfig, config: TransformerConfig):
+        super().__init__(config=config)
+        self.final_layernorm = RMSNorm(config, cfg.hidden_size, eps=cfg.norm_eps)
         self.output_layer = ColumnParallelLinear(
-            cfg.hidden_size, self.padded_vocab_size, config=config, init_method=config.init_method,
-            bias=False, gather_output=False)
+            cfg.hidden_size, padded_vocab_size(cfg.vocab_size, cfg.pad_vocab_to_multiple_of),
+            config=config, init_method=config.init_method, bias=False, gather_output=False)
+        # With sequence parallelism the sequence is gathered *before* the projection (the
+        # selection needs whole sequences), so the projection itself is an ordinary one.
+        self.output_layer.sequence_parallel = False
+        self.output_layer.allreduce_dgrad = config.tensor_model_parallel_size > 1
 
-    def forward(self, input_ids: torch.Tensor, select: Optional[torch.Tensor] = None
-                ) -> torch.Tensor:
-        """input_ids [b, s] -> logits over this rank's vocabulary slice:
-        [N, V/tp] at the N positions where ``select`` [b, s] is True, else [b, s, V/tp]."""
-        seq_len = input_ids.shape[1]
-        hidden = self.embedding(input_ids).transpose(0, 1).contiguous()  # [s, b, h]
-        hidden = self.decoder(hidden, attention_mask=None, rotary_pos_emb=self.rotary(seq_len))
-        hidden = hidden.transpose(0, 1)  # [b, s, h]
-        if select is not None:
-            hidden = hidden[select].unsqueeze(1)  # [N, 1, h]
+    def forward(self, inputs: Flow) -> torch.Tensor:
+        hidden, select = inputs
+        hidden = self.final_layernorm(hidden)
+        if self.config.sequence_parallel:
+            # backward: the projection's all-reduced input gradient, split back by sequence
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        hidden = hidden.transpose(0, 1)[select.bool()].unsqueeze(1)  # [N, 1, h]
         logits, _ = self.output_layer(hidden)
-        return logits.squeeze(1) if select is not None else logits
+        return logits.squeeze(1)
 
-    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-position CE for logits [N, V/tp]; across the tensor-parallel vocabulary slices."""
-        if self.config.tensor_model_parallel_size == 1:
-            return F.cross_entropy(logits.float(), targets, reduction="none")
-        return vocab_parallel_cross_entropy(logits.float().unsqueeze(1), targets.unsqueeze(1)
-                                            ).squeeze(1)
+
+def piece_specs(cfg: ModelConfig, config: TransformerConfig,
+                recompute: Sequence[bool]) -> List[LayerSpec]:
+    """The pieces as DeepSpeed LayerSpecs (built lazily: a pipeline stage builds only its own).
+    ``recompute[i]``: recompute the activations of Transformer layer i in backward."""
+    layers = [LayerSpec(Layer, cfg, config, i + 1, recompute[i]) for i in range(cfg.num_layers)]
+    return [LayerSpec(Embedding, cfg, config), *layers, LayerSpec(Head, cfg, config)]
+
+
+class LLaDAModel(torch.nn.Module):
+    """All pieces in one process: ``model(input_ids [b, s], select [b, s] bool)`` -> logits
+    [N, V/tp] at the selected positions; without ``select``, [b, s, V/tp] at all of them."""
+
+    def __init__(self, pieces: Sequence[torch.nn.Module]):
+        super().__init__()
+        for i, piece in enumerate(pieces):
+            self.add_module(str(i), piece)
+
+    def forward(self, input_ids: torch.Tensor, select: Optional[torch.Tensor] = None):
+        flow = (input_ids, torch.ones_like(input_ids, dtype=torch.bool) if select is None
+                else select)
+        for piece in self.children():
+            flow = piece(flow)
+        return flow if select is not None else flow.view(*input_ids.shape, -1)
+
+
+def build_model(cfg: ModelConfig, config: TransformerConfig, recompute: bool = False,
+                checkpoint_layers: Optional[int] = None) -> LLaDAModel:
+    bounds = stage_bounds(cfg.num_layers, 1)
+    return LLaDAModel([s.build() for s in piece_specs(
+        cfg, config, recompute_flags(cfg.num_layers, bounds, recompute, checkpoint_layers))])
+
+
+def vocab_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-position CE for logits [N, V/tp] across the tensor-parallel vocabulary slices,
+    without ever gathering the full logits."""
+    from megatron.core import parallel_state
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return F.cross_entropy(logits.float(), targets, reduction="none")
+    return vocab_parallel_cross_entropy(logits.float().unsqueeze(1), targets.unsqueeze(1)
+                                        ).squeeze(1)

@@ -1,6 +1,8 @@
 """The LLaDA layer spec: a LLaMA layer (RMSNorm, SwiGLU, RoPE, no biases) with non-causal
 attention. Only which module goes where; all sizes come from the TransformerConfig."""
 
+import torch
+
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -8,16 +10,26 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from framework.model.attention import BidirectionalSDPA
 
-# RMSNorm: WrappedTorchNorm builds torch.nn.RMSNorm when config.normalization == "RMSNorm".
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm under megatron's norm signature. megatron's own torch wrapper refuses
+    sequence parallelism; here each tensor-parallel rank then normalises its part of the sequence,
+    so the gain's gradient is partial: it is marked ``sequence_parallel`` and summed over the
+    tensor-parallel group (framework/parallel.py, reduce_sequence_parallel_grads)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_megatron_options):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
 llada_layer_spec = ModuleSpec(
     module=TransformerLayer,
     submodules=TransformerLayerSubmodules(
-        input_layernorm=WrappedTorchNorm,
+        input_layernorm=RMSNorm,
         self_attention=ModuleSpec(
             module=SelfAttention,
             params={"attn_mask_type": AttnMaskType.no_mask},
@@ -30,7 +42,7 @@ llada_layer_spec = ModuleSpec(
             ),
         ),
         self_attn_bda=get_bias_dropout_add,
-        pre_mlp_layernorm=WrappedTorchNorm,
+        pre_mlp_layernorm=RMSNorm,
         mlp=ModuleSpec(
             module=MLP,
             submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),

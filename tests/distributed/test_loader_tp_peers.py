@@ -21,7 +21,7 @@ def _worker(rank, world_size, port, manifest, out_dir):
     from framework.parallel import init_world, shutdown_world
     from tests.unit.data_helpers import take, make_loader
 
-    world = init_world(ParallelConfig(tensor=2), "cpu")
+    world = init_world(ParallelConfig(tp=2), "cpu")
     loader = make_loader([manifest], dp_rank=world.dp_rank, dp_size=world.dp, workers=2, mb=4)
     torch.save({"dp_rank": world.dp_rank, "batches": take(loader, 8)},
                os.path.join(out_dir, f"rank{rank}.pt"))

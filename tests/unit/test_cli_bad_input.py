@@ -1,7 +1,17 @@
-"""Each bad input of the CLI: exit code 2, one line naming the key or file, no traceback."""
+"""Each bad input of the CLI: exit code 2, one line naming the key or file, no traceback.
+
+A few cases run ``llada`` as a process (the exit code and stderr a user sees); the rest call the
+same ``main`` in this process, which is what that process runs, in a fraction of the time."""
+
+import os
+import subprocess
 
 import pytest
+import torch
 
+from framework.cli import main
+from framework.config import ConfigError
+from framework.parallel import check_sequence_parallel
 from tests.conftest import DEBUG_RECIPE, quick_overrides, run_cli
 
 
@@ -14,6 +24,21 @@ def assert_one_line_error(proc, *needles):
         assert needle in err_lines[0], err_lines[0]
 
 
+@pytest.fixture
+def llada(capsys):
+    """``llada ARGS`` in this process, as a CompletedProcess; the environment is restored after
+    (a run fills in the rendezvous variables of its world of one)."""
+    saved = dict(os.environ)
+
+    def run(args):
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+    yield run
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def test_missing_recipe():
     assert_one_line_error(run_cli(["train", "recipes/no-such-recipe.yaml"]),
                           "recipe not found", "no-such-recipe.yaml")
@@ -21,14 +46,33 @@ def test_missing_recipe():
 
 @pytest.mark.parametrize("override, needles", [
     ("model.hiden_size=64", ["model.hiden_size", "hidden_size"]),  # mistyped key
+    ("parallel.tp=3", ["parallel.tp", "3 does not divide"]),  # layout does not divide the model
     ("tracking.colour=blue", ["tracking.colour"]),  # unknown key
     ("train.steps=many", ["train.steps", "many"]),  # wrong value type
     ("train.global_batch_size=20", ["train.global_batch_size", "20"]),  # batch does not divide
     ("model.num_attention_heads=5", ["model.num_attention_heads", "5"]),  # heads vs hidden
     ("objective.mask_id=4096", ["objective.mask_id", "outside the vocabulary"]),
 ])
-def test_bad_override(override, needles):
-    assert_one_line_error(run_cli(["train", str(DEBUG_RECIPE), override]), *needles)
+def test_bad_override(llada, override, needles):
+    assert_one_line_error(llada(["train", DEBUG_RECIPE, override]), *needles)
+
+
+def test_zero2_with_pipeline_parallelism():
+    proc = run_cli(["train", str(DEBUG_RECIPE), "parallel.pp=2", "deepspeed.zero_stage=2"])
+    assert_one_line_error(proc, "deepspeed.zero_stage", "ZeRO-2", "parallel.pp=2")
+
+
+def test_layout_that_does_not_divide_the_world(llada, tmp_path, small_dataset):
+    proc = llada(["train", DEBUG_RECIPE, *quick_overrides(tmp_path, small_dataset, 2),
+                  "parallel.tp=2"])
+    assert_one_line_error(proc, "parallel.tp", "does not divide the world size 1")
+
+
+def test_sequence_parallelism_needs_tensor_parallelism_and_cuda(llada):
+    proc = llada(["train", DEBUG_RECIPE, "parallel.sequence_parallel=true"])
+    assert_one_line_error(proc, "parallel.sequence_parallel", "parallel.tp > 1")
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel: needs CUDA"):
+        check_sequence_parallel(torch.device("cpu"))
 
 
 def test_bad_key_inside_a_recipe_file(tmp_path):
@@ -43,35 +87,35 @@ def test_mask_id_that_the_dataset_does_not_have(tmp_path, small_dataset):
     assert_one_line_error(proc, "objective.mask_id", "mask token at id 3")
 
 
-def test_sequence_length_other_than_the_dataset(tmp_path, small_dataset):
-    proc = run_cli(["train", str(DEBUG_RECIPE), *quick_overrides(tmp_path, small_dataset, 2),
-                    "data.seq_len=128"])
+def test_sequence_length_other_than_the_dataset(llada, tmp_path, small_dataset):
+    proc = llada(["train", str(DEBUG_RECIPE), *quick_overrides(tmp_path, small_dataset, 2),
+                  "data.seq_len=128"])
     assert_one_line_error(proc, "data.seq_len", "64 tokens")
 
 
-def test_missing_manifest(tmp_path):
-    proc = run_cli(["train", str(DEBUG_RECIPE), f"run.dir={tmp_path}",
-                    f"data.datasets=[{{manifest: {tmp_path}/none/manifest.json}}]"])
+def test_missing_manifest(llada, tmp_path):
+    proc = llada(["train", str(DEBUG_RECIPE), f"run.dir={tmp_path}",
+                  f"data.datasets=[{{manifest: {tmp_path}/none/manifest.json}}]"])
     assert_one_line_error(proc, "data.datasets[0].manifest", "not found", "llada prepare")
 
 
-def test_first_run_prepare_glob_matching_nothing(tmp_path):
-    proc = run_cli(["train", str(DEBUG_RECIPE), f"run.dir={tmp_path}",
-                    f"data.datasets=[{{manifest: {tmp_path}/d/manifest.json, "
-                    f"prepare_inputs: ['{tmp_path}/nothing-*.txt']}}]"])
+def test_first_run_prepare_glob_matching_nothing(llada, tmp_path):
+    proc = llada(["train", str(DEBUG_RECIPE), f"run.dir={tmp_path}",
+                  f"data.datasets=[{{manifest: {tmp_path}/d/manifest.json, "
+                  f"prepare_inputs: ['{tmp_path}/nothing-*.txt']}}]"])
     assert_one_line_error(proc, "prepare.inputs", "nothing-*.txt")
 
 
-def test_prepare_glob_matching_nothing(tmp_path):
-    proc = run_cli(["prepare", f"{tmp_path}/nothing-*.jsonl", "-o", str(tmp_path / "out")])
+def test_prepare_glob_matching_nothing(llada, tmp_path):
+    proc = llada(["prepare", f"{tmp_path}/nothing-*.jsonl", "-o", str(tmp_path / "out")])
     assert_one_line_error(proc, "prepare.inputs", "nothing-*.jsonl")
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
-def test_prepare_with_a_tokenizer_lacking_the_mask_token(tmp_path):
+def test_prepare_with_a_tokenizer_lacking_the_mask_token(llada, tmp_path):
     bogus = tmp_path / "bogus.model"
     bogus.write_bytes(b"not a model")
     (tmp_path / "a.txt").write_text("hello\n")
-    proc = run_cli(["prepare", str(tmp_path / "a.txt"), "-o", str(tmp_path / "out"),
-                    "--tokenizer", str(bogus)])
+    proc = llada(["prepare", str(tmp_path / "a.txt"), "-o", str(tmp_path / "out"),
+                  "--tokenizer", str(bogus)])
     assert_one_line_error(proc, "tokenizer.model", "bogus.model")

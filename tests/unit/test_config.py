@@ -35,7 +35,7 @@ def test_paper_recipes_load_once_data_is_named(recipe, tmp_path):
     (["train.global_batch_size=40"], "train.global_batch_size"),
     (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
     (["run.device=tpu"], "run.device"),
-    (["parallel.tensor=3"], "parallel.tensor"),
+    (["parallel.tp=3"], "parallel.tp"),
     (["data.datasets=[]"], "data.datasets"),
     (["data.datasets=[{manifest: m.json, weight: 0}]"], "data.datasets.weight"),
     (["data.datasets=[{manifest: m.json, shards_url: 'pipe:cat x'}]"], "data.datasets.shards_url"),

@@ -3,17 +3,21 @@ import torch
 
 from framework.config import ModelConfig, load_config
 from framework.flops import matmul_params, train_flops_per_token
-from framework.model.model import LLaDAModel, padded_vocab_size, transformer_config
+from framework.layout import padded_vocab_size, recompute_flags, stage_bounds
+from framework.model.model import Head, Layer, LLaDAModel, build_model, transformer_config
+from framework.model.weights import init_weights
 from tests.conftest import REPO
 
 TINY = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_heads=2,
                    ffn_hidden_size=96, vocab_size=300)
 
 
-def build(cfg: ModelConfig, dtype=torch.float32) -> LLaDAModel:
-    tc = transformer_config(cfg, tensor_parallel=1, pipeline_parallel=1, params_dtype=dtype,
-                            on_cpu=True)
-    return LLaDAModel(cfg, tc)
+def build(cfg: ModelConfig, dtype=torch.float32, **kwargs) -> LLaDAModel:
+    tc = transformer_config(cfg, tensor_parallel=1, params_dtype=dtype, on_cpu=True)
+    model = build_model(cfg, tc, **kwargs)
+    if not any(p.is_meta for p in model.parameters()):
+        init_weights(model, cfg, seed=0, tp_rank=0, tp=1)
+    return model
 
 
 def test_attention_is_bidirectional(world):
@@ -34,27 +38,70 @@ def test_head_at_selected_positions_matches_full_head(world):
     x = torch.randint(0, 300, (3, 11))
     select = torch.rand(3, 11) < 0.4
     full = model(x)
-    assert full.shape == (3, 11, model.padded_vocab_size)
+    assert full.shape == (3, 11, padded_vocab_size(300, 128))
     assert torch.allclose(model(x, select), full[select], atol=1e-5)
 
 
 def test_layers_follow_the_llada_spec(world):
     model = build(TINY)
-    layer = model.decoder.layers[0]
+    pieces = list(model.children())
+    assert len(pieces) == TINY.num_layers + 2  # embedding, layers, head
+    layer = pieces[1].layer
+    assert isinstance(pieces[1], Layer) and isinstance(pieces[-1], Head)
     assert type(layer.self_attention.core_attention).__name__ == "BidirectionalSDPA"
     assert isinstance(layer.input_layernorm, torch.nn.RMSNorm)
-    assert isinstance(model.decoder.final_layernorm, torch.nn.RMSNorm)
+    assert isinstance(pieces[-1].final_layernorm, torch.nn.RMSNorm)
     assert all("bias" not in name for name, _ in model.named_parameters())
     # SwiGLU: fc1 holds gate and up projections
     assert layer.mlp.linear_fc1.weight.shape == (2 * 96, 64)
     # untied: the head and the embedding are different tensors
-    assert model.output_layer.weight.data_ptr() != model.embedding.weight.data_ptr()
+    assert pieces[-1].output_layer.weight.data_ptr() != pieces[0].word_embeddings.weight.data_ptr()
+    # global names: the same under every pipeline layout
+    assert "3.final_layernorm.weight" in dict(model.named_parameters())
 
 
-def test_vocab_is_padded_for_tensor_parallelism():
-    assert padded_vocab_size(300, 128, 1) == 384
-    assert padded_vocab_size(300, 128, 4) == 512
-    assert padded_vocab_size(126464, 128, 8) == 126976
+def test_initialisation_is_seeded_per_parameter(world):
+    a, b = build(TINY), build(TINY)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+    params = dict(a.named_parameters())
+    assert abs(params["0.word_embeddings.weight"].std().item() - TINY.init_std) < 2e-3
+    # residual projections are scaled down by sqrt(2 x layers)
+    proj = params["1.layer.self_attention.linear_proj.weight"].std().item()
+    assert abs(proj - TINY.init_std / 2) < 2e-3
+    assert not torch.equal(params["1.layer.mlp.linear_fc2.weight"][:8, :8],
+                           params["2.layer.mlp.linear_fc2.weight"][:8, :8])
+
+
+def test_activation_checkpointing_leaves_gradients_unchanged(world):
+    cfg = ModelConfig(num_layers=3, hidden_size=64, num_attention_heads=4, num_kv_heads=2,
+                      ffn_hidden_size=96, vocab_size=300)
+    x = torch.randint(0, 300, (2, 13))
+    select = torch.rand(2, 13) < 0.5
+    grads = []
+    for recompute in (False, True):
+        model = build(cfg, recompute=recompute)
+        assert [getattr(p, "recompute", None) for p in list(model.children())[1:-1]] == [recompute] * 3
+        model(x, select).float().pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        assert torch.allclose(grads[1][name], g, rtol=1e-6, atol=0), name
+
+
+def test_stage_bounds_and_per_stage_recompute():
+    # pieces: 0 embedding, 1..7 layers, 8 head
+    assert stage_bounds(7, 1) == [0, 9]
+    assert stage_bounds(7, 2) == [0, 5, 9]  # 4 + 3 layers
+    assert stage_bounds(7, 3, [1, 4, 2]) == [0, 2, 6, 9]
+    flags = recompute_flags(7, stage_bounds(7, 2), True, 1)
+    assert flags == [True, False, False, False, True, False, False]
+    assert recompute_flags(7, [0, 9], True, None) == [True] * 7
+    assert recompute_flags(7, [0, 9], False, None) == [False] * 7
+
+
+def test_vocab_is_padded_the_same_under_every_layout():
+    assert padded_vocab_size(300, 128) == 384
+    assert padded_vocab_size(126464, 128) == 126464
 
 
 @pytest.mark.parametrize("recipe, expected", [("llada-1b.yaml", 1.49e9), ("llada-8b.yaml", 8.02e9)])

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-import framework.trainer as trainer_mod
+import framework.objective as objective_mod
 from framework.config import load_config
 from framework.trainer import Trainer, TrainingError
 from tests.conftest import DEBUG_RECIPE, quick_overrides
@@ -19,13 +19,13 @@ def make_trainer(tmp_path, dataset, *extra):
 
 def poison_steps(monkeypatch, trainer, bad_steps):
     """Make the loss NaN at the given optimizer steps, as a diverging model would."""
-    real = trainer_mod.llada_loss
+    real = objective_mod.llada_loss
 
     def loss(*args, **kwargs):
         value = real(*args, **kwargs)
         return value * float("nan") if trainer.step in bad_steps else value
 
-    monkeypatch.setattr(trainer_mod, "llada_loss", loss)
+    monkeypatch.setattr(objective_mod, "llada_loss", loss)
 
 
 def snapshot(trainer):

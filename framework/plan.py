@@ -1,0 +1,121 @@
+"""``llada plan RECIPE [overrides]``: a layout checked and sized before anything is launched.
+
+For ``parallel.world_size`` GPUs and the recipe's tp x pp: the divisibility of heads, kv heads,
+FFN, vocabulary, layers and batch; parameters per GPU (the largest pipeline stage); memory per GPU
+for weights, gradients and optimizer state by ZeRO stage, plus an activation estimate; FLOPs per
+step and the step time expected at a stated MFU.
+
+Memory model (bytes per parameter, the ZeRO paper's accounting): bf16 weights 2, gradients 2,
+optimizer state 12 (fp32 master copy, Adam m and v); fp32: 4, 4, 8. ZeRO-1 divides the optimizer
+state by the data-parallel size, ZeRO-2 the gradients too, ZeRO-3 the weights too.
+Activations (bf16, SDPA/flash attention: no s x s term): per Transformer layer and micro-batch,
+the tensors autograd keeps; one micro-batch per stage without pipelining, up to pp micro-batches
+in flight on the first stage under 1F1B; with activation checkpointing a recomputed layer keeps
+only its input. It is an estimate: allocator slack and communication buffers come on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+from framework.config import Config, ModelConfig, check_world
+from framework.flops import train_flops_per_token
+from framework.layout import padded_vocab_size, recompute_flags, stage_bounds
+
+GIB = 1024 ** 3
+
+
+@dataclass
+class PieceParams:
+    split: int  # divided across tensor-parallel ranks
+    replicated: int  # every tensor-parallel rank holds all of it (norm gains)
+
+
+def piece_params(cfg: ModelConfig) -> List[PieceParams]:
+    """Parameters of each piece (embedding, layers..., head), whole-model sizes."""
+    h, d = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads
+    vocab = padded_vocab_size(cfg.vocab_size, cfg.pad_vocab_to_multiple_of)
+    attn = h * d * (cfg.num_attention_heads + 2 * cfg.num_kv_heads) + cfg.num_attention_heads * d * h
+    mlp = 3 * h * cfg.ffn_hidden_size
+    layer = PieceParams(split=attn + mlp, replicated=2 * h)
+    return [PieceParams(vocab * h, 0), *[layer] * cfg.num_layers, PieceParams(vocab * h, h)]
+
+
+def total_params(cfg: ModelConfig) -> int:
+    return sum(p.split + p.replicated for p in piece_params(cfg))
+
+
+def layer_activation_bytes(cfg: ModelConfig, tokens: int, tp: int, sp: bool) -> float:
+    """bf16 tensors one layer keeps for backward, for ``tokens`` = micro-batch x seq_len."""
+    h, d = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads
+    # norm inputs, norm outputs (= inputs of qkv and fc1): whole hidden states, split only by SP
+    full = 4 * h / (tp if sp else 1)
+    # q, k, v; attention output (+ its input to the projection); fc1 out (gate, up), silu, product
+    split = (h + 2 * cfg.num_kv_heads * d + 2 * h + 4 * cfg.ffn_hidden_size) / tp
+    return 2.0 * tokens * (full + split)
+
+
+def plan(cfg: Config, mfu: float, peak_flops: float) -> str:
+    par, tc, mc = cfg.parallel, cfg.train, cfg.model
+    world = par.world_size
+    dp = check_world(tc, par, world)
+    accum = tc.global_batch_size // (tc.micro_batch_size * dp)
+    bounds = stage_bounds(mc.num_layers, par.pp, par.pp_layers)
+    pieces = piece_params(mc)
+    stage_params = [sum(p.split / par.tp + p.replicated for p in pieces[a:b])
+                    for a, b in zip(bounds, bounds[1:])]
+    bf16 = tc.precision != "fp32"  # plan for the GPU: auto means bf16
+    w_b, g_b, o_b = (2, 2, 12) if bf16 else (4, 4, 8)
+    zero = cfg.deepspeed.zero_stage
+    per_param = (w_b / (dp if zero >= 3 else 1) + g_b / (dp if zero >= 2 else 1)
+                 + o_b / (dp if zero >= 1 else 1))
+
+    tokens = tc.micro_batch_size * cfg.data.seq_len
+    recompute = recompute_flags(mc.num_layers, bounds, tc.activation_checkpointing,
+                                tc.checkpoint_layers)
+    kept = layer_activation_bytes(mc, tokens, par.tp, par.sequence_parallel)
+    checkpointed = 2.0 * tokens * mc.hidden_size / (par.tp if par.sequence_parallel else 1)
+    vocab = padded_vocab_size(mc.vocab_size, mc.pad_vocab_to_multiple_of)
+    # head at the masked half of the positions on average: bf16 logits and their fp32 copy
+    head = tokens * 0.5 * vocab / par.tp * (2 + 4)
+    in_flight = min(par.pp, accum)  # 1F1B: stage s holds pp - s micro-batches
+
+    rows = []
+    for s, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        layers = range(max(a, 1) - 1, min(b, mc.num_layers + 1) - 1)
+        act = sum(checkpointed if recompute[i] else kept for i in layers)
+        act = act * max(in_flight - s, 1) + (head if s == par.pp - 1 else 0)
+        rows.append((s, len(layers), stage_params[s], stage_params[s] * w_b,
+                     stage_params[s] * per_param, act))
+
+    flops_step = train_flops_per_token(mc, cfg.data.seq_len) * tc.global_batch_size \
+        * cfg.data.seq_len
+    step_s = flops_step / (world * peak_flops * mfu)
+    out = [
+        f"llada plan: {total_params(mc) / 1e9:.3f}B parameters ({total_params(mc):,}), "
+        f"{mc.num_layers} layers, vocabulary {mc.vocab_size} padded to {vocab}",
+        f"layout: world {world} = tp {par.tp} x pp {par.pp} x dp {dp}"
+        f"{' (sequence parallel)' if par.sequence_parallel else ''}; ZeRO-{zero}, "
+        f"{'bf16' if bf16 else 'fp32'}; global batch {tc.global_batch_size} = "
+        f"{tc.micro_batch_size} x {accum} accumulation x {dp} data-parallel; "
+        f"checks passed (heads, kv heads, FFN, vocabulary, layers, batch)",
+        "",
+        "| stage | layers | params/GPU | weights GiB | weights+grads+optimizer GiB "
+        "| activations GiB | total GiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s, n, params, weights, state, act in rows:
+        out.append(f"| {s} | {n} | {params / 1e6:,.1f}M | {weights / GIB:.2f} | "
+                   f"{state / GIB:.2f} | {act / GIB:.2f} | {(state + act) / GIB:.2f} |")
+    out += [
+        "",
+        f"FLOPs per step: {flops_step:.3e} ({train_flops_per_token(mc, cfg.data.seq_len):.3e} "
+        f"per token x {tc.global_batch_size * cfg.data.seq_len:,} tokens)",
+        f"expected step time at {100 * mfu:.0f}% MFU of {peak_flops / 1e12:.0f} TFLOP/s per GPU: "
+        f"{step_s:.2f} s ({tc.global_batch_size * cfg.data.seq_len / step_s:,.0f} tokens/s)",
+        "activations are an estimate (bf16, flash attention, 1F1B); allocator slack and "
+        "communication buffers come on top",
+    ]
+    return "\n".join(out)
+

@@ -1,0 +1,85 @@
+"""One process of the layout runs of test_layouts.py, started by torchrun: for each layout in
+turn, build the trainer, take 3 optimizer steps, and (rank 0) save the losses and the whole
+model's weights, gathered from every tensor-parallel slice, pipeline stage and ZeRO partition.
+
+    python -m torch.distributed.run --nproc-per-node N -m tests.distributed.layout_worker \
+        OUT_DIR MANIFEST LAYOUTS_JSON
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from framework.config import load_config
+from framework.model.weights import full_state_dict
+from framework.trainer import Trainer
+from tests.conftest import DEBUG_RECIPE, quick_overrides
+
+STEPS = 3
+# small enough for seconds per layout; 4 layers for two stages, 2 kv heads for tp 2
+MODEL = ["model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
+         "model.num_kv_heads=2", "model.ffn_hidden_size=128", "model.vocab_size=512"]
+
+
+def layout_overrides(run_dir: Path, manifest: Path, extra: list) -> list:
+    # 2 readers in every layout: 1 data-parallel rank x 2 workers here, and layouts with 2
+    # data-parallel ranks say data.num_workers=1, so the same samples reach the same global
+    # micro-batch under every data-parallel size
+    # a moderate lr: Adam turns rounding-level differences of near-zero gradients into update
+    # differences in proportion to it
+    return [*quick_overrides(run_dir, manifest, STEPS), *MODEL, "data.num_workers=2",
+            "optimizer.lr=1e-3", "tracking.metrics_file=false", *extra]
+
+
+def cpu_sequence_parallel() -> None:
+    """megatron-core's sequence-parallel collectives allocate their buffers on
+    ``torch.cuda.current_device()``, so a run refuses sequence parallelism without CUDA. Here the
+    buffers go to the CPU instead (gloo has the same collectives), so that the layout check
+    covers our sequence-parallel wiring too: the split embedding, the gathered head and the norm
+    gradients summed over tensor-parallel ranks."""
+    import framework.parallel
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    framework.parallel.check_sequence_parallel = lambda device: None
+
+
+def run_layout(out: Path, manifest: Path, name: str, extra: list) -> None:
+    cfg = load_config(DEBUG_RECIPE, layout_overrides(out / name, manifest, extra))
+    if ps.model_parallel_is_initialized() and (
+            ps.get_tensor_model_parallel_world_size() != cfg.parallel.tp
+            or ps.get_pipeline_model_parallel_world_size() != cfg.parallel.pp):
+        ps.destroy_model_parallel()
+    start = time.perf_counter()
+    trainer = Trainer(cfg)
+    built = time.perf_counter()
+    losses = [trainer.train_step().loss for _ in range(STEPS)]
+    trainer.data.close()
+    weights = full_state_dict(trainer.engine.module, cfg.deepspeed.zero_stage)
+    if dist.get_rank() == 0:
+        torch.save({"losses": losses, "weights": weights}, out / f"{name}.pt")
+    if dist.get_rank() == 0:
+        print(f"{name}: built in {built - start:.1f}s, trained in {time.perf_counter() - built:.1f}s",
+              file=sys.stderr)
+    del trainer
+    gc.collect()
+    dist.barrier()
+
+
+def main(out: str, manifest: str, layouts: str) -> None:
+    if not torch.cuda.is_available():
+        cpu_sequence_parallel()
+    for name, extra in json.loads(layouts).items():
+        run_layout(Path(out), Path(manifest), name, extra)
+    from framework.parallel import shutdown_world
+    shutdown_world()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

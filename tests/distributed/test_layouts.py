@@ -1,0 +1,66 @@
+"""Every parallel layout computes the same training run as one process: the losses of 3
+optimizer steps and the weights after them, within 1e-5 relative (fp32, gloo, <= 4 processes).
+
+Two torchrun launches (2 and 4 processes) each run several layouts in turn; the reference is the
+same trainer in this process (a world of one)."""
+
+import json
+
+import pytest
+import torch
+
+from framework.config import load_config
+from framework.model.weights import full_state_dict
+from framework.trainer import Trainer
+from tests.conftest import DEBUG_RECIPE, run_cli
+from tests.distributed.layout_worker import STEPS, layout_overrides
+
+pytestmark = pytest.mark.slow
+
+DP2 = "data.num_workers=1"  # 2 data-parallel ranks x 1 worker: the reference's 2 readers
+TWO = {  # with one data-parallel rank the ZeRO stages partition nothing: ZeRO-1 stands for all
+    "tp2": ["parallel.tp=2", "deepspeed.zero_stage=1"],
+    "tp2-sequence-parallel": ["parallel.tp=2", "parallel.sequence_parallel=true"],
+    # uneven stages, activations recomputed in the first layer of each stage
+    "pp2-recompute": ["parallel.pp=2", "deepspeed.zero_stage=1", "parallel.pp_layers=[1,3]",
+                      "train.activation_checkpointing=true", "train.checkpoint_layers=1"],
+    "dp2-zero1": [DP2, "deepspeed.zero_stage=1"],
+    "dp2-zero2": [DP2, "deepspeed.zero_stage=2"],
+    "dp2-zero3": [DP2, "deepspeed.zero_stage=3"],
+}
+FOUR = {
+    "tp2xdp2-zero1": ["parallel.tp=2", DP2, "deepspeed.zero_stage=1"],
+    "tp2xdp2-zero2": ["parallel.tp=2", DP2, "deepspeed.zero_stage=2"],
+    "tp2xdp2-zero3": ["parallel.tp=2", DP2, "deepspeed.zero_stage=3"],
+    "pp2xdp2-zero1": ["parallel.pp=2", DP2, "deepspeed.zero_stage=1"],
+    "tp2xpp2-zero1": ["parallel.tp=2", "parallel.pp=2", "deepspeed.zero_stage=1"],
+}
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+@pytest.fixture(scope="module")
+def reference(world, tmp_path_factory, small_dataset):
+    run_dir = tmp_path_factory.mktemp("reference")
+    trainer = Trainer(load_config(DEBUG_RECIPE, layout_overrides(run_dir, small_dataset,
+                                                                 ["deepspeed.zero_stage=0"])))
+    losses = [trainer.train_step().loss for _ in range(STEPS)]
+    trainer.data.close()
+    return losses, full_state_dict(trainer.engine.module, 0)
+
+
+@pytest.mark.parametrize("nproc, layouts", [(2, TWO), (4, FOUR)], ids=["2-procs", "4-procs"])
+def test_layouts_match_one_process(tmp_path, small_dataset, reference, nproc, layouts):
+    proc = run_cli([], nproc=nproc, timeout=900, module="tests.distributed.layout_worker",
+                   module_args=[str(tmp_path), str(small_dataset), json.dumps(layouts)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ref_losses, ref_weights = reference
+    for name in layouts:
+        got = torch.load(tmp_path / f"{name}.pt")
+        for step, (a, b) in enumerate(zip(got["losses"], ref_losses)):
+            assert abs(a - b) <= 1e-5 * abs(b), f"{name}: step {step} loss {a} vs {b}"
+        assert got["weights"].keys() == ref_weights.keys(), name
+        for key, ref in ref_weights.items():
+            assert relative(got["weights"][key], ref) <= 1e-5, f"{name}: {key}"
