@@ -84,6 +84,11 @@ def _default(name: str):
     return cls.__dataclass_fields__[name].default
 
 
+def _recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/debug-cpu.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llada", description="Pretrain LLaDA masked diffusion "
                                      "language models.")
@@ -91,8 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="pretrain from a recipe",
                            description="Pretrain from a recipe YAML; key=value overrides any "
                            "config key, e.g. train.steps=100 deepspeed.zero_stage=2.")
-    train.add_argument("recipe", help="recipe YAML, e.g. recipes/debug-cpu.yaml")
-    train.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    _recipe_arguments(train)
     train.set_defaults(func=cmd_train)
 
     from framework.flops import PEAK_FLOPS
@@ -102,8 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         "GPUs, and print per-GPU parameters and memory (weights, gradients, optimizer state by "
         "ZeRO stage, activations), FLOPs per step and the step time at a stated MFU. E.g. "
         "llada plan recipes/llada-8b.yaml parallel.tp=8 parallel.pp=4 parallel.world_size=1024")
-    plan.add_argument("recipe", help="recipe YAML")
-    plan.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    _recipe_arguments(plan)
     plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume")
     plan.add_argument("--peak-tflops", type=float, default=PEAK_FLOPS["H100"] / 1e12,
                       help="dense bf16 peak per GPU (default: H100, measured)")
