@@ -17,8 +17,9 @@ shard, raw members read from it; the mixture RNG; batches made; skip counters): 
 Each batch carries its slot's state as of that batch; the loader keeps the state of the last
 batch it *handed out* per slot, so batches prefetched but not consumed are simply made again. On
 restore a slot reopens its current shard and replays the seeded shuffle up to its offset. Changing
-the data-parallel size or the worker count between save and restore is refused (the slots would
-change): restart the stream with a new data.seed instead.
+the data-parallel size or the worker count between save and restore is refused unless the number
+of slots stays the same (``load_state_dicts``: slot s continues as slot s, e.g. 2 data-parallel
+ranks x 1 worker -> 1 x 2 workers); otherwise the samples would repeat or be skipped.
 
 Bad data never stops the stream: a missing shard, a truncated/corrupt tar, a sample that does not
 decode or has the wrong shape, dtype or ids (including the mask id) is skipped with a warning
@@ -285,24 +286,63 @@ class PretrainLoader:
                 "datasets": [[ds.name, ds.samples, ds.tokenizer_sha256] for ds in self.sets]}
 
     def state_dict(self) -> dict:
+        # a copy: the loader replaces its slots' states as it hands out batches
         return {"version": STATE_VERSION, "layout": self._layout(), "consumed": self.consumed,
-                "slots": self.slot_states}
+                "slots": list(self.slot_states)}
 
     def load_state_dict(self, state: dict) -> None:
+        """This rank's own saved state, under the same data layout."""
+        self._check_saved(state, same=self._layout())
+        self.consumed = state["consumed"]
+        self.slot_states = list(state["slots"])
+
+    def load_state_dicts(self, states: List[dict]) -> None:
+        """Restore from the states of every data-parallel rank of the saved run, in rank order.
+        Under another data-parallel size the stream continues exactly when the number of readers
+        (data-parallel size x workers) is unchanged and each side has one worker or one
+        data-parallel rank: reader s of the saved run is reader s here, and global sample indices
+        and step numbers come out the same (see the module docstring)."""
+        if len(states) == self.dp_size:
+            self.load_state_dict(states[self.dp_rank])
+            return
+        layout = {k: v for k, v in self._layout().items()
+                  if k not in ("dp_rank", "dp_size", "workers")}
+        for state in states:
+            self._check_saved(state, same=layout)
+        slots = [slot for state in states for slot in state["slots"]]
+        saved = states[0]["layout"]
+        if len(slots) != self.dp_size * self.workers:
+            raise ConfigError(
+                f"data state: saved by {len(slots)} readers (data-parallel size "
+                f"{saved['dp_size']} x data.num_workers {saved['workers']}), this run has "
+                f"{self.dp_size} x {self.workers}; set data.num_workers so that the product is "
+                f"{len(slots)}, or the stream would repeat or skip samples")
+        # micro-batch b of slot s is global micro-batch b x readers + s only while one side of
+        # dp x workers is 1 (module docstring): otherwise samples would get other noise seeds
+        if not (1 in (saved["dp_size"], saved["workers"]) and 1 in (self.dp_size, self.workers)):
+            raise ConfigError(
+                f"data state: data-parallel size x data.num_workers {saved['dp_size']} x "
+                f"{saved['workers']} -> {self.dp_size} x {self.workers} would reorder the "
+                "stream; it continues exactly only with 1 worker or 1 data-parallel rank on each "
+                "side")
+        made = {(s or {}).get("batches", 0) for s in slots}
+        if len(made) > 1:
+            raise ConfigError(f"data state: the saved readers stopped at different batches "
+                              f"({sorted(made)}), not at one optimizer step")
+        self.slot_states = slots[self.dp_rank * self.workers:(self.dp_rank + 1) * self.workers]
+        self.consumed = sum((s or {}).get("batches", 0) for s in self.slot_states)
+
+    def _check_saved(self, state: dict, same: dict) -> None:
         if self._it is not None:
             raise RuntimeError("load_state_dict must come before the first batch")
         if state.get("version") != STATE_VERSION:
             raise ConfigError(f"data state: version {state.get('version')} is not "
                               f"{STATE_VERSION}")
-        saved, now = state["layout"], self._layout()
-        if saved != now:
-            diff = ", ".join(f"{k} {saved.get(k)} -> {now[k]}" for k in now
-                             if saved.get(k) != now[k])
+        saved = state["layout"]
+        diff = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in same.items()
+                         if saved.get(k) != v)
+        if diff:
             raise ConfigError(
                 f"data state: saved with a different data layout ({diff}); resuming would "
                 "repeat or skip samples, so it is refused: keep the data-parallel size, "
-                "data.num_workers, micro-batch size, seed, shuffle buffer and datasets, or start "
-                "a new stream "
-                "with another data.seed")
-        self.consumed = state["consumed"]
-        self.slot_states = list(state["slots"])
+                "data.num_workers, micro-batch size, seed, shuffle buffer and datasets")

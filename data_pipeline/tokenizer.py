@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,11 +144,16 @@ def _train(sample: List[str], model: io.BytesIO, cfg: TokenizerConfig) -> None:
     )
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write-then-rename: a crash never leaves a truncated file under the final name."""
+def atomic_write(path: Path, data: bytes, durable: bool = False) -> None:
+    """Write-then-rename: a crash never leaves a truncated file under the final name.
+    ``durable``: the bytes reach the disk before the rename (checkpoint metadata, pointers)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     tmp.replace(path)
 
 

@@ -1,5 +1,6 @@
 """``llada``: the command line. ``llada train RECIPE [key=value ...]``,
-``llada plan RECIPE [key=value ...]``, ``llada prepare INPUT... -o DIR [options]``.
+``llada plan RECIPE [key=value ...]``, ``llada prepare INPUT... -o DIR [options]``,
+``llada export CHECKPOINT OUT_DIR``.
 
 Bad input (a missing recipe, an unknown key, a wrong type, sizes that do not divide) prints one
 line naming the key or file and exits 2, without a traceback.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 EXIT_BAD_INPUT = 2
@@ -29,6 +31,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return _error(str(e), EXIT_BAD_INPUT)
 
+    from framework.checkpoint import CheckpointError
     from framework.parallel import shutdown_world
     from framework.trainer import Trainer, TrainingError
 
@@ -36,7 +39,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         Trainer(cfg).fit()
     except ConfigError as e:
         return _error(str(e), EXIT_BAD_INPUT)
-    except TrainingError as e:
+    except (TrainingError, CheckpointError) as e:
         return _error(str(e), EXIT_FAILED)
     finally:
         shutdown_world()
@@ -57,6 +60,45 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(plan(cfg, mfu=args.mfu, peak_flops=args.peak_tflops * 1e12))
     except ConfigError as e:
         return _error(str(e), EXIT_BAD_INPUT)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A checkpoint's consolidated weights, config and tokenizer in the layout of the public
+    LLaDA Hugging Face release; ``init.from=OUT_DIR`` starts a run from them."""
+    import torch
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from framework.checkpoint import read_meta, resolve_checkpoint
+    from framework.config import ConfigError, ModelConfig
+    from framework.hf import HFFormatError, write_hf_dir
+    from framework.reshard import Layout, ReshardError, read_weights
+
+    try:
+        source = Path(args.checkpoint)
+        if (source / "checkpoints").is_dir():  # a run directory
+            source = source / "checkpoints"
+        tag = resolve_checkpoint(source, lambda m: print(f"llada: warning: {m}"), "CHECKPOINT")
+        meta = read_meta(tag)
+        try:
+            model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
+                                                        meta["config"]["model"]))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{tag}: its model config does not fit this version's "
+                              f"({str(e).splitlines()[0]})") from None
+        saved = meta["layout"]
+        weights = read_weights(tag, Layout(tp=saved["tp"], pp=saved["pp"], dp=saved["dp"],
+                                           zero_stage=saved["zero_stage"]))
+        out = write_hf_dir(Path(args.out_dir), weights, model, tag / "tokenizer.model",
+                           meta["special_ids"], dtype=getattr(torch, args.dtype),
+                           max_sequence_length=meta["config"]["data"]["seq_len"],
+                           overwrite=args.overwrite)
+    except (ConfigError, HFFormatError, ReshardError, FileExistsError) as e:
+        return _error(str(e), EXIT_BAD_INPUT)
+    except OSError as e:
+        return _error(f"{args.out_dir}: {e.strerror or e}", EXIT_FAILED)
+    print(f"llada: exported {tag} (step {meta['step']}) to {out}")
     return 0
 
 
@@ -111,6 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--peak-tflops", type=float, default=PEAK_FLOPS["H100"] / 1e12,
                       help="dense bf16 peak per GPU (default: H100, measured)")
     plan.set_defaults(func=cmd_plan)
+
+    export = sub.add_parser(
+        "export", help="write a checkpoint as a Hugging Face LLaDA directory",
+        description="Consolidate a checkpoint (any layout) into safetensors weights with "
+        "LLaDAModelLM keys, config.json and the tokenizer, as the public LLaDA release lays them "
+        "out. CHECKPOINT: a step_N directory, a checkpoints directory or a run directory (its "
+        "newest complete checkpoint). `llada train RECIPE init.from=OUT_DIR` starts from it.")
+    export.add_argument("checkpoint", help="step_N, checkpoints/ or run directory")
+    export.add_argument("out_dir", help="output directory (must not exist)")
+    export.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                        help="weights' dtype (the release's is bfloat16)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace OUT_DIR once the new export is complete")
+    export.set_defaults(func=cmd_export)
 
     prep = sub.add_parser(
         "prepare", help="tokenise text/JSONL into WebDataset tar shards",

@@ -250,13 +250,31 @@ class DeepSpeedConfig:
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 0  # steps between saves; 0: only at the end (if save_final)
+    interval: int = 0  # steps between saves; 0: none by step count
+    interval_minutes: float = 0.0  # also save once this much wall time has passed since the last
     save_final: bool = False
-    keep: int = 2  # newest checkpoints kept; older ones are deleted
+    keep: int = 2  # newest complete checkpoints kept; older ones deleted once a newer is complete
+    keep_every: int = 0  # also keep, permanently, every checkpoint whose step is a multiple of it
+    # auto: the newest complete checkpoint under <run.dir>/checkpoints, if any; never: start fresh
+    # (refused when checkpoints exist, so a run is never overwritten by accident); or a path to a
+    # checkpoint (step_N directory) or to a checkpoints directory
+    resume: str = "auto"
 
     def __post_init__(self):
         _require(self.interval >= 0, "checkpoint.interval", "must be >= 0")
+        _require(self.interval_minutes >= 0, "checkpoint.interval_minutes", "must be >= 0")
+        _require(self.keep_every >= 0, "checkpoint.keep_every", "must be >= 0")
         _positive(self, "checkpoint", "keep")
+        _require(self.resume.strip() != "", "checkpoint.resume",
+                 "must be auto, never or a checkpoint path")
+
+
+@dataclass
+class InitConfig:
+    # `init.from` in recipes and overrides (``from`` is a Python keyword): a Hugging Face LLaDA
+    # directory (``llada export`` writes one) whose weights start a fresh run; a resumed run
+    # loads its own checkpoint instead
+    from_: Optional[str] = None
 
 
 @dataclass
@@ -307,6 +325,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self):
@@ -370,6 +389,20 @@ def _one_line(err: OmegaConfBaseException) -> str:
     return f"{key}: {msg}" if key else msg
 
 
+# config keys that are Python keywords: (section, key); the dataclass field is key + "_"
+_KEYWORD_KEYS = (("init", "from"),)
+
+
+def _keyword_keys(cfg, to_field: bool):
+    """Rename keyword keys between the YAML spelling (``init.from``) and the field's."""
+    for section, key in _KEYWORD_KEYS:
+        src, dst = (key, key + "_") if to_field else (key + "_", key)
+        sec = cfg.get(section)
+        if sec is not None and src in sec:
+            sec[dst] = sec.pop(src)
+    return cfg
+
+
 def load_config(recipe: str | Path, overrides: List[str] = (), need_data: bool = True) -> Config:
     """Merge the recipe YAML, then ``key=value`` overrides, over the schema and validate.
     ``need_data=False`` (``llada plan``): unset dataset keys are tolerated."""
@@ -387,11 +420,12 @@ def load_config(recipe: str | Path, overrides: List[str] = (), need_data: bool =
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
     try:
-        merged = OmegaConf.merge(schema, recipe_cfg)
+        merged = OmegaConf.merge(schema, _keyword_keys(recipe_cfg, to_field=True))
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {_one_line(e)}") from None
     try:
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(
+            merged, _keyword_keys(OmegaConf.from_dotlist(list(overrides)), to_field=True))
     except OmegaConfBaseException as e:
         raise ConfigError(f"override: {_one_line(e)}") from None
     if not need_data:
@@ -410,5 +444,10 @@ def load_config(recipe: str | Path, overrides: List[str] = (), need_data: bool =
         raise ConfigError(f"{path}: {_one_line(e)}") from None
 
 
+def to_dict(cfg: Config) -> dict:
+    """The resolved config as plain data, keys spelled as in recipes."""
+    return _keyword_keys(OmegaConf.to_container(OmegaConf.structured(cfg)), to_field=False)
+
+
 def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -29,14 +28,16 @@ from data_pipeline.datasets import open_datasets
 from data_pipeline.loader import DataError, PretrainLoader
 from data_pipeline.shards import ShardSet
 from data_pipeline.tokenizer import atomic_write
-from framework.config import Config, ConfigError, check_world, to_yaml
+from framework.checkpoint import (CheckpointError, Checkpointer, RankInfo, rank_file, read_meta,
+                                  resolve_resume, set_aside_newer, set_rng_state)
+from framework.config import Config, ConfigError, check_world, to_dict, to_yaml
 from framework.deepspeed_config import deepspeed_json
 from framework.flops import peak_flops, train_flops_per_token
 from framework.layout import recompute_flags, stage_bounds
 from framework.model.model import (Layer, LLaDAModel, piece_specs,
                                    transformer_config, vocab_cross_entropy)
 from framework.model.pipeline import LLaDAPipeline
-from framework.model.weights import full_shape, init_weights
+from framework.model.weights import full_shape, init_weights, shard
 from framework.objective import PretrainLoss
 from framework.optimizer import NonFiniteGuard, SkippableAdamW, param_groups
 from framework.parallel import (DeepSpeedMPU, World, init_world,
@@ -86,9 +87,6 @@ class Trainer:
         self.cfg = cfg
         self.world = world = init_world(cfg.parallel, cfg.run.device)
         self.run_dir = Path(cfg.run.dir)
-        if world.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
 
         tc = cfg.train
         check_world(tc, cfg.parallel, world.world_size)
@@ -109,6 +107,16 @@ class Trainer:
                          length_multiple=world.tp if sp else 1),
             micro_batch_size=tc.micro_batch_size, accumulation=self.accum,
             dp_rank=world.dp_rank, dp_size=world.dp, pin_memory=on_gpu)
+
+        self.tokenizer = sets[0].tokenizer_path
+        self.tokenizer_hashes = [ds.tokenizer_sha256 for ds in sets]
+        self.special_ids = sets[0].special_ids
+        self.checkpointer = Checkpointer(
+            cfg.checkpoint, self.run_dir / "checkpoints",
+            RankInfo(rank=world.rank, local_rank=world.local_rank, is_main=world.is_main,
+                     dp_rank=world.dp_rank, writes_data=world.tp_rank == 0 and world.pp_rank == 0),
+            world.device, lambda msg: _log(world, msg))
+        self.resume_from = self._resume_path()
 
         self.guard = NonFiniteGuard(world.device)
         self.loss_fn = PretrainLoss(vocab_cross_entropy, self.guard.observe)
@@ -134,9 +142,15 @@ class Trainer:
         self.peak = peak_flops(torch.cuda.get_device_name(world.device)) if on_gpu else None
 
         self.step = 0
+        self.consumed_tokens = 0  # over the whole run, resumes included
         self.history: List[StepResult] = []
         self.consecutive_nonfinite = 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        if self.resume_from is not None:
+            self.load_checkpoint(self.resume_from)
+        if world.is_main:  # only now: a refused resume leaves the run's config as it was
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
 
     def _build_model(self, on_gpu: bool) -> torch.nn.Module:
         """The pieces of the model, all in one module or cut into this rank's pipeline stage;
@@ -157,6 +171,8 @@ class Trainer:
         else:
             model = LLaDAModel([spec.build() for spec in specs])
         init_weights(model, cfg.model, cfg.run.seed, world.tp_rank, world.tp)
+        if cfg.init.from_ and self.resume_from is None:  # a resumed run has its own weights
+            self._load_hf_weights(model, Path(cfg.init.from_))
         if cfg.parallel.sequence_parallel:
             reduce_sequence_parallel_grads(model)
         # whole-model count: this rank's slices at full size, summed over pipeline stages
@@ -194,6 +210,7 @@ class Trainer:
                             tokens=cfg.train.global_batch_size * length, seq_len=length,
                             skipped=skipped)
         self.step += 1
+        self.consumed_tokens += result.tokens
         return result
 
     def _micro_steps(self, batches) -> float:
@@ -274,6 +291,7 @@ class Trainer:
         finally:
             bar.close()
             self.data.close()
+            self.checkpointer.wait()
             elapsed = time.perf_counter() - start
             summary = self._summary(total_tokens, elapsed, status)
             if world.is_main:
@@ -332,24 +350,137 @@ class Trainer:
     def skipped_steps(self) -> int:
         return sum(r.skipped for r in self.history)
 
+    # ------------------------------------------------------------------ checkpoints
+    def _layout(self) -> dict:
+        """What a checkpoint's shards depend on; resuming under another one reshards."""
+        w, cfg = self.world, self.cfg
+        return {"tp": w.tp, "pp": w.pp, "dp": w.dp, "world_size": w.world_size,
+                "zero_stage": cfg.deepspeed.zero_stage, "precision": "bf16" if self.bf16 else "fp32",
+                "stages": stage_bounds(cfg.model.num_layers, w.pp, cfg.parallel.pp_layers),
+                "data_workers": self.data.workers}
+
     def _maybe_checkpoint(self, final: bool) -> None:
-        ck = self.cfg.checkpoint
-        due = (ck.interval > 0 and self.step % ck.interval == 0) or (final and ck.save_final)
-        if not due:
-            return
-        root = self.run_dir / "checkpoints"
-        tag = f"step_{self.step:08d}"
-        # the data stream's position, one small file per data-parallel rank (exact resume);
-        # written first: save_checkpoint moves DeepSpeed's `latest` to this tag when it is done
-        if self.world.tp_rank == 0 and self.world.pp_rank == 0:  # one writer per DP rank
-            atomic_write(root / tag / "data" / f"dp_rank_{self.world.dp_rank:05d}.json",
-                         json.dumps(self.data.state_dict()).encode())
-        self.engine.save_checkpoint(str(root), tag=tag, client_state={"step": self.step})
-        dist.barrier()
+        if self.checkpointer.due(self.step, final):
+            self.save_checkpoint()
+
+    def save_checkpoint(self) -> Path:
+        """The complete checkpoint of this step (collective)."""
+        import deepspeed
+        meta = {"consumed_samples": self.step * self.cfg.train.global_batch_size,
+                "consumed_tokens": self.consumed_tokens, "layout": self._layout(),
+                "tokenizer_sha256": self.tokenizer_hashes, "special_ids": self.special_ids,
+                "config": to_dict(self.cfg),
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__}}
+        return self.checkpointer.save(self.engine, self.step, meta, self.data.state_dict(),
+                                      self.tokenizer)
+
+    def _resume_path(self) -> Optional[Path]:
+        """checkpoint.resume resolved and checked against this config on rank 0 (its warnings
+        printed once), agreed by all ranks before anything is built."""
+        answer: List[Optional[str]] = [None, None]  # [path, error]
         if self.world.is_main:
-            tags = sorted(p for p in root.glob("step_*") if p.is_dir())
-            for old in tags[:-ck.keep]:
-                shutil.rmtree(old)
+            warn = lambda msg: _log(self.world, f"llada: warning: {msg}")  # noqa: E731
+            try:
+                path = resolve_resume(self.cfg.checkpoint.resume, self.checkpointer.root, warn)
+                if path is not None:
+                    meta = read_meta(path)
+                    self._check_resumable(path, meta)
+                    set_aside_newer(self.checkpointer.root, meta["step"], warn)
+                    answer[0] = str(path)
+            except ConfigError as e:
+                answer[1] = str(e)
+            except Exception as e:  # noqa: BLE001 - every rank must hear of it, not only rank 0
+                answer[1] = f"checkpoint.resume: {type(e).__name__}: {e}"
+        dist.broadcast_object_list(answer, src=0)
+        if answer[1] is not None:
+            raise ConfigError(answer[1])
+        return None if answer[0] is None else Path(answer[0])
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Model, optimizer, data stream, RNG and counters from a complete checkpoint; the same
+        layout loads DeepSpeed's shards as they are, another one goes through full tensors."""
+        world = self.world
+        meta = read_meta(path)
+        saved = meta["layout"]
+        now = self._layout()
+        if all(saved[k] == now[k] for k in ("tp", "pp", "dp", "zero_stage", "precision",
+                                           "stages")):
+            loaded, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name,
+                                                    load_optimizer_states=True,
+                                                    load_lr_scheduler_states=False)
+            if loaded is None:  # DeepSpeed only logs a missing file; resuming without it is wrong
+                raise CheckpointError(f"{path}: DeepSpeed found no model states to load")
+            how = "same layout"
+        else:
+            self._reshard(path, saved)
+            how = (f"resharded from tp {saved['tp']} pp {saved['pp']} dp {saved['dp']} "
+                   f"ZeRO-{saved['zero_stage']} {saved['precision']}")
+        ranks = [world.dp_rank] if saved["dp"] == world.dp else range(saved["dp"])
+        states = [json.loads((path / rank_file("data", r)).read_text()) for r in ranks]
+        if saved["dp"] == world.dp:
+            self.data.load_state_dict(states[0])
+        else:
+            self.data.load_state_dicts(states)
+        if saved["world_size"] == world.world_size:  # else no rank has a state of its own
+            set_rng_state(torch.load(path / rank_file("rng", world.rank), weights_only=False))
+        self.step, self.consumed_tokens = meta["step"], meta["consumed_tokens"]
+        self.engine.global_steps = self.step
+        self.engine.global_samples = meta["consumed_samples"]
+        if world.is_main and self.metrics_path.exists():
+            self._truncate_metrics()
+        _log(world, f"llada: resumed from {path} at step {self.step} ({how})")
+
+    def _truncate_metrics(self) -> None:
+        """The steps after the checkpoint run again: their records go, so none is logged twice.
+        A line a crash cut short is dropped too."""
+        kept, bad = [], 0
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] < self.step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                bad += 1
+        if bad:
+            _log(self.world, f"llada: warning: {self.metrics_path}: {bad} unreadable line(s) "
+                             "dropped (a crash cut them short)")
+        atomic_write(self.metrics_path, "".join(f"{line}\n" for line in kept).encode())
+
+    def _check_resumable(self, path: Path, meta: dict) -> None:
+        saved, now = meta["config"], to_dict(self.cfg)
+        for section, keys in (("model", sorted(now["model"])), ("train", ["global_batch_size"])):
+            for key in keys:
+                if saved[section].get(key) != now[section][key]:
+                    raise ConfigError(
+                        f"checkpoint.resume: {path} was trained with {section}.{key}="
+                        f"{saved[section].get(key)}, the config has {now[section][key]}")
+        if meta["tokenizer_sha256"] != self.tokenizer_hashes:
+            raise ConfigError(f"checkpoint.resume: {path} was trained on data of another "
+                              f"tokenizer than data.datasets ({self.tokenizer} differs)")
+
+    def _reshard(self, path: Path, saved: dict) -> None:
+        from framework.reshard import Layout, ReshardError, load_full_state, read_full_state
+        names = {n.removeprefix("module.") for n, _ in self.engine.module.named_parameters()}
+        layout = Layout(tp=saved["tp"], pp=saved["pp"], dp=saved["dp"],
+                        zero_stage=saved["zero_stage"])
+        try:
+            state = read_full_state(path, layout, names)
+            load_full_state(self.engine, self.engine.module, state, self.world.tp_rank,
+                            self.world.tp)
+        except ReshardError as e:
+            raise ConfigError(f"checkpoint.resume: {path}: {e}") from None
+
+    def _load_hf_weights(self, model: torch.nn.Module, hf_dir: Path) -> None:
+        """init.from: the weights of a Hugging Face LLaDA directory, sliced for this rank."""
+        from framework.hf import HFFormatError, read_hf_dir
+        try:
+            full = read_hf_dir(hf_dir, self.cfg.model)
+        except HFFormatError as e:
+            raise ConfigError(f"init.from: {e}") from None
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(shard(name, full[name], self.world.tp_rank, self.world.tp))
+        _log(self.world, f"llada: weights from {hf_dir}")
 
     def _summary(self, total_tokens: int, elapsed: float, status: str) -> dict:
         good = [r.loss for r in self.history if not r.skipped and math.isfinite(r.loss)]
@@ -359,6 +490,8 @@ class Trainer:
         return {
             "status": status,
             "steps": len(self.history),
+            "final_step": self.step,
+            "resumed_from": None if self.resume_from is None else str(self.resume_from),
             "tokens": total_tokens,
             "first_loss": sum(first) / len(first) if first else float("nan"),
             "last_loss": sum(last) / len(last) if last else float("nan"),

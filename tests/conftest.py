@@ -71,10 +71,10 @@ def quick_overrides(run_dir: Path, manifest: Path, steps: int = 30) -> List[str]
 _RENDEZVOUS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
 
 
-def run_cli(args: List[str], timeout: int = 600, nproc: int = 0, module: str = "framework.cli",
-            module_args: List[str] = ()) -> subprocess.CompletedProcess:
-    """``llada ...`` (or ``python -m module``) in a fresh process; with nproc, under torchrun
-    with that many processes."""
+def cli_command(args: List[str], nproc: int = 0, module: str = "framework.cli",
+                module_args: List[str] = ()) -> tuple:
+    """(argv, env) of ``llada ...`` (or ``python -m module``) in a fresh process; with nproc,
+    under torchrun with that many processes."""
     # the rendezvous variables of an in-process test world must not leak into the child
     env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
     env = {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if nproc else
@@ -84,6 +84,12 @@ def run_cli(args: List[str], timeout: int = 600, nproc: int = 0, module: str = "
                f"--nproc-per-node={nproc}", "-m", module, *module_args, *args]
     else:
         cmd = [sys.executable, "-m", module, *module_args, *args]
+    return cmd, env
+
+
+def run_cli(args: List[str], timeout: int = 600, nproc: int = 0, module: str = "framework.cli",
+            module_args: List[str] = ()) -> subprocess.CompletedProcess:
+    cmd, env = cli_command(args, nproc, module, module_args)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 

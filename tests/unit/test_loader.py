@@ -165,3 +165,28 @@ def test_fewer_shards_than_readers_is_a_clear_error(tiny):
     n = len(load_manifest(tiny).shards)
     with pytest.raises(ConfigError, match=f"has {n} shards, fewer than the {n + 1} readers"):
         make_loader([tiny], dp_size=n + 1)
+
+
+def test_two_ranks_resume_as_one_rank_with_two_workers(tiny):
+    """DP2 x 1 worker -> DP1 x 2 workers: the same readers, so the same micro-batches, indices
+    and noise, in global order; a reordering change of layout is refused."""
+    ranks = [make_loader([tiny], dp_rank=r, dp_size=2, workers=1, variable_length_prob=0.3)
+             for r in range(2)]
+    for loader in ranks:
+        take(loader, 3)
+    states = [loader.state_dict() for loader in ranks]
+    expected = [take(loader, 2) for loader in ranks]  # steps 3 and 4 of each rank
+    one = make_loader([tiny], dp_size=1, workers=2, accum=2, variable_length_prob=0.3)
+    one.load_state_dicts(states)
+    got = take(one, 4)
+    assert same(got, [expected[0][0], expected[1][0], expected[0][1], expected[1][1]])
+    assert [int(b["step"]) for b in got] == [3, 3, 4, 4]
+
+    four = [make_loader([tiny], dp_rank=r, dp_size=4, workers=1) for r in range(4)]
+    for loader in four:
+        take(loader, 1)
+    with pytest.raises(ConfigError, match=r"4 x 1 -> 2 x 2 would reorder the stream"):
+        make_loader([tiny], dp_rank=0, dp_size=2, workers=2).load_state_dicts(
+            [loader.state_dict() for loader in four])
+    with pytest.raises(ConfigError, match=r"saved by 2 readers .* this run has 1 x 1"):
+        make_loader([tiny], dp_size=1, workers=1).load_state_dicts(states)

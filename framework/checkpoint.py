@@ -1,0 +1,338 @@
+"""Checkpoints that never leave a run without a usable one.
+
+Layout under ``<run.dir>/checkpoints``::
+
+    step_00000500/                 one complete checkpoint
+        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...   DeepSpeed's shards
+        data/dp_rank_00000.json    each data-parallel rank's loader state (exact data resume)
+        rng/rank_00000.pt          each rank's Python, NumPy, torch and CUDA generator states
+        tokenizer.model            the tokenizer the data was cut with (export is self-contained)
+        meta.json                  written last: step, consumed samples/tokens, resolved config,
+                                   layout, tokenizer hashes, and every file above with its size
+    step_00000600.tmp/             a save in progress (or one that died): never read
+    latest                         the newest complete tag (DeepSpeed's pointer format)
+
+Atomicity: every rank writes into ``step_N.tmp``; after a barrier each node syncs its page cache,
+then rank 0 lists what is there into meta.json, renames the directory to ``step_N`` and only then
+moves ``latest``. A checkpoint is *complete* when meta.json parses and every file it lists is there
+with its recorded size; on resume an incomplete or corrupt newest one is skipped with a warning and
+the previous complete one is used. Old checkpoints are deleted only after a newer one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data_pipeline.tokenizer import atomic_write
+from framework.config import CheckpointConfig, ConfigError
+
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written completely. One line, names the checkpoint and cause."""
+
+
+META = "meta.json"
+LATEST = "latest"
+_TAG = re.compile(r"^step_(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(path: Path) -> Optional[int]:
+    m = _TAG.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def rank_file(kind: str, rank: int) -> str:
+    """``data/dp_rank_00001.json`` or ``rng/rank_00003.pt``: one per data-parallel rank / rank."""
+    return f"data/dp_rank_{rank:05d}.json" if kind == "data" else f"rng/rank_{rank:05d}.pt"
+
+
+def read_meta(tag_dir: Path) -> dict:
+    return json.loads((tag_dir / META).read_text())
+
+
+def deepspeed_files(layout: dict) -> List[str]:
+    """The shards DeepSpeed writes for a layout (engine._get_ckpt_name / _get_zero_ckpt_name):
+    per model-parallel rank m = pp_rank x tp + tp_rank, and per data-parallel rank d for the
+    ZeRO-partitioned optimizer (and, under ZeRO-3, the weights)."""
+    mp, dp, zero = layout["tp"] * layout["pp"], layout["dp"], layout["zero_stage"]
+    bf16 = "bf16_" if layout["precision"] == "bf16" else ""
+    if zero == 3:
+        return [f"{pre}zero_pp_rank_{d}_mp_rank_{m:02d}_{kind}_states.pt" for m in range(mp)
+                for d in range(dp) for pre, kind in (("", "model"), (bf16, "optim"))]
+    files = [f"mp_rank_{m:02d}_model_states.pt" for m in range(mp)]
+    if zero > 0:
+        files += [f"{bf16}zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt" for m in range(mp)
+                  for d in range(dp)]
+    return files
+
+
+def problem(tag_dir: Path) -> Optional[str]:
+    """Why this checkpoint cannot be used (missing or corrupt metadata, a missing or truncated
+    file), or None when it is complete."""
+    try:
+        meta = read_meta(tag_dir)
+        if meta.get("format") != FORMAT:
+            return f"{META} has format {meta.get('format')!r}, not {FORMAT}"
+        files: Dict[str, int] = dict(meta["files"])
+        layout = meta["layout"]
+        # what every rank must have written, whether or not rank 0 saw it when listing
+        required = [*deepspeed_files(layout), "tokenizer.model",
+                    *(rank_file("rng", r) for r in range(layout["world_size"])),
+                    *(rank_file("data", r) for r in range(layout["dp"]))]
+    except FileNotFoundError:
+        return f"no {META}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{META} unreadable ({type(e).__name__})"
+    for rel in required:
+        if rel not in files:
+            return f"{rel} missing"
+    for rel, size in files.items():
+        path = tag_dir / rel
+        if not path.is_file():
+            return f"{rel} missing"
+        if path.stat().st_size != size:
+            return f"{rel} is {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def complete_checkpoints(root: Path, warn: Callable[[str], None]) -> List[Tuple[int, Path]]:
+    """(step, path) of the complete checkpoints under root, oldest first; each incomplete one
+    gets a warning."""
+    found = []
+    for path in sorted(root.glob("step_*")):
+        step = step_of(path)
+        if step is None or not path.is_dir():
+            continue
+        why = problem(path)
+        if why is None:
+            found.append((step, path))
+        else:
+            warn(f"checkpoint {path} is incomplete or corrupt ({why}); not used")
+    return sorted(found)
+
+
+def resolve_resume(spec: str, root: Path, warn: Callable[[str], None]) -> Optional[Path]:
+    """The checkpoint to resume from for ``checkpoint.resume`` (auto | never | PATH), or None
+    to start fresh."""
+    ours = [p for p in root.glob("step_*") if step_of(p) is not None]
+    if spec == "never":
+        if ours:
+            raise ConfigError(f"checkpoint.resume=never, but {root} holds checkpoints: resume "
+                              "(checkpoint.resume=auto) or choose another run.dir")
+        return None
+    if spec == "auto":
+        found = complete_checkpoints(root, warn)
+        if ours and not found:  # never silently start over a run whose checkpoints all fail
+            raise ConfigError(f"checkpoint.resume=auto: none of the {len(ours)} checkpoints "
+                              f"under {root} is complete (see the warnings); move them away or "
+                              "name one with checkpoint.resume=PATH")
+        return found[-1][1] if found else None
+    return resolve_checkpoint(Path(spec), warn, key="checkpoint.resume")
+
+
+def resolve_checkpoint(path: Path, warn: Callable[[str], None], key: str) -> Path:
+    """A checkpoint named by its step_N directory (exactly that one) or by a checkpoints
+    directory (its newest complete one)."""
+    if (path / META).exists() or step_of(path) is not None:
+        why = problem(path)
+        if why is not None:
+            raise ConfigError(f"{key}: {path} cannot be used ({why})")
+        return path
+    if not path.is_dir():
+        raise ConfigError(f"{key}: {path} is not a checkpoint or checkpoints directory")
+    found = complete_checkpoints(path, warn)
+    if not found:
+        raise ConfigError(f"{key}: no complete checkpoint under {path}")
+    return found[-1][1]
+
+
+def set_aside_newer(root: Path, step: int, warn: Callable[[str], None]) -> None:
+    """Resuming from step S abandons the checkpoints after S (a rollback, or ones that were
+    incomplete): renamed to step_M.abandoned, never deleted, so that a later ``auto`` resume
+    cannot pick them up and retention never measures against them."""
+    for path in sorted(root.glob("step_*")):
+        later = step_of(path)
+        if later is not None and later > step:
+            aside = path.with_name(f"{path.name}.abandoned")
+            if aside.exists():
+                shutil.rmtree(aside)
+            os.replace(path, aside)
+            warn(f"{path} is after the resumed step {step}: moved aside to {aside.name}")
+
+
+def to_keep(steps: List[int], keep: int, keep_every: int) -> set:
+    """Retention among complete checkpoints: the newest ``keep``, plus every ``keep_every``-th."""
+    kept = set(sorted(steps)[-keep:])
+    if keep_every:
+        kept |= {s for s in steps if s % keep_every == 0}
+    return kept
+
+
+# ----------------------------------------------------------------------------- RNG state
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device only
+        state["cuda_tracker"] = get_cuda_rng_tracker().get_states()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+        torch.cuda.set_rng_state(state["cuda"])
+        get_cuda_rng_tracker().set_states(state["cuda_tracker"])
+
+
+# ----------------------------------------------------------------------------- saving
+@dataclass
+class RankInfo:
+    """What the checkpointer needs to know about this rank (a slice of framework.parallel.World)."""
+    rank: int
+    local_rank: int
+    is_main: bool
+    dp_rank: int
+    writes_data: bool  # one writer per data-parallel rank (tensor rank 0 of the first stage)
+
+
+class Checkpointer:
+    """When to save (every ``interval`` steps, every ``interval_minutes``, at the end, on
+    request), the atomic save itself, and retention."""
+
+    def __init__(self, cfg: CheckpointConfig, root: Path, rank: RankInfo, device: torch.device,
+                 log: Callable[[str], None]):
+        self.cfg, self.root, self.rank, self.log = cfg, root, rank, log
+        self._flags = torch.zeros(2, device=device)  # [time is due (rank 0's clock), requested]
+        self._last_save = time.monotonic()
+        self._requested = False
+        self._retention: Optional[threading.Thread] = None
+
+    def request(self) -> None:
+        """Save at the end of the current step (e.g. from a signal handler: only sets a flag)."""
+        self._requested = True
+
+    def due(self, step: int, final: bool) -> bool:
+        """Whether to save after ``step``; the same answer on every rank (collective)."""
+        cfg = self.cfg
+        by_step = (cfg.interval > 0 and step % cfg.interval == 0) or (final and cfg.save_final)
+        # the clock and a request are per rank: agree on them, or ranks would save apart
+        timed = cfg.interval_minutes > 0 and self.rank.is_main and \
+            time.monotonic() - self._last_save >= 60 * cfg.interval_minutes
+        self._flags[0], self._flags[1] = float(timed), float(self._requested)
+        dist.all_reduce(self._flags, op=dist.ReduceOp.MAX)
+        return by_step or bool(self._flags.max().item() > 0)
+
+    def save(self, engine, step: int, meta: dict, data_state: Optional[dict],
+             tokenizer: Path) -> Path:
+        """Every rank calls this. Returns the complete checkpoint's path."""
+        tag = tag_for(step)
+        final, tmp = self.root / tag, self.root / f"{tag}.tmp"
+        self.wait()  # the previous save's retention
+        if self.rank.is_main:
+            for stale in [*self.root.glob("step_*.tmp"), *self.root.glob("step_*.replaced")]:
+                shutil.rmtree(stale, ignore_errors=True)  # saves that died half-way
+            tmp.mkdir(parents=True)
+            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        dist.barrier()
+        engine.save_checkpoint(str(self.root), tag=tmp.name, client_state={"step": step},
+                               save_latest=False)
+        atomic_write(tmp / rank_file("rng", self.rank.rank), _torch_bytes(rng_state()))
+        if data_state is not None and self.rank.writes_data:
+            atomic_write(tmp / rank_file("data", self.rank.dp_rank),
+                         json.dumps(data_state).encode())
+        dist.barrier()
+        # every rank's shards on disk before meta.json claims them: one sync per node, which
+        # flushes what all of its ranks wrote (cheaper than each rank fsyncing each file)
+        if self.rank.local_rank == 0:
+            os.sync()
+        dist.barrier()
+        verdict: List[Optional[str]] = [None]
+        if self.rank.is_main:
+            try:
+                self._publish(tmp, final, {**meta, "format": FORMAT, "step": step})
+            except (OSError, CheckpointError) as e:
+                verdict[0] = f"checkpoint at step {step}: {e}"
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0] is not None:
+            raise CheckpointError(verdict[0])
+        self._last_save, self._requested = time.monotonic(), False
+        self.log(f"llada: checkpoint {final}")
+        if self.rank.is_main:  # deleting old trees can be slow on a parallel filesystem
+            self._retention = threading.Thread(target=self._retain, args=(step,),
+                                               name="checkpoint-retention")
+            self._retention.start()
+        return final
+
+    def _publish(self, tmp: Path, final: Path, meta: dict) -> None:
+        """Rank 0, once every rank's files are on disk: meta.json, the rename, then ``latest``."""
+        files = {str(p.relative_to(tmp)): p.stat().st_size
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        atomic_write(tmp / META, json.dumps({**meta, "files": files}, indent=1).encode(),
+                     durable=True)
+        why = problem(tmp)
+        if why is not None:
+            raise CheckpointError(f"{tmp} is incomplete after every rank saved ({why}); run.dir "
+                                  "must be on a filesystem that all ranks share")
+        replaced = None
+        if final.exists():  # the same step saved again after resuming from an earlier one
+            replaced = final.with_name(f"{final.name}.replaced")
+            os.replace(final, replaced)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        atomic_write(self.root / LATEST, final.name.encode(), durable=True)
+        if replaced is not None:
+            shutil.rmtree(replaced)
+
+    def _retain(self, saved: int) -> None:
+        complete = [s for s, _ in complete_checkpoints(self.root, self.log) if s <= saved]
+        kept = to_keep(complete, self.cfg.keep, self.cfg.keep_every) | {saved}
+        for path in self.root.glob("step_*"):
+            step = step_of(path)
+            # older complete ones beyond retention, and incomplete ones a complete one supersedes
+            if step is not None and step < saved and step not in kept:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def wait(self) -> None:
+        """Until the last retention pass has finished (before a save, and at the end)."""
+        if self._retention is not None:
+            self._retention.join()
+            self._retention = None
+
+
+def _torch_bytes(obj) -> bytes:
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,139 @@
+"""One process of the runs of test_reshard.py, started by torchrun: for each layout in turn, train
+STEPS optimizer steps, save a DeepSpeed checkpoint and record the live state (fp32 master weights,
+Adam moments and step, gathered from every ZeRO partition, tensor slice and stage); then wipe
+that state, load the checkpoint back through framework.reshard (each rank reading only its own
+stage's parameters), record it again, and take STEPS more steps. Rank 0 saves the records and the
+losses of those last steps.
+
+    python -m torch.distributed.run --nproc-per-node N -m tests.distributed.reshard_worker \
+        OUT_DIR MANIFEST LAYOUTS_JSON
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from framework.config import load_config
+from framework.model.weights import split_dim, unshard
+from framework.reshard import MOMENTS, FullState, Layout, load_full_state, read_full_state
+from framework.trainer import Trainer
+from tests.conftest import DEBUG_RECIPE
+from tests.distributed.layout_worker import layout_overrides
+
+STEPS = 2  # before the checkpoint, and again after it
+TAG = "t"
+
+
+def overrides(run_dir: Path, manifest: Path, extra: list) -> list:
+    # the tiny model and the 2 data readers of the layout tests; a schedule long enough for both
+    return layout_overrides(run_dir, manifest, [*extra, f"train.steps={2 * STEPS}"])
+
+
+def local_names(engine) -> set:
+    return {n.removeprefix("module.") for n, _ in engine.module.named_parameters()}
+
+
+def live_state(engine) -> Optional[FullState]:
+    """The engine's fp32 master weights, Adam moments and step as full tensors, on global rank 0
+    (None on the others), from DeepSpeed's own accessors. Collective: every rank calls it."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+    # ZeRO-1/2 step their param groups one at a time and link each parameter's view into the
+    # Adam state right after the *first* group's step, before the later groups have any state;
+    # so safe_get_full_optimizer_state fails for the no-decay group unless linked again
+    zero = engine.optimizer
+    for lp_params, hp in zip(zero.bit16_groups, zero.single_partition_of_fp32_groups):
+        lazy_init_hp_params_optimizer_state(lp_params, hp, zero.optimizer.state)
+    tp, tp_group = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_group()
+    local = {"weights": {}, **{key: {} for key in MOMENTS}}
+    for name, p in engine.module.named_parameters():
+        name = name.removeprefix("module.")
+        values = {"weights": safe_get_full_fp32_param(p),
+                  **{key: safe_get_full_optimizer_state(p, key) for key in MOMENTS}}
+        for kind, t in values.items():
+            t = t.detach().float().cpu()
+            if tp > 1 and split_dim(name) is not None:
+                parts = [torch.empty_like(t) for _ in range(tp)]
+                dist.all_gather(parts, t.contiguous(), group=tp_group)
+                t = unshard(name, parts)
+            local[kind][name] = t
+    step = int(zero.optimizer.state[zero.single_partition_of_fp32_groups[0]]["step"])
+    # one copy per pipeline stage goes to rank 0
+    mine = local if ps.get_tensor_model_parallel_rank() == 0 and \
+        ps.get_data_parallel_rank() == 0 else None
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    merged = {kind: {} for kind in local}
+    for part in filter(None, gathered):
+        for kind, tensors in part.items():
+            merged[kind].update(tensors)
+    return FullState(**merged, step=step)
+
+
+def wipe(engine) -> None:
+    """Zero every weight, master weight, moment and the step, so that a load must restore all."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    with torch.no_grad():
+        for p in engine.module.parameters():
+            p.data.zero_()
+            zeros = torch.zeros(p.shape, dtype=torch.float32)
+            safe_set_full_fp32_param(p, zeros)
+            for key in MOMENTS:
+                safe_set_full_optimizer_state(p, zeros, key)
+    zero = engine.optimizer
+    for hp in zero.single_partition_of_fp32_groups:
+        zero.optimizer.state[hp]["step"].fill_(0)
+
+
+def run_layout(out: Path, manifest: Path, name: str, extra: list) -> None:
+    cfg = load_config(DEBUG_RECIPE, overrides(out / name, manifest, extra))
+    if ps.model_parallel_is_initialized() and (
+            ps.get_tensor_model_parallel_world_size() != cfg.parallel.tp
+            or ps.get_pipeline_model_parallel_world_size() != cfg.parallel.pp):
+        ps.destroy_model_parallel()
+    trainer = Trainer(cfg)
+    engine, world = trainer.engine, trainer.world
+    for _ in range(STEPS):
+        trainer.train_step()
+    root = out / name / "ckpt"
+    engine.save_checkpoint(str(root), tag=TAG, client_state={"step": STEPS})
+    dist.barrier()
+    live = live_state(engine)
+
+    wipe(engine)
+    layout = Layout(tp=world.tp, pp=world.pp, dp=world.dp, zero_stage=cfg.deepspeed.zero_stage)
+    state = read_full_state(root / TAG, layout, local_names(engine))
+    load_full_state(engine, engine.module, state, world.tp_rank, world.tp)
+    reloaded = live_state(engine)
+
+    losses = [trainer.train_step().loss for _ in range(STEPS)]
+    trainer.data.close()
+    if dist.get_rank() == 0:
+        torch.save({"live": live, "reloaded": reloaded, "losses": losses, "layout": layout},
+                   out / f"{name}.pt")
+    del trainer, engine
+    gc.collect()
+    dist.barrier()
+
+
+def main(out: str, manifest: str, layouts: str) -> None:
+    for name, extra in json.loads(layouts).items():
+        run_layout(Path(out), Path(manifest), name, extra)
+    from framework.parallel import shutdown_world
+    shutdown_world()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,148 @@
+"""Resume through a kill -9, with two data-parallel ranks (gloo) reading the WebDataset shards
+through DataLoader workers: 2N steps in one run, and N steps + kill -9 of every process + resume
++ N steps, give bitwise-identical losses and final weights and optimizer state. And resharding:
+the same checkpoint resumed by one process (DP2 -> DP1), and a TP2 run's by a TP1 run, continue
+with the same losses within 1e-5."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import DEBUG_RECIPE, REPO, cli_command, quick_overrides, run_cli
+
+pytestmark = pytest.mark.slow
+
+N = 5
+
+
+def overrides(run_dir, dataset):
+    return ["train", str(DEBUG_RECIPE), *quick_overrides(run_dir, dataset, steps=2 * N),
+            "tracking.log_interval=1", f"checkpoint.interval={N}", "checkpoint.save_final=true",
+            "data.num_workers=1", "objective.variable_length_prob=0.3"]
+
+
+def descendants(pid: int) -> list:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def kill_9_at_checkpoint(run_dir, dataset, tag_dir: Path) -> None:
+    """Start the run and SIGKILL it, torchrun and every worker (they run in their own sessions),
+    as soon as the checkpoint at step N is complete."""
+    cmd, env = cli_command(overrides(run_dir, dataset), nproc=2)
+    with open(run_dir.parent / "killed.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not (tag_dir / "meta.json").exists():
+            assert proc.poll() is None, (run_dir.parent / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint at step N"
+            time.sleep(0.01)
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+
+
+def losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["seq_len"]) for r in records]
+
+
+def tensors(obj, path=""):
+    if torch.is_tensor(obj):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from tensors(v, f"{path}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from tensors(v, f"{path}[{i}]")
+
+
+def final_state(run_dir):
+    tag = run_dir / "checkpoints" / f"step_{2 * N:08d}"
+    state = {}
+    for f in sorted(tag.glob("*.pt")):
+        obj = torch.load(f, map_location="cpu", weights_only=False)
+        keep = {k: obj[k] for k in ("module", "optimizer_state_dict") if k in obj}
+        state.update({f"{f.name}{p}": t for p, t in tensors(keep)})
+    return state
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory, small_dataset):
+    """2N steps in one run on two data-parallel ranks, checkpoints at N and 2N."""
+    run = tmp_path_factory.mktemp("whole")
+    proc = run_cli(overrides(run, small_dataset), nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+def assert_close_losses(got, reference, first_step):
+    """Steps from first_step on: same step numbers and lengths, losses within 1e-5 relative."""
+    expected = [r for r in reference if r[0] >= first_step]
+    assert [(s, n) for s, _, n in got] == [(s, n) for s, _, n in expected]
+    for (step, a, _), (_, b, _) in zip(got, expected):
+        assert abs(a - b) <= 1e-5 * abs(b), (step, a, b)
+
+
+def test_kill_9_and_resume_is_bitwise_identical(tmp_path, small_dataset, whole):
+    killed = tmp_path / "killed"
+
+    killed.mkdir()
+    kill_9_at_checkpoint(killed, small_dataset, killed / "checkpoints" / f"step_{N:08d}")
+    assert not (killed / "checkpoints" / f"step_{2 * N:08d}").exists(), \
+        "the run finished before it was killed: the test proves nothing"
+    proc = run_cli(overrides(killed, small_dataset), nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {killed / 'checkpoints' / f'step_{N:08d}'} at step {N} (same layout)" \
+        in proc.stdout
+
+    reference = losses(whole)
+    assert [s for s, _, _ in reference] == list(range(2 * N))
+    assert any(length < 64 for _, _, length in reference)  # a 1% cut happened, and was replayed
+    assert losses(killed) == reference  # exact floats, every step once
+
+    a, b = final_state(whole), final_state(killed)
+    assert a.keys() == b.keys() and len(a) > 10
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+
+
+def test_resume_under_one_data_parallel_rank(tmp_path, small_dataset, whole):
+    """DP2 x 1 worker -> DP1 x 2 workers: the same two readers, so the same samples."""
+    checkpoint = whole / "checkpoints" / f"step_{N:08d}"
+    proc = run_cli(overrides(tmp_path, small_dataset) +
+                   [f"checkpoint.resume={checkpoint}", "data.num_workers=2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resharded from tp 1 pp 1 dp 2" in proc.stdout
+    assert_close_losses(losses(tmp_path), losses(whole), first_step=N)
+
+
+def test_resume_tensor_parallel_checkpoint_without_tensor_parallelism(tmp_path, small_dataset):
+    tp2 = tmp_path / "tp2"
+    proc = run_cli(overrides(tp2, small_dataset) + ["parallel.tp=2"], nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tp1 = tmp_path / "tp1"
+    proc = run_cli(overrides(tp1, small_dataset) +
+                   [f"checkpoint.resume={tp2 / 'checkpoints' / f'step_{N:08d}'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resharded from tp 2 pp 1 dp 1" in proc.stdout
+    assert_close_losses(losses(tp1), losses(tp2), first_step=N)

@@ -1,0 +1,140 @@
+"""Checkpoints in-process on a tiny model: retention, skipping incomplete or corrupt checkpoints,
+resume choices and refusals, saving on request."""
+
+import json
+
+import pytest
+
+from framework.checkpoint import (complete_checkpoints, resolve_resume, step_of, tag_for,
+                                  to_keep)
+from framework.config import ConfigError, load_config
+from framework.trainer import Trainer
+from tests.conftest import DEBUG_RECIPE, quick_overrides
+
+
+def make_trainer(run_dir, dataset, steps, *extra):
+    return Trainer(load_config(DEBUG_RECIPE, quick_overrides(run_dir, dataset, steps) +
+                               ["tracking.log_interval=1", *extra]))
+
+
+def saved_steps(run_dir):
+    steps = [step_of(p) for p in (run_dir / "checkpoints").glob("step_*")]
+    return sorted(s for s in steps if s is not None)
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_retention_rule():
+    assert to_keep(list(range(1, 11)), keep=3, keep_every=4) == {4, 8, 9, 10}
+    assert to_keep([5, 10, 15], keep=2, keep_every=0) == {10, 15}
+    assert to_keep([3], keep=2, keep_every=7) == {3}
+
+
+def test_retention_across_ten_saves(world, tmp_path, small_dataset):
+    make_trainer(tmp_path, small_dataset, 10, "checkpoint.interval=1", "checkpoint.keep=3",
+                 "checkpoint.keep_every=4").fit()
+    assert saved_steps(tmp_path) == [4, 8, 9, 10]
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text() == tag_for(10)
+    assert [s for s, _ in complete_checkpoints(root, warn=pytest.fail)] == [4, 8, 9, 10]
+    assert not list(root.glob("*.tmp"))
+
+
+def test_incomplete_and_corrupt_checkpoints_are_skipped(world, tmp_path, small_dataset, capsys):
+    make_trainer(tmp_path, small_dataset, 9, "checkpoint.interval=3", "checkpoint.keep=3").fit()
+    root = tmp_path / "checkpoints"
+    # the newest loses one optimizer shard, the one before gets a truncated meta.json, and a save
+    # that died half-way leaves a .tmp directory: none of them may be chosen
+    (root / tag_for(9) / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    meta = root / tag_for(6) / "meta.json"
+    meta.write_bytes(meta.read_bytes()[:100])
+    (root / f"{tag_for(12)}.tmp").mkdir()
+    (root / f"{tag_for(12)}.tmp" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # a crash cut the last record short
+        f.write('{"step": 9, "lo')
+    capsys.readouterr()
+
+    trainer = make_trainer(tmp_path, small_dataset, 12, "checkpoint.interval=3",
+                           "checkpoint.keep=3")
+    out = capsys.readouterr().out
+    assert trainer.step == 3 and trainer.resume_from == root / tag_for(3)
+    assert f"{tag_for(9)} is incomplete or corrupt (zero_pp_rank_0_mp_rank_00_optim_states.pt " \
+           "missing)" in out
+    assert f"{tag_for(6)} is incomplete or corrupt (meta.json unreadable" in out
+    assert "1 unreadable line(s) dropped" in out
+    # abandoned, never deleted: a later auto resume cannot pick them, a person still can
+    assert sorted(p.name for p in root.glob("*.abandoned")) == [
+        f"{tag_for(6)}.abandoned", f"{tag_for(9)}.abandoned"]
+    summary = trainer.fit()
+    assert summary["status"] == "completed" and summary["final_step"] == 12
+    assert summary["steps"] == 9  # this session ran steps 3..11
+    assert saved_steps(tmp_path) == [6, 9, 12]  # saved anew; the .tmp was cleared
+    assert not list(root.glob("*.tmp"))
+    assert [r["step"] for r in records(tmp_path)] == list(range(12))  # each step logged once
+
+
+def test_rollback_to_an_earlier_checkpoint(world, tmp_path, small_dataset, capsys):
+    make_trainer(tmp_path, small_dataset, 6, "checkpoint.interval=2", "checkpoint.keep=5").fit()
+    first = records(tmp_path)
+    root = tmp_path / "checkpoints"
+    trainer = make_trainer(tmp_path, small_dataset, 6, "checkpoint.interval=2",
+                           "checkpoint.keep=5", f"checkpoint.resume={root / tag_for(2)}")
+    assert "moved aside" in capsys.readouterr().out
+    assert saved_steps(tmp_path) == [2]
+    trainer.fit()
+    assert saved_steps(tmp_path) == [2, 4, 6]
+    assert records(tmp_path) == [{**r, "tokens_per_s": s["tokens_per_s"]}
+                                 for r, s in zip(first, records(tmp_path))]  # the same run again
+
+
+def test_auto_never_starts_over_checkpoints_that_all_fail(world, tmp_path, small_dataset):
+    make_trainer(tmp_path, small_dataset, 2, "checkpoint.interval=1").fit()
+    for step in (1, 2):
+        (tmp_path / "checkpoints" / tag_for(step) / "rng" / "rank_00000.pt").unlink()
+    with pytest.raises(ConfigError, match="none of the 2 checkpoints under .* is complete"):
+        make_trainer(tmp_path, small_dataset, 4)
+    with pytest.raises(ConfigError, match="checkpoint.resume=never, but"):
+        make_trainer(tmp_path, small_dataset, 4, "checkpoint.resume=never")
+
+
+def test_resume_choices_and_refusals(world, tmp_path, small_dataset):
+    make_trainer(tmp_path, small_dataset, 2, "checkpoint.interval=1").fit()
+    root = tmp_path / "checkpoints"
+    with pytest.raises(ConfigError, match="checkpoint.resume=never, but .* holds checkpoints"):
+        resolve_resume("never", root, warn=print)
+    # an explicit path is used as given, never silently replaced by another
+    assert resolve_resume(str(root / tag_for(1)), root, warn=print) == root / tag_for(1)
+    (root / tag_for(1) / "meta.json").unlink()
+    with pytest.raises(ConfigError, match=f"{tag_for(1)} cannot be used \\(no meta.json\\)"):
+        resolve_resume(str(root / tag_for(1)), root, warn=print)
+    with pytest.raises(ConfigError, match="model.hidden_size=128, the config has 64"):
+        make_trainer(tmp_path, small_dataset, 4, "model.hidden_size=64")
+    with pytest.raises(ConfigError, match="train.global_batch_size=16, the config has 32"):
+        make_trainer(tmp_path, small_dataset, 4, "train.global_batch_size=32")
+
+
+def test_checkpoint_on_request(world, tmp_path, small_dataset):
+    trainer = make_trainer(tmp_path, small_dataset, 5, "objective.variable_length_prob=0.5")
+    first = trainer.train_step()
+    trainer._maybe_checkpoint(final=False)
+    assert saved_steps(tmp_path) == []  # no interval, not the end, not requested
+    trainer.checkpointer.request()  # what a preemption signal handler does
+    second = trainer.train_step()
+    trainer._maybe_checkpoint(final=False)
+    assert saved_steps(tmp_path) == [2]
+    meta = json.loads((tmp_path / "checkpoints" / tag_for(2) / "meta.json").read_text())
+    assert meta["step"] == 2 and meta["consumed_samples"] == 2 * 16
+    assert meta["consumed_tokens"] == first.tokens + second.tokens
+    assert meta["layout"]["world_size"] == 1 and meta["config"]["train"]["steps"] == 5
+    trainer.train_step()
+    trainer._maybe_checkpoint(final=False)
+    assert saved_steps(tmp_path) == [2]  # the request was served once
+
+
+def test_checkpoint_by_wall_time(world, tmp_path, small_dataset):
+    # a microsecond interval: due after every step, by rank 0's clock
+    make_trainer(tmp_path, small_dataset, 3, "checkpoint.interval_minutes=1e-8",
+                 "checkpoint.keep=5").fit()
+    assert saved_steps(tmp_path) == [1, 2, 3]

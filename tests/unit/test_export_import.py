@@ -1,0 +1,66 @@
+"""``llada export`` of a trained checkpoint and ``init.from`` of the export: the same logits."""
+
+import json
+
+import pytest
+import torch
+
+from framework.cli import main
+from framework.config import ConfigError, load_config
+from framework.trainer import Trainer
+from tests.conftest import DEBUG_RECIPE, quick_overrides
+
+
+def make_trainer(run_dir, dataset, *extra):
+    return Trainer(load_config(DEBUG_RECIPE, quick_overrides(run_dir, dataset, steps=3) +
+                               list(extra)))
+
+
+def logits(trainer, tokens):
+    module = trainer.engine.module.eval()
+    with torch.no_grad():
+        return module(tokens, select=torch.ones_like(tokens, dtype=torch.bool))
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory, small_dataset):
+    run = tmp_path_factory.mktemp("trained")
+    trainer = make_trainer(run, small_dataset, "checkpoint.save_final=true")
+    trainer.fit()
+    return run, trainer
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_export_then_init_from_gives_identical_logits(trained, tmp_path, small_dataset, capsys,
+                                                      dtype):
+    run, trainer = trained
+    out = tmp_path / "hf"
+    assert main(["export", str(run), str(out), "--dtype", dtype]) == 0
+    assert "(step 3)" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LLaDAModelLM"] and config["n_layers"] == 4
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.model").is_file()
+
+    fresh = make_trainer(tmp_path / "fresh", small_dataset, f"init.from={out}")
+    tokens = torch.randint(0, 500, (2, 64), generator=torch.Generator().manual_seed(0))
+    if dtype == "float32":
+        assert torch.equal(logits(fresh, tokens), logits(trainer, tokens))
+    else:  # the weights rounded to bf16 once: the same model up to that rounding
+        reference = trainer.engine.module
+        rounded = {n: p.detach().to(torch.bfloat16).float() for n, p in
+                   reference.named_parameters()}
+        got = dict(fresh.engine.module.named_parameters())
+        assert all(torch.equal(got[n].detach(), t) for n, t in rounded.items())
+
+
+def test_export_refusals(trained, tmp_path, small_dataset, capsys):
+    run, _ = trained
+    assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
+    assert "is not a checkpoint or checkpoints directory" in capsys.readouterr().err
+    out = tmp_path / "hf"
+    assert main(["export", str(run), str(out)]) == 0
+    assert main(["export", str(run), str(out)]) == 2  # never over an existing export
+    assert "already exists" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="init.from: .*n_layers"):
+        make_trainer(tmp_path / "other", small_dataset, f"init.from={out}",
+                     "model.num_layers=2")
