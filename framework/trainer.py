@@ -151,6 +151,8 @@ class Trainer:
         if world.is_main:  # only now: a refused resume leaves the run's config as it was
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            if self.metrics_path.exists():  # records of steps this run makes (again) go
+                self._truncate_metrics()
 
     def _build_model(self, on_gpu: bool) -> torch.nn.Module:
         """The pieces of the model, all in one module or cut into this rank's pipeline stage;
@@ -427,13 +429,12 @@ class Trainer:
         self.step, self.consumed_tokens = meta["step"], meta["consumed_tokens"]
         self.engine.global_steps = self.step
         self.engine.global_samples = meta["consumed_samples"]
-        if world.is_main and self.metrics_path.exists():
-            self._truncate_metrics()
         _log(world, f"llada: resumed from {path} at step {self.step} ({how})")
 
     def _truncate_metrics(self) -> None:
-        """The steps after the checkpoint run again: their records go, so none is logged twice.
-        A line a crash cut short is dropped too."""
+        """Steps from self.step on run again (after the checkpoint; all of them in a fresh start
+        in an old run.dir): their records go, so none is logged twice. A line a crash cut short
+        is dropped too."""
         kept, bad = [], 0
         for line in self.metrics_path.read_text().splitlines():
             try:

@@ -138,3 +138,9 @@ def test_checkpoint_by_wall_time(world, tmp_path, small_dataset):
     make_trainer(tmp_path, small_dataset, 3, "checkpoint.interval_minutes=1e-8",
                  "checkpoint.keep=5").fit()
     assert saved_steps(tmp_path) == [1, 2, 3]
+
+
+def test_a_fresh_start_in_an_old_run_dir_logs_each_step_once(world, tmp_path, small_dataset):
+    for _ in range(2):  # no checkpoints: the second run starts over, and so does its record
+        make_trainer(tmp_path, small_dataset, 3).fit()
+    assert [r["step"] for r in records(tmp_path)] == [0, 1, 2]
