@@ -21,6 +21,7 @@ the previous complete one is used. Old checkpoints are deleted only after a newe
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -28,7 +29,6 @@ import re
 import shutil
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from data_pipeline.tokenizer import atomic_write
 from framework.config import CheckpointConfig, ConfigError
+from framework.parallel import World
 
 FORMAT = 1
 
@@ -209,24 +210,14 @@ def set_rng_state(state: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- saving
-@dataclass
-class RankInfo:
-    """What the checkpointer needs to know about this rank (a slice of framework.parallel.World)."""
-    rank: int
-    local_rank: int
-    is_main: bool
-    dp_rank: int
-    writes_data: bool  # one writer per data-parallel rank (tensor rank 0 of the first stage)
-
-
 class Checkpointer:
     """When to save (every ``interval`` steps, every ``interval_minutes``, at the end, on
     request), the atomic save itself, and retention."""
 
-    def __init__(self, cfg: CheckpointConfig, root: Path, rank: RankInfo, device: torch.device,
+    def __init__(self, cfg: CheckpointConfig, root: Path, world: World,
                  log: Callable[[str], None]):
-        self.cfg, self.root, self.rank, self.log = cfg, root, rank, log
-        self._flags = torch.zeros(2, device=device)  # [time is due (rank 0's clock), requested]
+        self.cfg, self.root, self.world, self.log = cfg, root, world, log
+        self._flags = torch.zeros(2, device=world.device)  # [due by rank 0's clock, requested]
         self._last_save = time.monotonic()
         self._requested = False
         self._retention: Optional[threading.Thread] = None
@@ -240,7 +231,7 @@ class Checkpointer:
         cfg = self.cfg
         by_step = (cfg.interval > 0 and step % cfg.interval == 0) or (final and cfg.save_final)
         # the clock and a request are per rank: agree on them, or ranks would save apart
-        timed = cfg.interval_minutes > 0 and self.rank.is_main and \
+        timed = cfg.interval_minutes > 0 and self.world.is_main and \
             time.monotonic() - self._last_save >= 60 * cfg.interval_minutes
         self._flags[0], self._flags[1] = float(timed), float(self._requested)
         dist.all_reduce(self._flags, op=dist.ReduceOp.MAX)
@@ -252,7 +243,7 @@ class Checkpointer:
         tag = tag_for(step)
         final, tmp = self.root / tag, self.root / f"{tag}.tmp"
         self.wait()  # the previous save's retention
-        if self.rank.is_main:
+        if self.world.is_main:
             for stale in [*self.root.glob("step_*.tmp"), *self.root.glob("step_*.replaced")]:
                 shutil.rmtree(stale, ignore_errors=True)  # saves that died half-way
             tmp.mkdir(parents=True)
@@ -260,18 +251,19 @@ class Checkpointer:
         dist.barrier()
         engine.save_checkpoint(str(self.root), tag=tmp.name, client_state={"step": step},
                                save_latest=False)
-        atomic_write(tmp / rank_file("rng", self.rank.rank), _torch_bytes(rng_state()))
-        if data_state is not None and self.rank.writes_data:
-            atomic_write(tmp / rank_file("data", self.rank.dp_rank),
+        atomic_write(tmp / rank_file("rng", self.world.rank), _torch_bytes(rng_state()))
+        # one writer per data-parallel rank: its tensor/pipeline peers hold the same stream
+        if data_state is not None and self.world.tp_rank == 0 and self.world.pp_rank == 0:
+            atomic_write(tmp / rank_file("data", self.world.dp_rank),
                          json.dumps(data_state).encode())
         dist.barrier()
         # every rank's shards on disk before meta.json claims them: one sync per node, which
         # flushes what all of its ranks wrote (cheaper than each rank fsyncing each file)
-        if self.rank.local_rank == 0:
+        if self.world.local_rank == 0:
             os.sync()
         dist.barrier()
         verdict: List[Optional[str]] = [None]
-        if self.rank.is_main:
+        if self.world.is_main:
             try:
                 self._publish(tmp, final, {**meta, "format": FORMAT, "step": step})
             except (OSError, CheckpointError) as e:
@@ -281,7 +273,7 @@ class Checkpointer:
             raise CheckpointError(verdict[0])
         self._last_save, self._requested = time.monotonic(), False
         self.log(f"llada: checkpoint {final}")
-        if self.rank.is_main:  # deleting old trees can be slow on a parallel filesystem
+        if self.world.is_main:  # deleting old trees can be slow on a parallel filesystem
             self._retention = threading.Thread(target=self._retain, args=(step,),
                                                name="checkpoint-retention")
             self._retention.start()
@@ -324,7 +316,6 @@ class Checkpointer:
 
 
 def _torch_bytes(obj) -> bytes:
-    import io
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()

@@ -87,9 +87,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         except OmegaConfBaseException as e:
             raise ConfigError(f"{tag}: its model config does not fit this version's "
                               f"({str(e).splitlines()[0]})") from None
-        saved = meta["layout"]
-        weights = read_weights(tag, Layout(tp=saved["tp"], pp=saved["pp"], dp=saved["dp"],
-                                           zero_stage=saved["zero_stage"]))
+        weights = read_weights(tag, Layout.saved(meta["layout"]))
         out = write_hf_dir(Path(args.out_dir), weights, model, tag / "tokenizer.model",
                            meta["special_ids"], dtype=getattr(torch, args.dtype),
                            max_sequence_length=meta["config"]["data"]["seq_len"],

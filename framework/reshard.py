@@ -51,6 +51,12 @@ class Layout:
     dp: int
     zero_stage: int
 
+    @classmethod
+    def saved(cls, layout: dict) -> "Layout":
+        """From the ``layout`` of a checkpoint's meta.json."""
+        return cls(tp=layout["tp"], pp=layout["pp"], dp=layout["dp"],
+                   zero_stage=layout["zero_stage"])
+
 
 @dataclass
 class FullState:

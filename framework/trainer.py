@@ -28,7 +28,7 @@ from data_pipeline.datasets import open_datasets
 from data_pipeline.loader import DataError, PretrainLoader
 from data_pipeline.shards import ShardSet
 from data_pipeline.tokenizer import atomic_write
-from framework.checkpoint import (CheckpointError, Checkpointer, RankInfo, rank_file, read_meta,
+from framework.checkpoint import (CheckpointError, Checkpointer, rank_file, read_meta,
                                   resolve_resume, set_aside_newer, set_rng_state)
 from framework.config import Config, ConfigError, check_world, to_dict, to_yaml
 from framework.deepspeed_config import deepspeed_json
@@ -111,11 +111,8 @@ class Trainer:
         self.tokenizer = sets[0].tokenizer_path
         self.tokenizer_hashes = [ds.tokenizer_sha256 for ds in sets]
         self.special_ids = sets[0].special_ids
-        self.checkpointer = Checkpointer(
-            cfg.checkpoint, self.run_dir / "checkpoints",
-            RankInfo(rank=world.rank, local_rank=world.local_rank, is_main=world.is_main,
-                     dp_rank=world.dp_rank, writes_data=world.tp_rank == 0 and world.pp_rank == 0),
-            world.device, lambda msg: _log(world, msg))
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.run_dir / "checkpoints", world,
+                                         lambda msg: _log(world, msg))
         self.resume_from = self._resume_path()
 
         self.guard = NonFiniteGuard(world.device)
@@ -418,12 +415,12 @@ class Trainer:
             self._reshard(path, saved)
             how = (f"resharded from tp {saved['tp']} pp {saved['pp']} dp {saved['dp']} "
                    f"ZeRO-{saved['zero_stage']} {saved['precision']}")
-        ranks = [world.dp_rank] if saved["dp"] == world.dp else range(saved["dp"])
-        states = [json.loads((path / rank_file("data", r)).read_text()) for r in ranks]
-        if saved["dp"] == world.dp:
-            self.data.load_state_dict(states[0])
-        else:
-            self.data.load_state_dicts(states)
+        def data_state(dp_rank: int) -> dict:
+            return json.loads((path / rank_file("data", dp_rank)).read_text())
+        if saved["dp"] == world.dp:  # this rank's own stream
+            self.data.load_state_dict(data_state(world.dp_rank))
+        else:  # every saved rank's, regrouped
+            self.data.load_state_dicts([data_state(r) for r in range(saved["dp"])])
         if saved["world_size"] == world.world_size:  # else no rank has a state of its own
             set_rng_state(torch.load(path / rank_file("rng", world.rank), weights_only=False))
         self.step, self.consumed_tokens = meta["step"], meta["consumed_tokens"]
@@ -462,10 +459,8 @@ class Trainer:
     def _reshard(self, path: Path, saved: dict) -> None:
         from framework.reshard import Layout, ReshardError, load_full_state, read_full_state
         names = {n.removeprefix("module.") for n, _ in self.engine.module.named_parameters()}
-        layout = Layout(tp=saved["tp"], pp=saved["pp"], dp=saved["dp"],
-                        zero_stage=saved["zero_stage"])
         try:
-            state = read_full_state(path, layout, names)
+            state = read_full_state(path, Layout.saved(saved), names)
             load_full_state(self.engine, self.engine.module, state, self.world.tp_rank,
                             self.world.tp)
         except ReshardError as e:

@@ -50,12 +50,17 @@ def cpu_sequence_parallel() -> None:
     framework.parallel.check_sequence_parallel = lambda device: None
 
 
-def run_layout(out: Path, manifest: Path, name: str, extra: list) -> None:
-    cfg = load_config(DEBUG_RECIPE, layout_overrides(out / name, manifest, extra))
+def reset_parallel_state(cfg) -> None:
+    """Layouts run in turn in one world: megatron's groups are rebuilt when tp or pp change."""
     if ps.model_parallel_is_initialized() and (
             ps.get_tensor_model_parallel_world_size() != cfg.parallel.tp
             or ps.get_pipeline_model_parallel_world_size() != cfg.parallel.pp):
         ps.destroy_model_parallel()
+
+
+def run_layout(out: Path, manifest: Path, name: str, extra: list) -> None:
+    cfg = load_config(DEBUG_RECIPE, layout_overrides(out / name, manifest, extra))
+    reset_parallel_state(cfg)
     start = time.perf_counter()
     trainer = Trainer(cfg)
     built = time.perf_counter()

@@ -26,7 +26,7 @@ from framework.model.weights import split_dim, unshard
 from framework.reshard import MOMENTS, FullState, Layout, load_full_state, read_full_state
 from framework.trainer import Trainer
 from tests.conftest import DEBUG_RECIPE
-from tests.distributed.layout_worker import layout_overrides
+from tests.distributed.layout_worker import layout_overrides, reset_parallel_state
 
 STEPS = 2  # before the checkpoint, and again after it
 TAG = "t"
@@ -99,10 +99,7 @@ def wipe(engine) -> None:
 
 def run_layout(out: Path, manifest: Path, name: str, extra: list) -> None:
     cfg = load_config(DEBUG_RECIPE, overrides(out / name, manifest, extra))
-    if ps.model_parallel_is_initialized() and (
-            ps.get_tensor_model_parallel_world_size() != cfg.parallel.tp
-            or ps.get_pipeline_model_parallel_world_size() != cfg.parallel.pp):
-        ps.destroy_model_parallel()
+    reset_parallel_state(cfg)
     trainer = Trainer(cfg)
     engine, world = trainer.engine, trainer.world
     for _ in range(STEPS):
