@@ -2,8 +2,35 @@
 # Installs the framework and its stack into the active Python environment, in the order that
 # works (../shared/STACK.md): torch pinned first, then DeepSpeed built against it without build
 # isolation, then this project with its test extra. Safe to re-run.
+#
+#   bash install.sh                 the Python stack
+#   bash install.sh --with-slurm    also Debian's Slurm, munge and shellcheck (as root or with
+#                                   sudo), which the tests' real single-node Slurm cluster needs
 set -euo pipefail
 cd "$(dirname "$0")"
+with_slurm=0
+for arg in "$@"; do
+  case "$arg" in
+    --with-slurm) with_slurm=1 ;;
+    *) echo "install.sh: unknown option $arg (known: --with-slurm)" >&2; exit 2 ;;
+  esac
+done
+
+if [ "$with_slurm" = 1 ]; then
+  missing=()
+  for pkg in slurmctld slurmd slurm-client munge shellcheck; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then sudo=(); elif command -v sudo >/dev/null; then sudo=(sudo); else
+      echo "install.sh: --with-slurm needs root or sudo to install ${missing[*]}" >&2; exit 1
+    fi
+    "${sudo[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}" >/dev/null
+  fi
+fi
+
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 DEEPSPEED_VERSION=${DEEPSPEED_VERSION:-0.19.8}
 python -m pip install -q "torch==${TORCH_VERSION}"

@@ -29,7 +29,9 @@ naming shard and sample key, and counted; the counters travel with the state.
 from __future__ import annotations
 
 import bisect
-from typing import Dict, Iterator, List, Optional, Tuple
+import functools
+import signal
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -218,13 +220,24 @@ class _Workers(IterableDataset):
             yield batch, logical, state
 
 
+def _ignore(signals: Sequence[int], worker_id: int) -> None:
+    # after torch's own worker handlers (its SIGTERM handler exits the worker)
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class PretrainLoader:
     """Iterator of collated micro-batches for one data-parallel rank, with state_dict()."""
 
     def __init__(self, cfg: DataConfig, sets: List[ShardSet], weights: List[float],
                  collator: MaskCollator, *, micro_batch_size: int, accumulation: int,
-                 dp_rank: int, dp_size: int, pin_memory: bool = False):
+                 dp_rank: int, dp_size: int, pin_memory: bool = False,
+                 ignore_signals: Sequence[int] = ()):
+        """``ignore_signals``: the signals on which the trainer stops cleanly. Slurm sends them
+        to every process of a job step, workers included; a worker they killed would take the
+        trainer down before it could save, so workers ignore them (the trainer stops them)."""
         self.cfg, self.sets, self.weights, self.collator = cfg, sets, weights, collator
+        self.ignore_signals = tuple(ignore_signals)
         self.mb, self.accum, self.pin_memory = micro_batch_size, accumulation, pin_memory
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.workers = max(cfg.num_workers, 1)
@@ -251,7 +264,8 @@ class PretrainLoader:
         else:
             items = iter(DataLoader(source, batch_size=None, num_workers=self.workers,
                                     prefetch_factor=self.cfg.prefetch_batches,
-                                    pin_memory=self.pin_memory))
+                                    pin_memory=self.pin_memory,
+                                    worker_init_fn=functools.partial(_ignore, self.ignore_signals)))
         for batch, logical, state in items:
             self.slot_states[logical] = state
             self.consumed += 1

@@ -217,7 +217,8 @@ class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, root: Path, world: World,
                  log: Callable[[str], None]):
         self.cfg, self.root, self.world, self.log = cfg, root, world, log
-        self._flags = torch.zeros(2, device=world.device)  # [due by rank 0's clock, requested]
+        # [due by rank 0's clock, save requested, stop wanted]: agreed once per step
+        self._flags = torch.zeros(3, device=world.device)
         self._last_save = time.monotonic()
         self._requested = False
         self._retention: Optional[threading.Thread] = None
@@ -226,16 +227,20 @@ class Checkpointer:
         """Save at the end of the current step (e.g. from a signal handler: only sets a flag)."""
         self._requested = True
 
-    def due(self, step: int, final: bool) -> bool:
-        """Whether to save after ``step``; the same answer on every rank (collective)."""
+    def due(self, step: int, final: bool, stop: bool = False) -> Tuple[bool, bool]:
+        """(save, stop) after ``step``, the same answer on every rank (collective). ``stop``:
+        this rank wants the run to stop here; any rank's wish stops all, and a stop saves."""
         cfg = self.cfg
         by_step = (cfg.interval > 0 and step % cfg.interval == 0) or (final and cfg.save_final)
-        # the clock and a request are per rank: agree on them, or ranks would save apart
+        # the clock, a request and a stop are per rank: agree on them, or ranks would part ways
         timed = cfg.interval_minutes > 0 and self.world.is_main and \
             time.monotonic() - self._last_save >= 60 * cfg.interval_minutes
-        self._flags[0], self._flags[1] = float(timed), float(self._requested)
+        self._flags[0], self._flags[1], self._flags[2] = float(timed), float(self._requested), \
+            float(stop)
         dist.all_reduce(self._flags, op=dist.ReduceOp.MAX)
-        return by_step or bool(self._flags.max().item() > 0)
+        timed, requested, stop = (bool(v > 0) for v in self._flags.tolist())
+        stop = stop and not final  # the last step: the run is complete, not stopped
+        return by_step or timed or requested or stop, stop
 
     def save(self, engine, step: int, meta: dict, data_state: Optional[dict],
              tokenizer: Path) -> Path:

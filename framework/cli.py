@@ -1,9 +1,11 @@
 """``llada``: the command line. ``llada train RECIPE [key=value ...]``,
 ``llada plan RECIPE [key=value ...]``, ``llada prepare INPUT... -o DIR [options]``,
-``llada export CHECKPOINT OUT_DIR``.
+``llada export CHECKPOINT OUT_DIR``, ``llada slurm submit RECIPE --nodes N --gpus-per-node G
+--time T [key=value ...]``.
 
 Bad input (a missing recipe, an unknown key, a wrong type, sizes that do not divide) prints one
-line naming the key or file and exits 2, without a traceback.
+line naming the key or file and exits 2, without a traceback. A failed run exits 1; a run stopped
+early by a signal or the job's deadline, with its checkpoint saved, exits 3 (``EXIT_REQUEUE``).
 """
 
 from __future__ import annotations
@@ -31,19 +33,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return _error(str(e), EXIT_BAD_INPUT)
 
+    # the signals that mean "checkpoint and stop" are handled from here on, before the slow part
+    # (imports, data preparation, building the engine): one arriving then stops after step one
+    from framework.preemption import EXIT_REQUEUE, StopRequest, deadline_from_env
+    try:
+        stop = StopRequest(cfg.preemption, deadline_from_env()).install()
+    except ConfigError as e:
+        return _error(str(e), EXIT_BAD_INPUT)
+
     from framework.checkpoint import CheckpointError
     from framework.parallel import shutdown_world
     from framework.trainer import Trainer, TrainingError
 
     try:
-        Trainer(cfg).fit()
+        summary = Trainer(cfg, stop).fit()
     except ConfigError as e:
         return _error(str(e), EXIT_BAD_INPUT)
     except (TrainingError, CheckpointError) as e:
         return _error(str(e), EXIT_FAILED)
     finally:
+        stop.uninstall()
         shutdown_world()
-    return 0
+    return EXIT_REQUEUE if summary["status"] == "stopped" else 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -97,6 +108,40 @@ def cmd_export(args: argparse.Namespace) -> int:
     except OSError as e:
         return _error(f"{args.out_dir}: {e.strerror or e}", EXIT_FAILED)
     print(f"llada: exported {tag} (step {meta['step']}) to {out}")
+    return 0
+
+
+def cmd_slurm_submit(args: argparse.Namespace) -> int:
+    from framework.config import ConfigError
+    from framework.slurm import SubmitOptions, prepare_submission, submit
+
+    try:
+        opts = SubmitOptions(
+            nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time,
+            tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
+            account=args.account, partition=args.partition, job_name=args.job_name,
+            signal_minutes=args.signal_minutes, max_crash_retries=args.max_crash_retries)
+        try:
+            cfg, script = prepare_submission(args.recipe, args.overrides, opts, need_data=True)
+        except ConfigError as e:
+            if not args.dry_run:
+                raise
+            # a dry run shows the script even with the data unset (no other error passes)
+            cfg, script = prepare_submission(args.recipe, args.overrides, opts, need_data=False)
+            print(f"llada: warning: {e}; the job would stop at its start with this error",
+                  file=sys.stderr)
+        if args.dry_run:
+            print(script, end="")
+            return 0
+        job, path = submit(script, Path(cfg.run.dir))
+    except ConfigError as e:
+        return _error(str(e), EXIT_BAD_INPUT)
+    except (RuntimeError, OSError) as e:
+        return _error(str(e), EXIT_FAILED)
+    log = Path(cfg.run.dir).resolve() / "slurm" / f"{opts.job_name or cfg.run.name}-{job}.out"
+    print(f"llada: submitted job {job} ({opts.nodes} x {opts.tasks_per_node} tasks, "
+          f"--time {opts.time}); script {path}\n"
+          f"llada: follow it: squeue -j {job}; tail -f {log}")
     return 0
 
 
@@ -166,6 +211,37 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace OUT_DIR once the new export is complete")
     export.set_defaults(func=cmd_export)
 
+    slurm = sub.add_parser("slurm", help="run on a Slurm cluster",
+                           description="Slurm jobs that checkpoint and requeue themselves "
+                           "ahead of time limits and on preemption (slurm/llada.sbatch).")
+    slurm_sub = slurm.add_subparsers(dest="slurm_command", required=True)
+    sub_submit = slurm_sub.add_parser(
+        "submit", help="render slurm/llada.sbatch for a recipe and sbatch it",
+        description="Check the recipe and overrides against nodes x tasks, fill in "
+        "slurm/llada.sbatch (resources, the run's arguments, paths) and submit it with sbatch; "
+        "the rendered script is kept under run.dir/slurm and the job log goes there too. "
+        "Overrides may come before or after the options.")
+    _recipe_arguments(sub_submit)
+    sub_submit.add_argument("--nodes", type=int, required=True)
+    sub_submit.add_argument("--gpus-per-node", type=int, required=True,
+                            help="one task per GPU; 0 with --tasks-per-node for CPU tasks")
+    sub_submit.add_argument("--time", required=True, help="time limit, e.g. 48:00:00")
+    sub_submit.add_argument("--account")
+    sub_submit.add_argument("--partition")
+    sub_submit.add_argument("--job-name", help="default: run.name")
+    sub_submit.add_argument("--tasks-per-node", type=int,
+                            help="default: --gpus-per-node; needed for CPU tasks")
+    sub_submit.add_argument("--cpus-per-task", type=int,
+                            help="CPUs per rank (default: data.num_workers + 2)")
+    sub_submit.add_argument("--signal-minutes", type=float, default=10.0,
+                            help="minutes before the time limit at which the job checkpoints "
+                            "and requeues itself")
+    sub_submit.add_argument("--max-crash-retries", type=int, default=3,
+                            help="requeues after crashes in a row without a new checkpoint")
+    sub_submit.add_argument("--dry-run", action="store_true",
+                            help="print the rendered script instead of submitting it")
+    sub_submit.set_defaults(func=cmd_slurm_submit)
+
     prep = sub.add_parser(
         "prepare", help="tokenise text/JSONL into WebDataset tar shards",
         description="Tokenise .txt/.jsonl(.gz) files (globs; 'stdlib' for the embedded corpus) "
@@ -199,7 +275,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     # DeepSpeed probes for accelerators and compilers at import; keep it from spawning
     # compiler checks that print noise on machines without CUDA.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `llada slurm submit RECIPE --nodes 2 ... key=value`: overrides after the options
+    if getattr(args, "overrides", None) is not None and getattr(args, "slurm_command", None):
+        args.overrides += [a for a in extra if not a.startswith("-")]
+        extra = [a for a in extra if a.startswith("-")]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 

@@ -269,6 +269,32 @@ class CheckpointConfig:
                  "must be auto, never or a checkpoint path")
 
 
+# signals that must never be handled: they cannot be (KILL, STOP) or they mean a crash
+_UNCATCHABLE = {"KILL", "STOP", "SEGV", "BUS", "FPE", "ILL", "ABRT", "CHLD"}
+
+
+@dataclass
+class PreemptionConfig:
+    """Stopping early without losing work: on one of ``signals`` (Slurm sends USR1 ahead of the
+    time limit, TERM on preemption), or when the job's deadline (``LLADA_DEADLINE``, epoch
+    seconds, set by slurm/llada.sbatch) is too close for another step and a save, the trainer
+    finishes the step it is in, saves a checkpoint and exits with status 3 (requeue me)."""
+    signals: List[str] = field(default_factory=lambda: ["USR1", "TERM"])
+    # time kept free before the deadline on top of two steps and one save (as measured)
+    deadline_margin_minutes: float = 3.0
+
+    def __post_init__(self):
+        import signal
+        for name in self.signals:
+            bare = name.upper().removeprefix("SIG")
+            _require(hasattr(signal, f"SIG{bare}") and bare not in _UNCATCHABLE,
+                     "preemption.signals", f"{name!r} is not a signal that can mean 'checkpoint "
+                     f"and stop' (e.g. USR1, USR2, TERM, INT)")
+        self.signals = [name.upper().removeprefix("SIG") for name in self.signals]
+        _require(self.deadline_margin_minutes >= 0, "preemption.deadline_margin_minutes",
+                 "must be >= 0")
+
+
 @dataclass
 class InitConfig:
     # `init.from` in recipes and overrides (``from`` is a Python keyword): a Hugging Face LLaDA
@@ -325,6 +351,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     init: InitConfig = field(default_factory=InitConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 

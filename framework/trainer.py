@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -42,6 +43,7 @@ from framework.objective import PretrainLoss
 from framework.optimizer import NonFiniteGuard, SkippableAdamW, param_groups
 from framework.parallel import (DeepSpeedMPU, World, init_world,
                                 reduce_sequence_parallel_grads)
+from framework.preemption import StopRequest, deadline_from_env
 from framework.schedule import wsd_lr
 
 SUMMARY_WINDOW = 10  # first_loss / last_loss: means over this many steps
@@ -80,11 +82,14 @@ def check_data(cfg: Config, sets: List[ShardSet]) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, stop: Optional[StopRequest] = None):
+        """``stop``: the signal handler the CLI installed before anything slow started; by
+        default only the deadline guard (``LLADA_DEADLINE``) can stop the run early."""
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.cfg = cfg
+        self.stop = stop if stop is not None else StopRequest(cfg.preemption, deadline_from_env())
         self.world = world = init_world(cfg.parallel, cfg.run.device)
         self.run_dir = Path(cfg.run.dir)
 
@@ -106,7 +111,8 @@ class Trainer:
             MaskCollator(cfg.objective, self.mask_id, cfg.data.seq_len,
                          length_multiple=world.tp if sp else 1),
             micro_batch_size=tc.micro_batch_size, accumulation=self.accum,
-            dp_rank=world.dp_rank, dp_size=world.dp, pin_memory=on_gpu)
+            dp_rank=world.dp_rank, dp_size=world.dp, pin_memory=on_gpu,
+            ignore_signals=[getattr(signal, f"SIG{name}") for name in cfg.preemption.signals])
 
         self.tokenizer = sets[0].tokenizer_path
         self.tokenizer_hashes = [ds.tokenizer_sha256 for ds in sets]
@@ -265,12 +271,17 @@ class Trainer:
         from tqdm import tqdm
         show_bar = world.is_main and cfg.tracking.progress_bar and sys.stderr.isatty()
         bar = tqdm(total=steps, disable=not show_bar, dynamic_ncols=True, desc="train")
+        if self.stop.deadline is not None:
+            end = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.stop.deadline))
+            _log(world, f"llada: the job ends at {end}: the run saves and stops before then")
         start = window_start = time.perf_counter()
         window_tokens = total_tokens = 0
         status = "running"
         try:
             while self.step < steps:
+                step_start = time.perf_counter()
                 result = self.train_step()
+                self.stop.note_step(time.perf_counter() - step_start)
                 self.history.append(result)
                 total_tokens += result.tokens
                 window_tokens += result.tokens
@@ -282,8 +293,13 @@ class Trainer:
                     now = time.perf_counter()
                     self._log_step(result, window_tokens / max(now - window_start, 1e-9))
                     window_start, window_tokens = now, 0
-                self._maybe_checkpoint(final=self.step == steps)
-            status = "completed"
+                if self._maybe_checkpoint(final=self.step == steps):
+                    _log(world, f"llada: stopping after step {self.step}/{steps}: "
+                                f"{self.stop.reason or 'another rank asked to stop'}; the "
+                                f"checkpoint of step {self.step} is saved, the next start "
+                                f"resumes from it")
+                    break
+            status = "completed" if self.step == steps else "stopped"
         except TrainingError:
             status = "diverged"
             raise
@@ -295,7 +311,8 @@ class Trainer:
             summary = self._summary(total_tokens, elapsed, status)
             if world.is_main:
                 (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        _log(world, f"llada: done: {summary['steps']} steps, {summary['tokens']} tokens, "
+        _log(world, f"llada: {'done' if status == 'completed' else status}: "
+                    f"{summary['steps']} steps, {summary['tokens']} tokens, "
                     f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}, "
                     f"{summary['tokens_per_s']:.0f} tokens/s; {self.run_dir / 'summary.json'}")
         return summary
@@ -358,9 +375,14 @@ class Trainer:
                 "stages": stage_bounds(cfg.model.num_layers, w.pp, cfg.parallel.pp_layers),
                 "data_workers": self.data.workers}
 
-    def _maybe_checkpoint(self, final: bool) -> None:
-        if self.checkpointer.due(self.step, final):
+    def _maybe_checkpoint(self, final: bool) -> bool:
+        """Save if due; whether the run stops here (both agreed by every rank)."""
+        save, stop = self.checkpointer.due(self.step, final, stop=self.stop.reason is not None)
+        if save:
+            start = time.perf_counter()
             self.save_checkpoint()
+            self.stop.note_save(time.perf_counter() - start)
+        return stop
 
     def save_checkpoint(self) -> Path:
         """The complete checkpoint of this step (collective)."""
@@ -488,6 +510,7 @@ class Trainer:
             "steps": len(self.history),
             "final_step": self.step,
             "resumed_from": None if self.resume_from is None else str(self.resume_from),
+            "stop_reason": self.stop.reason if status == "stopped" else None,
             "tokens": total_tokens,
             "first_loss": sum(first) / len(first) if first else float("nan"),
             "last_loss": sum(last) / len(last) if last else float("nan"),

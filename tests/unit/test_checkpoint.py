@@ -120,7 +120,7 @@ def test_checkpoint_on_request(world, tmp_path, small_dataset):
     first = trainer.train_step()
     trainer._maybe_checkpoint(final=False)
     assert saved_steps(tmp_path) == []  # no interval, not the end, not requested
-    trainer.checkpointer.request()  # what a preemption signal handler does
+    trainer.checkpointer.request()  # a save on request, the run goes on
     second = trainer.train_step()
     trainer._maybe_checkpoint(final=False)
     assert saved_steps(tmp_path) == [2]

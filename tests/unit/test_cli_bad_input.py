@@ -52,9 +52,15 @@ def test_missing_recipe():
     ("train.global_batch_size=20", ["train.global_batch_size", "20"]),  # batch does not divide
     ("model.num_attention_heads=5", ["model.num_attention_heads", "5"]),  # heads vs hidden
     ("objective.mask_id=4096", ["objective.mask_id", "outside the vocabulary"]),
+    ("preemption.signals=[KILL]", ["preemption.signals", "KILL"]),  # cannot be handled
 ])
 def test_bad_override(llada, override, needles):
     assert_one_line_error(llada(["train", DEBUG_RECIPE, override]), *needles)
+
+
+def test_unreadable_job_deadline(llada, monkeypatch):
+    monkeypatch.setenv("LLADA_DEADLINE", "tomorrow")
+    assert_one_line_error(llada(["train", DEBUG_RECIPE]), "LLADA_DEADLINE", "tomorrow")
 
 
 def test_zero2_with_pipeline_parallelism():

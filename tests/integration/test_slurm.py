@@ -1,0 +1,182 @@
+"""The project's own sbatch script on a real Slurm cluster (single node, loopback): a job stopped
+by a signal checkpoints, requeues itself and resumes at the right step; a crashing job is retried,
+then fails; the 8B recipe's rendered script is one Slurm accepts.
+
+Slurm holds a requeued job for about two minutes before it may start again (its begin time is
+set ahead); the tests release it at once with ``scontrol update StartTime=now``, as an operator
+could, instead of waiting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from framework.checkpoint import complete_checkpoints, tag_for
+from framework.cli import main
+from tests.conftest import DEBUG_RECIPE, REPO, quick_overrides
+from tests.integration.slurm_cluster import SlurmCluster, why_not_available
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    why = why_not_available()
+    if why is not None:
+        if os.environ.get("LLADA_REQUIRE_SLURM"):  # CI installs Slurm: never skip there
+            pytest.fail(f"LLADA_REQUIRE_SLURM is set but {why}")
+        pytest.skip(why)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def slurm_env(cluster, monkeypatch):
+    """What `llada slurm submit` and the job see: this cluster, one thread per rank."""
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return cluster
+
+
+def submit(capsys, run_dir: Path, dataset: Path, steps: int, *extra: str) -> str:
+    code = main(["slurm", "submit", str(DEBUG_RECIPE), "--nodes", "1", "--gpus-per-node", "0",
+                 "--tasks-per-node", "2", "--time", "20:00", "--signal-minutes", "1",
+                 *quick_overrides(run_dir, dataset, steps), "tracking.log_interval=1", *extra])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return out.out.split("submitted job ")[1].split()[0]
+
+
+def job_log(run_dir: Path, job: str) -> str:
+    path = run_dir / "slurm" / f"debug-cpu-{job}.out"
+    return path.read_text(errors="replace") if path.exists() else "(no job log yet)"
+
+
+def wait_for(cluster: SlurmCluster, run_dir: Path, job: str, what: str, ready,
+             timeout: float = 240.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = ready()
+        if value:
+            return value
+        time.sleep(0.3)
+    pytest.fail(f"job {job}: timed out waiting for {what}; state {cluster.job(job)}\n"
+                f"--- job log\n{job_log(run_dir, job)[-6000:]}\n{cluster.logs()}")
+
+
+def release_when_requeued(cluster: SlurmCluster, run_dir: Path, job: str, restarts: int) -> None:
+    wait_for(cluster, run_dir, job, f"requeue number {restarts}",
+             lambda: (lambda j: j["JobState"] == "PENDING" and j["Restarts"] == str(restarts))(
+                 cluster.job(job)))
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+
+
+def logged_steps(run_dir: Path):
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line]
+
+
+def test_signalled_job_checkpoints_requeues_and_resumes(slurm_env, capsys, tmp_path,
+                                                        small_dataset):
+    cluster, steps = slurm_env, 40
+    job = submit(capsys, tmp_path, small_dataset, steps)
+    # a few steps in, the signal Slurm sends ahead of the time limit, to the batch shell only
+    wait_for(cluster, tmp_path, job, "3 logged steps", lambda: len(logged_steps(tmp_path)) >= 3)
+    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    release_when_requeued(cluster, tmp_path, job, restarts=1)
+    wait_for(cluster, tmp_path, job, "the job to complete",
+             lambda: cluster.job(job)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"))
+
+    log = job_log(tmp_path, job)
+    state = cluster.job(job)
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", (state, log[-4000:])
+    assert state["Restarts"] == "1"
+    # stopped at a step boundary with a checkpoint of that step, then requeued
+    assert "USR1 received: every rank finishes its step" in log
+    stop = int(log.split("llada: stopping after step ")[1].split("/")[0])
+    assert 3 <= stop < steps, "the signal must land mid-run"
+    assert f"checkpoint {tmp_path / 'checkpoints' / tag_for(stop)}" in log
+    assert f"stopped with a checkpoint: requeueing job {job}" in log
+    assert stop in [s for s, _ in complete_checkpoints(tmp_path / "checkpoints", print)]
+    # the second start resumed exactly there and finished train.steps; not requeued again
+    assert f"job {job}, start 2" in log
+    assert f"resumed from {tmp_path / 'checkpoints' / tag_for(stop)} at step {stop}" in log
+    assert "finished: train.steps reached; not requeued" in log
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["final_step"] == steps
+    assert summary["steps"] == steps - stop and summary["world_size"] == 2
+    # one continuous loss history: every step once, none missing, none twice
+    assert logged_steps(tmp_path) == list(range(steps))
+    # the job log holds both starts' output (--open-mode=append)
+    assert log.count("llada-slurm: ") >= 6 and log.count("start 1,") == 1
+
+
+def rank_pid(run_dir: Path, rank: int) -> int:
+    """The pid of one rank of a running job: the `llada train` process for run_dir that Slurm's
+    step daemon started with SLURM_PROCID=rank (not one of its DataLoader workers)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if "framework.cli train" not in cmd or f"run.dir={run_dir}" not in cmd:
+                continue
+            env = (proc / "environ").read_bytes().split(b"\0")
+            ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            parent = Path(f"/proc/{ppid}/comm").read_text().strip()
+        except (OSError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        if f"SLURM_PROCID={rank}".encode() in env and parent == "slurmstepd":
+            return int(proc.name)
+    return 0
+
+
+def test_crashing_job_is_retried_then_fails_with_the_error(slurm_env, capsys, tmp_path,
+                                                           small_dataset):
+    cluster = slurm_env
+    job = submit(capsys, tmp_path, small_dataset, 500, "--max-crash-retries", "1")
+    for start in (1, 2):  # a rank dies (as on a node fault) once training runs, twice
+        wait_for(cluster, tmp_path, job, f"the first step of start {start}",
+                 lambda: job_log(tmp_path, job).count("step      1/500") == start)
+        os.kill(wait_for(cluster, tmp_path, job, "rank 1", lambda: rank_pid(tmp_path, 1)),
+                signal.SIGKILL)
+        if start == 1:
+            release_when_requeued(cluster, tmp_path, job, restarts=1)
+    wait_for(cluster, tmp_path, job, "the job to end",
+             lambda: cluster.job(job)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"))
+    log, state = job_log(tmp_path, job), cluster.job(job)
+    assert state["JobState"] == "FAILED" and state["Restarts"] == "1", (state, log[-4000:])
+    rc = int(state["ExitCode"].split(":")[0])
+    assert rc not in (0, 2, 3), state  # a crash: neither done, nor bad input, nor a clean stop
+    # the survivor saw its peer go and failed too; the script retried once, then gave up
+    assert "task 1: Killed" in log
+    assert f"crashed (exit {rc}), 1 of at most 1 in a row: requeueing job {job}" in log
+    assert f"crashed (exit {rc}) 2 times in a row without a new checkpoint: giving up" in log
+    assert not (tmp_path / "checkpoints").exists() or not list(
+        (tmp_path / "checkpoints").glob("step_*"))
+
+
+def test_8b_script_is_accepted_by_sbatch_test_only(slurm_env, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["slurm", "submit", str(REPO / "recipes" / "llada-8b.yaml"), "--nodes", "16",
+                 "--gpus-per-node", "8", "--time", "48:00:00", "--dry-run"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    script = tmp_path / "llada-8b.sbatch"
+    script.write_text(out.out)
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+    # this cluster has one node (of 64 CPUs and 8 GPUs): the node count aside, Slurm takes it
+    accepted = slurm_env.run("sbatch", "--test-only", "--nodes=1", str(script), check=False)
+    assert accepted.returncode == 0 and "to start at" in accepted.stderr, accepted.stderr
+    refused = slurm_env.run("sbatch", "--test-only", str(script), check=False)
+    assert refused.returncode != 0 and "node configuration is not available" in refused.stderr
+    # the rendered script is itself clean shell
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
