@@ -28,8 +28,11 @@ naming shard and sample key, and counted; the counters travel with the state.
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import functools
+import multiprocessing
+import os
 import signal
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -220,10 +223,20 @@ class _Workers(IterableDataset):
             yield batch, logical, state
 
 
-def _ignore(signals: Sequence[int], worker_id: int) -> None:
-    # after torch's own worker handlers (its SIGTERM handler exits the worker)
+def _stop_signals_in_worker(signals: Sequence[int], closing, worker_id: int) -> None:
+    """In each worker, after torch's own handlers (its TERM handler ends the worker): the stop
+    signals are ignored, except when the trainer itself is shutting its workers down
+    (``closing`` set; multiprocessing and torch then fall back on TERM for a worker that lags)."""
+    def on_signal(signum, frame):
+        if closing.value:
+            os._exit(0)
+
     for sig in signals:
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, on_signal)
+
+
+def _set(flag) -> None:
+    flag.value = 1
 
 
 class PretrainLoader:
@@ -238,6 +251,10 @@ class PretrainLoader:
         trainer down before it could save, so workers ignore them (the trainer stops them)."""
         self.cfg, self.sets, self.weights, self.collator = cfg, sets, weights, collator
         self.ignore_signals = tuple(ignore_signals)
+        # set while this process stops its workers; at interpreter exit too, which runs before
+        # multiprocessing's own exit hook (registered earlier) TERMinates and joins them
+        self._closing = multiprocessing.Value("b", 0, lock=False)
+        atexit.register(_set, self._closing)
         self.mb, self.accum, self.pin_memory = micro_batch_size, accumulation, pin_memory
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.workers = max(cfg.num_workers, 1)
@@ -252,6 +269,7 @@ class PretrainLoader:
         self.slot_states: List[Optional[dict]] = [None] * self.workers
         self.consumed = 0
         self._it: Optional[Iterator] = None
+        self._loader_iter = None  # the DataLoader's iterator, for its worker processes
 
     def _batches(self) -> Iterator[TrainBatch]:
         slot_args = dict(sets=self.sets, weights=self.weights, collator=self.collator,
@@ -262,10 +280,13 @@ class PretrainLoader:
         if self.cfg.num_workers == 0:
             items = iter(source)
         else:
-            items = iter(DataLoader(source, batch_size=None, num_workers=self.workers,
-                                    prefetch_factor=self.cfg.prefetch_batches,
-                                    pin_memory=self.pin_memory,
-                                    worker_init_fn=functools.partial(_ignore, self.ignore_signals)))
+            loader = DataLoader(source, batch_size=None, num_workers=self.workers,
+                                prefetch_factor=self.cfg.prefetch_batches,
+                                pin_memory=self.pin_memory,
+                                worker_init_fn=functools.partial(
+                                    _stop_signals_in_worker, self.ignore_signals, self._closing))
+            self._closing.value = 0
+            items = self._loader_iter = iter(loader)
         for batch, logical, state in items:
             self.slot_states[logical] = state
             self.consumed += 1
@@ -284,8 +305,15 @@ class PretrainLoader:
         loader refer to each other), the DataLoader waits 5 s per worker for them to exit.
         A later ``next`` starts them again from the state of the last batch handed out."""
         if self._it is not None:
-            self._it.close()
+            workers = list(getattr(self._loader_iter, "_workers", []))
+            self._closing.value = 1
+            self._loader_iter = None
+            self._it.close()  # the DataLoader iterator goes with it: torch stops its workers
             self._it = None
+            for w in workers:  # one stuck (in I/O, say) past torch's TERM
+                if w.is_alive():
+                    w.kill()
+                    w.join()
 
     @property
     def counters(self) -> Dict[str, int]:

@@ -51,8 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _error(str(e), EXIT_BAD_INPUT)
     except (TrainingError, CheckpointError) as e:
         return _error(str(e), EXIT_FAILED)
-    finally:
-        stop.uninstall()
+    finally:  # the handler stays: a late signal during teardown must not kill the process
         shutdown_world()
     return EXIT_REQUEUE if summary["status"] == "stopped" else 0
 

@@ -104,11 +104,20 @@ def directives(cfg: Config, opts: SubmitOptions, run_dir: Path) -> Dict[str, Opt
         "cpus-per-task": str(opts.cpus_per_task or cfg.data.num_workers + 2),
         "time": opts.time,
         "signal": f"B:USR1@{round(60 * opts.signal_minutes)}",
-        "output": str(run_dir / "slurm" / "%x-%j.out"),
+        # %x job name, %j job id; a % of the path itself is written %%
+        "output": str(run_dir / "slurm").replace("%", "%%") + "/%x-%j.out",
         "chdir": str(Path.cwd()),
         "account": opts.account,
         "partition": opts.partition,
     }
+
+
+def _directive(name: str, value: str) -> str:
+    """``#SBATCH --name=value``; sbatch splits values at blanks and ends them at ``#`` unless
+    they are double-quoted."""
+    if re.search(r'[\s#"\\]', value):
+        value = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"#SBATCH --{name}={value}"
 
 
 def render(recipe: Path, overrides: List[str], cfg: Config, opts: SubmitOptions,
@@ -118,17 +127,21 @@ def render(recipe: Path, overrides: List[str], cfg: Config, opts: SubmitOptions,
     run_dir = Path(cfg.run.dir).resolve()
     wanted = directives(cfg, opts, run_dir)
     lines = _template().splitlines()
-    header = [i for i, line in enumerate(lines) if _DIRECTIVE.match(line)]
+    header = [i for i, line in enumerate(lines) if line.startswith("#SBATCH")]
+    for i in header:
+        if not _DIRECTIVE.match(lines[i]):
+            raise ConfigError(f"{TEMPLATE}: {lines[i]!r}: write directives as --name=value")
+    placed: set = set()
     kept: List[str] = []
     for i in header:
         name = _DIRECTIVE.match(lines[i]).group(1)
         if name not in wanted:
             kept.append(lines[i])  # --requeue, --open-mode=append, --exclusive, ...
-        elif wanted[name] is not None:
-            kept.append(f"#SBATCH --{name}={wanted.pop(name)}")
-        else:
-            wanted.pop(name)
-    kept += [f"#SBATCH --{k}={v}" for k, v in wanted.items() if v is not None]
+        elif name not in placed:  # the first line of a name takes the value; repeats go
+            placed.add(name)
+            if wanted[name] is not None:
+                kept.append(_directive(name, wanted[name]))
+    kept += [_directive(k, v) for k, v in wanted.items() if v is not None and k not in placed]
     body = lines[header[-1] + 1:]
     if SETTINGS_MARKER not in body:
         raise ConfigError(f"{TEMPLATE}: the line {SETTINGS_MARKER!r} is missing")
@@ -137,9 +150,9 @@ def render(recipe: Path, overrides: List[str], cfg: Config, opts: SubmitOptions,
     settings = [
         f"# rendered by `llada slurm submit` on {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
         f"set -- {args}",
-        f': "${{LLADA_PYTHON:={shlex.quote(python)}}}"',
-        f'LLADA_RUN_DIR={shlex.quote(str(run_dir))}',
-        f': "${{LLADA_MAX_CRASH_RETRIES:={opts.max_crash_retries}}}"',
+        f"LLADA_PYTHON={shlex.quote(python)}",
+        f"LLADA_RUN_DIR={shlex.quote(str(run_dir))}",
+        f"LLADA_MAX_CRASH_RETRIES={opts.max_crash_retries}",
         f"LLADA_EXIT_REQUEUE={EXIT_REQUEUE}",
     ]
     return "\n".join(lines[:header[0]] + kept + body[:at] + settings + body[at + 1:]) + "\n"

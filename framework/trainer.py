@@ -517,7 +517,8 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "mfu": self._mfu(tokens_per_s),
             "skipped_steps": self.skipped_steps,
-            "data_skipped": self.data_skipped(reduce=status == "completed"),
+            # after a failure the other ranks may not join a collective; after a stop they do
+            "data_skipped": self.data_skipped(reduce=status in ("completed", "stopped")),
             "elapsed_s": elapsed,
             "parameters": self.num_params,
             "world_size": self.world.world_size,

@@ -13,7 +13,7 @@ from framework.config import DataConfig, DatasetConfig, ObjectiveConfig
 
 def make_loader(manifests: List[Path], *, dp_rank=0, dp_size=1, workers=0, mb=4, accum=1,
                 seed=0, buffer=16, weights: Optional[List[float]] = None, shards_url=None,
-                variable_length_prob=0.0, state=None) -> PretrainLoader:
+                variable_length_prob=0.0, state=None, ignore_signals=()) -> PretrainLoader:
     weights = weights or [1.0] * len(manifests)
     cfg = DataConfig(datasets=[DatasetConfig(manifest=str(m), weight=w)
                                for m, w in zip(manifests, weights)],
@@ -23,7 +23,7 @@ def make_loader(manifests: List[Path], *, dp_rank=0, dp_size=1, workers=0, mb=4,
     collator = MaskCollator(ObjectiveConfig(variable_length_prob=variable_length_prob),
                             sets[0].special_ids["mask"], cfg.seq_len)
     loader = PretrainLoader(cfg, sets, weights, collator, micro_batch_size=mb, accumulation=accum,
-                            dp_rank=dp_rank, dp_size=dp_size)
+                            dp_rank=dp_rank, dp_size=dp_size, ignore_signals=ignore_signals)
     if state is not None:
         loader.load_state_dict(state)
     return loader

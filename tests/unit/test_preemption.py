@@ -6,13 +6,15 @@ import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
 from framework.config import ConfigError, PreemptionConfig, load_config
 from framework.preemption import StopRequest, deadline_from_env
 from framework.trainer import Trainer
-from tests.conftest import DEBUG_RECIPE, quick_overrides
+from tests.conftest import DEBUG_RECIPE, REPO, quick_overrides
 
 
 def test_deadline_guard_counts_the_next_step_and_a_save():
@@ -116,3 +118,21 @@ def test_loader_workers_survive_the_stop_signals(world, tmp_path, small_dataset)
         next(loader)
     assert workers[0].is_alive()
     loader.close()
+
+
+def test_a_process_with_workers_left_running_still_exits(small_dataset):
+    # workers ignore the stop signals, yet interpreter exit (which TERMinates and joins them)
+    # must not wait on them forever, nor must a close that finds one stuck
+    code = f"""
+import signal, sys
+sys.path.insert(0, {str(REPO)!r})
+from tests.unit.data_helpers import make_loader
+a = make_loader([{str(small_dataset)!r}], workers=1, ignore_signals=[signal.SIGTERM])
+b = make_loader([{str(small_dataset)!r}], workers=1, ignore_signals=[signal.SIGTERM])
+next(a); next(b)
+b.close()
+print("exiting", flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "exiting" in proc.stdout, proc.stderr[-2000:]

@@ -61,7 +61,9 @@ def test_cpu_tasks_overrides_after_the_options_and_quoting(capsys, tmp_path):
     assert "gpus-per-node" not in d and d["ntasks-per-node"] == "2" and d["nodes"] == "2"
     assert d["signal"] == "B:USR1@150" and d["time"] == "1-00:00"
     assert f"set -- {DEBUG_RECIPE} 'run.dir={tmp_path}/my run' train.global_batch_size=128\n" in out
-    assert ': "${LLADA_MAX_CRASH_RETRIES:=5}"' in out
+    assert "\nLLADA_MAX_CRASH_RETRIES=5\n" in out
+    # sbatch would cut an unquoted value at the blank
+    assert d["output"] == f'"{tmp_path}/my run/slurm/%x-%j.out"'
     assert err == ""
 
 
