@@ -232,10 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
                             help="default: --gpus-per-node; needed for CPU tasks")
     sub_submit.add_argument("--cpus-per-task", type=int,
                             help="CPUs per rank (default: data.num_workers + 2)")
-    sub_submit.add_argument("--signal-minutes", type=float, default=10.0,
+    from framework.slurm import SubmitOptions
+    defaults = {k: f.default for k, f in SubmitOptions.__dataclass_fields__.items()}
+    sub_submit.add_argument("--signal-minutes", type=float, default=defaults["signal_minutes"],
                             help="minutes before the time limit at which the job checkpoints "
                             "and requeues itself")
-    sub_submit.add_argument("--max-crash-retries", type=int, default=3,
+    sub_submit.add_argument("--max-crash-retries", type=int,
+                            default=defaults["max_crash_retries"],
                             help="requeues after crashes in a row without a new checkpoint")
     sub_submit.add_argument("--dry-run", action="store_true",
                             help="print the rendered script instead of submitting it")
