@@ -36,6 +36,11 @@ def deadline_from_env(env: Dict[str, str] = os.environ) -> Optional[float]:
         raise ConfigError(f"{DEADLINE_ENV}: expected epoch seconds, got {raw!r}") from None
 
 
+def stop_signals(cfg: PreemptionConfig) -> list:
+    """``cfg.signals`` as signal numbers."""
+    return [getattr(signal, f"SIG{name}") for name in cfg.signals]
+
+
 class StopRequest:
     """Whether this rank wants the run to stop after the current step, and why."""
 
@@ -51,8 +56,7 @@ class StopRequest:
         """Handle ``cfg.signals`` in this (main) thread until ``uninstall``. DataLoader workers
         forked later inherit the handler: there it only sets a flag nobody reads, so a signal
         that Slurm sends to every process of the step does not kill them."""
-        for name in self.cfg.signals:
-            sig = getattr(signal, f"SIG{name}")
+        for sig in stop_signals(self.cfg):
             self._previous[sig] = signal.signal(sig, self._on_signal)
         return self
 

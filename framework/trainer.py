@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -43,7 +42,7 @@ from framework.objective import PretrainLoss
 from framework.optimizer import NonFiniteGuard, SkippableAdamW, param_groups
 from framework.parallel import (DeepSpeedMPU, World, init_world,
                                 reduce_sequence_parallel_grads)
-from framework.preemption import StopRequest, deadline_from_env
+from framework.preemption import StopRequest, deadline_from_env, stop_signals
 from framework.schedule import wsd_lr
 
 SUMMARY_WINDOW = 10  # first_loss / last_loss: means over this many steps
@@ -112,7 +111,7 @@ class Trainer:
                          length_multiple=world.tp if sp else 1),
             micro_batch_size=tc.micro_batch_size, accumulation=self.accum,
             dp_rank=world.dp_rank, dp_size=world.dp, pin_memory=on_gpu,
-            ignore_signals=[getattr(signal, f"SIG{name}") for name in cfg.preemption.signals])
+            ignore_signals=stop_signals(cfg.preemption))
 
         self.tokenizer = sets[0].tokenizer_path
         self.tokenizer_hashes = [ds.tokenizer_sha256 for ds in sets]
