@@ -1,7 +1,7 @@
 """``llada``: the command line. ``llada train RECIPE [key=value ...]``,
 ``llada plan RECIPE [key=value ...]``, ``llada prepare INPUT... -o DIR [options]``,
 ``llada export CHECKPOINT OUT_DIR``, ``llada slurm submit RECIPE --nodes N --gpus-per-node G
---time T [key=value ...]``.
+--time T [key=value ...]``, ``llada tracking sync RUN_DIR``.
 
 Bad input (a missing recipe, an unknown key, a wrong type, sizes that do not divide) prints one
 line naming the key or file and exits 2, without a traceback. A failed run exits 1; a run stopped
@@ -46,7 +46,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from framework.trainer import Trainer, TrainingError
 
     try:
-        summary = Trainer(cfg, stop).fit()
+        recipe = " ".join([str(args.recipe), *args.overrides])
+        summary = Trainer(cfg, stop, recipe=recipe).fit()
     except ConfigError as e:
         return _error(str(e), EXIT_BAD_INPUT)
     except (TrainingError, CheckpointError) as e:
@@ -141,6 +142,23 @@ def cmd_slurm_submit(args: argparse.Namespace) -> int:
     print(f"llada: submitted job {job} ({opts.nodes} x {opts.tasks_per_node} tasks, "
           f"--time {opts.time}); script {path}\n"
           f"llada: follow it: squeue -j {job}; tail -f {log}")
+    return 0
+
+
+def cmd_tracking_sync(args: argparse.Namespace) -> int:
+    """Send what a run kept while its MLflow server was unreachable."""
+    from framework.config import ConfigError
+    from framework.tracking import sync
+
+    try:
+        sent = sync(Path(args.directory))
+    except ConfigError as e:
+        return _error(str(e), EXIT_BAD_INPUT)
+    except Exception as e:  # noqa: BLE001 - the server's or the network's failure, kept for later
+        return _error(f"{args.directory}: MLflow did not take the records ({type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:200]}); they stay kept, try again later",
+                      EXIT_FAILED)
+    print(f"llada: {sent} tracking record(s) sent")
     return 0
 
 
@@ -243,6 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub_submit.add_argument("--dry-run", action="store_true",
                             help="print the rendered script instead of submitting it")
     sub_submit.set_defaults(func=cmd_slurm_submit)
+
+    tracking = sub.add_parser("tracking", help="MLflow tracking",
+                              description="The MLflow run of a training run (framework/tracking.py).")
+    tracking_sub = tracking.add_subparsers(dest="tracking_command", required=True)
+    sync = tracking_sub.add_parser(
+        "sync", help="send the records a run kept while MLflow was unreachable",
+        description="Send the records of a run directory's tracking outbox (or of a "
+        "tracking-unsent-* directory set aside) that its MLflow server has not got, in order, "
+        "to the same run; nothing is sent twice.")
+    sync.add_argument("directory", help="run directory, its tracking/ or a tracking-unsent-*")
+    sync.set_defaults(func=cmd_tracking_sync)
 
     prep = sub.add_parser(
         "prepare", help="tokenise text/JSONL into WebDataset tar shards",

@@ -308,9 +308,21 @@ class TrackingConfig:
     log_interval: int = 10  # steps between log lines and metric records
     metrics_file: bool = True  # <run.dir>/metrics.jsonl, one record per logged step
     progress_bar: bool = True  # on rank 0, when the output is a terminal
+    # MLflow (framework/tracking.py), from the rank that holds the loss
+    enabled: bool = True
+    uri: Optional[str] = None  # None: an SQLite store <run.dir>/mlflow.db; or http(s)://host:port
+    experiment: str = "llada"
+    run_name: Optional[str] = None  # None: run.name
+    send_interval_s: float = 1.0  # records collect this long into one request (log_batch)
+    retry_interval_s: float = 30.0  # while the server is unreachable, how often to try again
+    close_timeout_s: float = 120.0  # at the end, how long the last records may take to send
 
     def __post_init__(self):
-        _positive(self, "tracking", "log_interval")
+        _positive(self, "tracking", "log_interval", "send_interval_s", "retry_interval_s",
+                  "close_timeout_s")
+        _require(self.uri is None or bool(self.uri.strip()), "tracking.uri",
+                 "must not be empty (unset it for the local store under run.dir)")
+        _require(bool(self.experiment.strip()), "tracking.experiment", "must not be empty")
 
 
 @dataclass

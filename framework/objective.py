@@ -108,8 +108,13 @@ def llada_loss(
     the masked count, which keeps the loss an ELBO comparable across runs.
     ``cross_entropy`` returns per-position CE; tensor parallelism passes the vocab-parallel one.
     """
-    ce = _cross_entropy(masked_logits, masked_targets, cross_entropy)
-    return (ce / masked_p.float()).sum() / num_tokens
+    return llada_loss_terms(masked_logits, masked_targets, masked_p, cross_entropy).sum() / num_tokens
+
+
+def llada_loss_terms(masked_logits, masked_targets, masked_p, cross_entropy=None) -> torch.Tensor:
+    """[N] CE(logits_i, x_i) / p_mask(seq of i) at each masked position: ``llada_loss`` sums
+    them; the per-sequence sums give the loss by mask ratio (``LossByT``)."""
+    return _cross_entropy(masked_logits, masked_targets, cross_entropy) / masked_p.float()
 
 
 def sft_loss(
@@ -133,20 +138,65 @@ def _cross_entropy(logits, targets, cross_entropy) -> torch.Tensor:
     return cross_entropy(logits, targets).float()
 
 
+T_BUCKETS = 10  # the loss by mask ratio: tenths of [0, 1]
+
+
+def t_bucket_names() -> list:
+    return [f"{k / T_BUCKETS:.1f}-{(k + 1) / T_BUCKETS:.1f}" for k in range(T_BUCKETS)]
+
+
+class LossByT:
+    """Each sequence's loss (its CE / p_mask terms over L, so the batch's mean is the loss) summed
+    by the tenth of [0, 1] its mask ratio falls in: where the model is weak (nearly clean or nearly
+    all-masked inputs). Kept on the device, so there is no host sync per micro-batch; a step's
+    share is kept only when the step is (a skipped step's NaN would poison the window)."""
+
+    def __init__(self):
+        self.step_totals = self.window = None  # [2, T_BUCKETS]: loss sums, sequence counts
+
+    def add(self, terms: torch.Tensor, mask: torch.Tensor, p_mask: torch.Tensor) -> None:
+        full = torch.zeros(mask.shape, dtype=torch.float64, device=terms.device)
+        per_seq = full.masked_scatter_(mask, terms.detach().double()).sum(1) / mask.shape[1]
+        bucket = (p_mask.float() * T_BUCKETS).long().clamp_(0, T_BUCKETS - 1)
+        if self.step_totals is None:
+            self.step_totals = torch.zeros(2, T_BUCKETS, dtype=torch.float64, device=terms.device)
+        self.step_totals[0].index_add_(0, bucket, per_seq)
+        self.step_totals[1].index_add_(0, bucket, torch.ones_like(per_seq))
+
+    def end_step(self, keep: bool) -> None:
+        if self.step_totals is not None:
+            if keep:
+                self.window = self.step_totals if self.window is None else self.window + self.step_totals
+            self.step_totals = None
+
+    def take(self, device: torch.device, reduce: Callable[[torch.Tensor], None]) -> dict:
+        """{bucket name: mean loss} of the steps since the last take, over what ``reduce`` (an
+        in-place all-reduce) sums, buckets no sequence fell in left out; resets the window."""
+        window = self.window if self.window is not None else torch.zeros(
+            2, T_BUCKETS, dtype=torch.float64, device=device)
+        reduce(window)
+        self.window = None
+        sums, counts = window.tolist()
+        return {name: s / c for name, s, c in zip(t_bucket_names(), sums, counts) if c > 0}
+
+
 class PretrainLoss:
     """The loss of one micro-batch from the head's logits at the masked positions, with
     ``labels`` = (targets [b, l], mask [b, l], p_mask [b]). One callable for both engines: the
     trainer calls it after the forward, DeepSpeed's pipeline engine as the last stage's loss_fn.
-    ``observe`` sees every loss (the trainer's non-finite guard)."""
+    ``observe`` sees every loss (the trainer's non-finite guard); ``by_t`` collects the loss by
+    mask ratio."""
 
     def __init__(self, cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  observe: Callable[[torch.Tensor], None]):
         self.cross_entropy, self.observe = cross_entropy, observe
+        self.by_t = LossByT()
 
     def __call__(self, logits: torch.Tensor, labels) -> torch.Tensor:
         targets, mask, p_mask = labels
         masked_p = p_mask[:, None].expand_as(targets)[mask]
-        loss = llada_loss(logits, targets[mask], masked_p, targets.numel(),
-                          cross_entropy=self.cross_entropy)
+        terms = llada_loss_terms(logits, targets[mask], masked_p, self.cross_entropy)
+        loss = terms.sum() / targets.numel()
         self.observe(loss)
+        self.by_t.add(terms, mask, p_mask)
         return loss

@@ -81,9 +81,11 @@ def check_data(cfg: Config, sets: List[ShardSet]) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, stop: Optional[StopRequest] = None):
+    def __init__(self, cfg: Config, stop: Optional[StopRequest] = None,
+                 recipe: Optional[str] = None):
         """``stop``: the signal handler the CLI installed before anything slow started; by
-        default only the deadline guard (``LLADA_DEADLINE``) can stop the run early."""
+        default only the deadline guard (``LLADA_DEADLINE``) can stop the run early.
+        ``recipe``: where the config came from (a tag of the MLflow run)."""
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -145,6 +147,8 @@ class Trainer:
 
         self.step = 0
         self.consumed_tokens = 0  # over the whole run, resumes included
+        self.skipped_before = 0  # skipped steps of the jobs before this one (resumed)
+        self.tracking_run_id: Optional[str] = None  # the MLflow run of the checkpoint resumed
         self.history: List[StepResult] = []
         self.consecutive_nonfinite = 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -155,6 +159,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
             if self.metrics_path.exists():  # records of steps this run makes (again) go
                 self._truncate_metrics()
+        self.tracker = self._open_tracker(recipe)
 
     def _build_model(self, on_gpu: bool) -> torch.nn.Module:
         """The pieces of the model, all in one module or cut into this rank's pipeline stage;
@@ -208,6 +213,7 @@ class Trainer:
         else:
             loss = self._micro_steps(batches)
         skipped = self.guard.verdict()
+        self.loss_fn.by_t.end_step(keep=not skipped)
         grad_norm = None if skipped else self.engine.get_global_grad_norm()
         result = StepResult(step=self.step, loss=float("nan") if skipped else loss, lr=lr,
                             grad_norm=None if grad_norm is None else float(grad_norm),
@@ -310,6 +316,9 @@ class Trainer:
             summary = self._summary(total_tokens, elapsed, status)
             if world.is_main:
                 (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if self.tracker is not None:  # a stopped run is resumed: KILLED until it is
+                self.tracker.close({"completed": "FINISHED", "stopped": "KILLED"}.get(status,
+                                                                                  "FAILED"))
         _log(world, f"llada: {'done' if status == 'completed' else status}: "
                     f"{summary['steps']} steps, {summary['tokens']} tokens, "
                     f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}, "
@@ -333,14 +342,21 @@ class Trainer:
 
     def _log_step(self, result: StepResult, tokens_per_s: float) -> None:
         mfu = self._mfu(tokens_per_s)
+        data_skipped = self.data_skipped()
+        # the loss by mask ratio over the steps since the last record, all data-parallel ranks
+        by_t = self.loss_fn.by_t.take(self.world.device, lambda t: dist.all_reduce(
+            t, group=parallel_state.get_data_parallel_group()))
         record = {**asdict(result), "tokens_per_s": tokens_per_s, "mfu": mfu,
-                  "skipped_total": self.skipped_steps, "data_skipped": self.data_skipped()}
+                  "skipped_total": self.skipped_steps, "data_skipped": data_skipped,
+                  "loss_by_t": by_t}
+        if self.tracker is not None:
+            self.tracker.metrics(result.step + 1, self._tracked_metrics(record))
         grad = "n/a" if result.grad_norm is None else f"{result.grad_norm:.3f}"
         mfu_s = "" if mfu is None else f" | mfu {100 * mfu:.1f}%"
         _log(self.world, f"step {result.step + 1:>6}/{self.cfg.train.steps} | loss "
                          f"{result.loss:.4f} | lr {result.lr:.3e} | grad norm {grad} | "
                          f"{tokens_per_s:,.0f} tokens/s{mfu_s} | skipped {self.skipped_steps}"
-                         f"{self._data_note()}")
+                         f"{self._data_note(data_skipped)}")
         if self.world.is_main and self.cfg.tracking.metrics_file:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -357,13 +373,62 @@ class Trainer:
         dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
         return dict(zip(sorted(counters), t.tolist()))
 
-    def _data_note(self) -> str:
-        bad = {k: v for k, v in self.data_skipped().items() if v}
+    @staticmethod
+    def _data_note(data_skipped: dict) -> str:
+        bad = {k: v for k, v in data_skipped.items() if v}
         return "" if not bad else " | data skipped " + ", ".join(f"{k} {v}" for k, v in bad.items())
 
     @property
     def skipped_steps(self) -> int:
-        return sum(r.skipped for r in self.history)
+        """Over the whole run: this job's and those of the jobs it resumed."""
+        return self.skipped_before + sum(r.skipped for r in self.history)
+
+    # ------------------------------------------------------------------ MLflow
+    def _open_tracker(self, recipe: Optional[str]):
+        """The MLflow run, on the rank that holds the loss (last pipeline stage, tensor rank 0,
+        data rank 0); a bad tracking.uri is one error on every rank."""
+        cfg, world = self.cfg, self.world
+        tracker, error = None, None
+        if cfg.tracking.enabled and (world.pp_rank, world.tp_rank, world.dp_rank) == (
+                world.pp - 1, 0, 0):
+            from framework.tracking import Tracker, flatten, run_tags
+            tc, run_dir = cfg.tracking, self.run_dir.resolve()
+            try:
+                tracker = Tracker(
+                    tc, run_dir / "tracking", uri=tc.uri or f"sqlite:///{run_dir / 'mlflow.db'}",
+                    # the local store keeps its artifacts beside it, not in the working directory
+                    artifact_location=None if tc.uri else (run_dir / "mlartifacts").as_uri(),
+                    run_name=tc.run_name or cfg.run.name, run_id=self.tracking_run_id,
+                    resumed_at=None if self.resume_from is None else self.step,
+                    ignore_signals=stop_signals(cfg.preemption))
+            except ConfigError as e:
+                error = str(e)
+            else:
+                tracker.params(flatten(to_dict(cfg)), self.step)
+                tracker.tags(run_tags(recipe, world, resumed_at=None if self.resume_from is None
+                                      else self.step))
+                config_copy = run_dir / "tracking" / "config.yaml"
+                atomic_write(config_copy, to_yaml(cfg).encode())
+                tracker.artifact(config_copy, "config")
+                tracker.artifact(self.tokenizer, "tokenizer")
+        errors: List[Optional[str]] = [None] * world.world_size
+        dist.all_gather_object(errors, error)
+        failed = next((e for e in errors if e is not None), None)
+        if failed is not None:
+            if tracker is not None:
+                tracker.close("FAILED")
+            raise ConfigError(failed)
+        return tracker
+
+    def _tracked_metrics(self, record: dict) -> dict:
+        """A metrics.jsonl record as MLflow metrics: flat names, no unknowns (MFU off a GPU)."""
+        values = {"loss": record["loss"], "lr": record["lr"], "grad_norm": record["grad_norm"],
+                  "tokens_per_s": record["tokens_per_s"], "mfu": record["mfu"],
+                  "consumed_tokens": self.consumed_tokens, "skipped_steps": self.skipped_steps,
+                  "seq_len": record["seq_len"]}
+        values.update({f"data_skipped/{k}": v for k, v in record["data_skipped"].items()})
+        values.update({f"loss_by_t/{k}": v for k, v in record["loss_by_t"].items()})
+        return {k: v for k, v in values.items() if v is not None}
 
     # ------------------------------------------------------------------ checkpoints
     def _layout(self) -> dict:
@@ -379,21 +444,37 @@ class Trainer:
         save, stop = self.checkpointer.due(self.step, final, stop=self.stop.reason is not None)
         if save:
             start = time.perf_counter()
-            self.save_checkpoint()
-            self.stop.note_save(time.perf_counter() - start)
+            path = self.save_checkpoint()
+            seconds = time.perf_counter() - start
+            self.stop.note_save(seconds)
+            if self.tracker is not None:
+                self.tracker.checkpoint(self.step, path, seconds)
         return stop
 
     def save_checkpoint(self) -> Path:
         """The complete checkpoint of this step (collective)."""
         import deepspeed
         meta = {"consumed_samples": self.step * self.cfg.train.global_batch_size,
-                "consumed_tokens": self.consumed_tokens, "layout": self._layout(),
+                "consumed_tokens": self.consumed_tokens, "skipped_steps": self.skipped_steps,
+                "tracking": {"run_id": self._tracking_run_id()}, "layout": self._layout(),
                 "tokenizer_sha256": self.tokenizer_hashes, "special_ids": self.special_ids,
                 "config": to_dict(self.cfg),
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__}}
         return self.checkpointer.save(self.engine, self.step, meta, self.data.state_dict(),
                                       self.tokenizer)
+
+    def _tracking_run_id(self) -> Optional[str]:
+        """The MLflow run id, from the tracking rank to its pipeline's first stage (rank 0 writes
+        meta.json). None while the courier has not made the run yet: run.json names it then."""
+        answer = [None]
+        if self.tracker is not None:
+            answer[0] = self.tracker.run_id
+        if self.world.pp > 1:
+            dist.broadcast_object_list(
+                answer, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                group=parallel_state.get_pipeline_model_parallel_group())
+        return answer[0]
 
     def _resume_path(self) -> Optional[Path]:
         """checkpoint.resume resolved and checked against this config on rank 0 (its warnings
@@ -445,6 +526,8 @@ class Trainer:
         if saved["world_size"] == world.world_size:  # else no rank has a state of its own
             set_rng_state(torch.load(path / rank_file("rng", world.rank), weights_only=False))
         self.step, self.consumed_tokens = meta["step"], meta["consumed_tokens"]
+        self.skipped_before = meta.get("skipped_steps", 0)
+        self.tracking_run_id = meta.get("tracking", {}).get("run_id")
         self.engine.global_steps = self.step
         self.engine.global_samples = meta["consumed_samples"]
         _log(world, f"llada: resumed from {path} at step {self.step} ({how})")

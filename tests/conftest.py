@@ -65,6 +65,8 @@ def quick_overrides(run_dir: Path, manifest: Path, steps: int = 30) -> List[str]
         "data.seq_len=64", "data.shuffle_buffer=128", "train.micro_batch_size=8",
         "train.global_batch_size=16", "optimizer.lr=3e-3", "schedule.warmup_steps=5",
         "tracking.log_interval=10",
+        # MLflow's store costs seconds per run; the tests of tracking turn it on (mlflow_server)
+        "tracking.enabled=false",
     ]
 
 
@@ -105,3 +107,21 @@ def world():
     shutdown_world()
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (SQLite backend) on 127.0.0.1 for the whole session; a test that
+    stops it starts it again before it ends."""
+    from tests.integration.mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def tracking_overrides(server, experiment: str) -> List[str]:
+    """Track to the test server, in an experiment of the test's own."""
+    return ["tracking.enabled=true", f"tracking.uri={server.uri}",
+            f"tracking.experiment={experiment}"]

@@ -1,6 +1,8 @@
 """Resume through a kill -9, with two data-parallel ranks (gloo) reading the WebDataset shards
 through DataLoader workers: 2N steps in one run, and N steps + kill -9 of every process + resume
-+ N steps, give bitwise-identical losses and final weights and optimizer state. And resharding
++ N steps, give bitwise-identical losses and final weights and optimizer state, and one MLflow
+run on a real server with every step once (the killed job had logged steps past the checkpoint,
+which the resumed job runs again). And resharding
 through ``llada train``: the same checkpoint resumed by one process (DP2 -> DP1) continues with
 the same losses within 1e-5 (tensor- and pipeline-parallel checkpoints resumed by one process:
 test_reshard.py)."""
@@ -15,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import DEBUG_RECIPE, REPO, cli_command, quick_overrides, run_cli
+from tests.conftest import (DEBUG_RECIPE, REPO, cli_command, quick_overrides, run_cli,
+                            tracking_overrides)
 
 pytestmark = pytest.mark.slow
 
@@ -42,23 +45,31 @@ def descendants(pid: int) -> list:
     return out
 
 
-def kill_9_at_checkpoint(run_dir, dataset, tag_dir: Path) -> None:
-    """Start the run and SIGKILL it, torchrun and every worker (they run in their own sessions),
-    as soon as the checkpoint at step N is complete."""
-    cmd, env = cli_command(overrides(run_dir, dataset), nproc=2)
+def kill_9_past_checkpoint(args, run_dir, tag_dir: Path) -> None:
+    """Start the run and SIGKILL it, torchrun and every worker and the tracking courier (they run
+    in their own sessions), once the checkpoint at step N is complete and step N + 1 logged."""
+    cmd, env = cli_command(args, nproc=2)
     with open(run_dir.parent / "killed.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
-        while not (tag_dir / "meta.json").exists():
+        while not ((tag_dir / "meta.json").exists() and N + 1 in logged_steps(run_dir)):
             assert proc.poll() is None, (run_dir.parent / "killed.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint at step N"
-            time.sleep(0.01)
+            assert time.monotonic() < deadline, "no checkpoint at step N, or no step N + 1"
+            time.sleep(0.02)
         for pid in [proc.pid, *descendants(proc.pid)]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         proc.wait()
+
+
+def logged_steps(run_dir) -> list:
+    """The steps in the MLflow outbox (sent or not: the courier may be killed before it sends)."""
+    outbox = run_dir / "tracking" / "outbox.jsonl"
+    lines = outbox.read_text().splitlines() if outbox.exists() else []
+    records = [json.loads(line) for line in lines[:-1]]  # the last one may be half-written
+    return [r["step"] for r in records if r.get("stream") == "step"]
 
 
 def losses(run_dir):
@@ -104,14 +115,15 @@ def assert_close_losses(got, reference, first_step):
         assert abs(a - b) <= 1e-5 * abs(b), (step, a, b)
 
 
-def test_kill_9_and_resume_is_bitwise_identical(tmp_path, small_dataset, whole):
+def test_kill_9_and_resume_is_bitwise_identical(tmp_path, small_dataset, whole, mlflow_server):
     killed = tmp_path / "killed"
-
     killed.mkdir()
-    kill_9_at_checkpoint(killed, small_dataset, killed / "checkpoints" / f"step_{N:08d}")
+    args = overrides(killed, small_dataset) + tracking_overrides(mlflow_server, "kill-9") + [
+        "tracking.send_interval_s=0.05"]
+    kill_9_past_checkpoint(args, killed, killed / "checkpoints" / f"step_{N:08d}")
     assert not (killed / "checkpoints" / f"step_{2 * N:08d}").exists(), \
         "the run finished before it was killed: the test proves nothing"
-    proc = run_cli(overrides(killed, small_dataset), nproc=2)
+    proc = run_cli(args, nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed from {killed / 'checkpoints' / f'step_{N:08d}'} at step {N} (same layout)" \
         in proc.stdout
@@ -125,6 +137,16 @@ def test_kill_9_and_resume_is_bitwise_identical(tmp_path, small_dataset, whole):
     assert a.keys() == b.keys() and len(a) > 10
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, different[:5]
+
+    # one MLflow run: steps 1..2N each once, the values of the uninterrupted run
+    client = mlflow_server.client()
+    (run,) = client.search_runs([client.get_experiment_by_name("kill-9").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_at_step"] == str(N)
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 2 * N + 1))
+    assert {m.step: m.value for m in history} == {s + 1: loss for s, loss, _ in reference}
+    saves = client.get_metric_history(run.info.run_id, "checkpoint/save_seconds")
+    assert sorted(m.step for m in saves) == [N, 2 * N]
 
 
 def test_resume_under_one_data_parallel_rank(tmp_path, small_dataset, whole):

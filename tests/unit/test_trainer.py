@@ -19,13 +19,13 @@ def make_trainer(tmp_path, dataset, *extra):
 
 def poison_steps(monkeypatch, trainer, bad_steps):
     """Make the loss NaN at the given optimizer steps, as a diverging model would."""
-    real = objective_mod.llada_loss
+    real = objective_mod.llada_loss_terms
 
     def loss(*args, **kwargs):
         value = real(*args, **kwargs)
         return value * float("nan") if trainer.step in bad_steps else value
 
-    monkeypatch.setattr(objective_mod, "llada_loss", loss)
+    monkeypatch.setattr(objective_mod, "llada_loss_terms", loss)
 
 
 def snapshot(trainer):
