@@ -4,9 +4,11 @@ tiny-model overrides, and a single-process world for in-process model and traine
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 from typing import List
 
@@ -109,16 +111,32 @@ def world():
     os.environ.update(saved)
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` (SQLite backend) on 127.0.0.1 for the whole session; a test that
-    stops it starts it again before it ends."""
+_MLFLOW_SERVER = None
+
+
+def pytest_collection_finish(session):
+    """When a collected test needs the MLflow server, it starts now, in the background (that
+    takes seconds): the tests that use it find it up."""
+    global _MLFLOW_SERVER
     from tests.integration.mlflow_server import MlflowServer
 
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    server.start()
-    yield server
-    server.stop()
+    if any("mlflow_server" in getattr(item, "fixturenames", ()) for item in session.items):
+        _MLFLOW_SERVER = MlflowServer(Path(tempfile.mkdtemp(prefix="llada-mlflow-server-")))
+        _MLFLOW_SERVER.launch()
+
+
+def pytest_sessionfinish(session):
+    if _MLFLOW_SERVER is not None:
+        _MLFLOW_SERVER.stop()
+        shutil.rmtree(_MLFLOW_SERVER.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server():
+    """A real `mlflow server` (SQLite backend) on 127.0.0.1 for the whole session, launched when
+    the session starts; a test that stops it starts it again before it ends."""
+    _MLFLOW_SERVER.wait()
+    return _MLFLOW_SERVER
 
 
 def tracking_overrides(server, experiment: str) -> List[str]:

@@ -32,6 +32,11 @@ class MlflowServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 120.0) -> None:
+        self.launch()
+        self.wait(timeout)
+
+    def launch(self) -> None:
+        """Start the server without waiting for it (``wait``)."""
         self.root.mkdir(parents=True, exist_ok=True)
         exe = Path(sys.executable).with_name("mlflow")
         cmd = [str(exe), "server", "--host", "127.0.0.1", "--port", str(self.port),
@@ -41,6 +46,8 @@ class MlflowServer:
         self.proc = subprocess.Popen(cmd, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         log.close()
+
+    def wait(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while not self.healthy():
             if self.proc.poll() is not None or time.monotonic() > deadline:

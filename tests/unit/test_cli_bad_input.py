@@ -125,3 +125,15 @@ def test_prepare_with_a_tokenizer_lacking_the_mask_token(llada, tmp_path):
     proc = llada(["prepare", str(tmp_path / "a.txt"), "-o", str(tmp_path / "out"),
                   "--tokenizer", str(bogus)])
     assert_one_line_error(proc, "tokenizer.model", "bogus.model")
+
+
+def test_tracking_uri_of_an_unknown_scheme(llada, tmp_path, small_dataset):
+    proc = llada(["train", str(DEBUG_RECIPE), *quick_overrides(tmp_path, small_dataset, 2),
+                  "tracking.enabled=true", "tracking.uri=htp://127.0.0.1:5000"])
+    assert_one_line_error(proc, "tracking.uri", "htp://127.0.0.1:5000")
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_tracking_sync_of_a_directory_without_tracking_state(llada, tmp_path):
+    assert_one_line_error(llada(["tracking", "sync", str(tmp_path)]), str(tmp_path),
+                          "no tracking state")

@@ -1,4 +1,4 @@
-"""Tracking on a local SQLite store: the loss by mask ratio, the courier through an outage (its
+"""Tracking against the tests' MLflow server: the loss by mask ratio, the courier through an outage (its
 requests fail while a flag is set), `llada tracking sync`, resumed jobs' repeated steps, an earlier
 run's unsent records set aside, a rollback's child run, bad URIs. (A real server that stops and
 comes back: tests/integration/test_mlflow.py.)"""
@@ -88,13 +88,12 @@ def start_courier(directory, lines, down):
     return closing, thread
 
 
-def trainer_side(tmp_path, run_id=None):
-    """An SQLite store's URI, and a tracking directory's outbox open for writing, no courier."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def trainer_side(tmp_path, uri, run_id=None):
+    """A tracking directory's outbox open for writing, as the trainer has it, with no courier."""
     directory = tmp_path / "tracking"
     directory.mkdir()
     RunState(uri, "unit", "unit", None, run_id=run_id).save(directory / "run.json")
-    return uri, directory, Outbox(directory, RunState.load(directory / "run.json"), write=True)
+    return directory, Outbox(directory, RunState.load(directory / "run.json"), write=True)
 
 
 def history(uri, run_id, name="loss"):
@@ -102,8 +101,9 @@ def history(uri, run_id, name="loss"):
     return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, name))
 
 
-def test_an_outage_costs_one_warning_and_what_is_kept_is_sent_once(tmp_path):
-    uri, directory, box = trainer_side(tmp_path)
+def test_an_outage_costs_one_warning_and_what_is_kept_is_sent_once(tmp_path, mlflow_server):
+    uri = mlflow_server.uri
+    directory, box = trainer_side(tmp_path, uri)
     box.append({"kind": "params", "params": {"model.hidden_size": "128"}, "step": 0})
     for step in range(1, 4):
         box.append(step_record(step, 10.0 - step))
@@ -155,8 +155,9 @@ def test_sync_to_a_server_that_does_not_answer_keeps_everything(tmp_path):
     assert json.loads((tmp_path / "run.json").read_text())["sent"] == 0
 
 
-def test_a_fresh_start_sets_an_earlier_runs_unsent_records_aside(tmp_path):
-    uri, directory, box = trainer_side(tmp_path)
+def test_a_fresh_start_sets_an_earlier_runs_unsent_records_aside(tmp_path, mlflow_server):
+    uri = mlflow_server.uri
+    directory, box = trainer_side(tmp_path, uri)
     box.append(step_record(1, 1.0))  # a job whose records never reached the server
     box.close()
     lines = []
@@ -184,11 +185,13 @@ def test_bad_tracking_settings_are_refused(key, value):
         TrackingConfig(**{key: value})
 
 
-def test_a_rollback_before_a_completed_checkpoint_tracks_in_a_child_run(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    parent = mlflow_client(uri).create_run(
-        mlflow_client(uri).create_experiment("unit")).info.run_id
-    uri, directory, box = trainer_side(tmp_path, run_id=parent)
+def test_a_rollback_before_a_completed_checkpoint_tracks_in_a_child_run(tmp_path, mlflow_server):
+    uri = mlflow_server.uri
+    client = mlflow_client(uri)
+    experiment = client.get_experiment_by_name("unit")
+    parent = client.create_run(experiment.experiment_id if experiment else
+                               client.create_experiment("unit")).info.run_id
+    directory, box = trainer_side(tmp_path, uri, run_id=parent)
     for step in range(1, 7):  # checkpoints at 3 and 6
         box.append(step_record(step, float(step)))
         if step in (3, 6):
