@@ -111,6 +111,15 @@ def world():
     os.environ.update(saved)
 
 
+@pytest.fixture(autouse=True)
+def _close_test_loaders():
+    """The loaders a test made with tests/unit/data_helpers.make_loader stop their workers."""
+    yield
+    helpers = sys.modules.get("tests.unit.data_helpers")
+    if helpers is not None:
+        helpers.close_loaders()
+
+
 _MLFLOW_SERVER = None
 
 

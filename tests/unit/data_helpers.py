@@ -11,6 +11,17 @@ from data_pipeline.shards import load_manifest
 from framework.config import DataConfig, DatasetConfig, ObjectiveConfig
 
 
+OPEN_LOADERS: List[PretrainLoader] = []  # closed after each test (tests/conftest.py)
+
+
+def close_loaders() -> None:
+    """Stop the workers of the loaders a test made. Left to the garbage collector (a loader and
+    its stream refer to each other), each DataLoader waits 5 s per worker, in whatever later
+    test the collection happens to run."""
+    while OPEN_LOADERS:
+        OPEN_LOADERS.pop().close()
+
+
 def make_loader(manifests: List[Path], *, dp_rank=0, dp_size=1, workers=0, mb=4, accum=1,
                 seed=0, buffer=16, weights: Optional[List[float]] = None, shards_url=None,
                 variable_length_prob=0.0, state=None, ignore_signals=()) -> PretrainLoader:
@@ -26,6 +37,7 @@ def make_loader(manifests: List[Path], *, dp_rank=0, dp_size=1, workers=0, mb=4,
                             dp_rank=dp_rank, dp_size=dp_size, ignore_signals=ignore_signals)
     if state is not None:
         loader.load_state_dict(state)
+    OPEN_LOADERS.append(loader)
     return loader
 
 
