@@ -108,7 +108,8 @@ def llada_loss(
     the masked count, which keeps the loss an ELBO comparable across runs.
     ``cross_entropy`` returns per-position CE; tensor parallelism passes the vocab-parallel one.
     """
-    return llada_loss_terms(masked_logits, masked_targets, masked_p, cross_entropy).sum() / num_tokens
+    terms = llada_loss_terms(masked_logits, masked_targets, masked_p, cross_entropy)
+    return terms.sum() / num_tokens
 
 
 def llada_loss_terms(masked_logits, masked_targets, masked_p, cross_entropy=None) -> torch.Tensor:
@@ -166,7 +167,8 @@ class LossByT:
     def end_step(self, keep: bool) -> None:
         if self.step_totals is not None:
             if keep:
-                self.window = self.step_totals if self.window is None else self.window + self.step_totals
+                self.window = (self.step_totals if self.window is None
+                               else self.window + self.step_totals)
             self.step_totals = None
 
     def take(self, device: torch.device, reduce: Callable[[torch.Tensor], None]) -> dict:

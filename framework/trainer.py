@@ -393,20 +393,19 @@ class Trainer:
                 world.pp - 1, 0, 0):
             from framework.tracking import Tracker, flatten, run_tags
             tc, run_dir = cfg.tracking, self.run_dir.resolve()
+            resumed_at = None if self.resume_from is None else self.step
             try:
                 tracker = Tracker(
                     tc, run_dir / "tracking", uri=tc.uri or f"sqlite:///{run_dir / 'mlflow.db'}",
                     # the local store keeps its artifacts beside it, not in the working directory
                     artifact_location=None if tc.uri else (run_dir / "mlartifacts").as_uri(),
                     run_name=tc.run_name or cfg.run.name, run_id=self.tracking_run_id,
-                    resumed_at=None if self.resume_from is None else self.step,
-                    ignore_signals=stop_signals(cfg.preemption))
+                    resumed_at=resumed_at, ignore_signals=stop_signals(cfg.preemption))
             except ConfigError as e:
                 error = str(e)
             else:
                 tracker.params(flatten(to_dict(cfg)), self.step)
-                tracker.tags(run_tags(recipe, world, resumed_at=None if self.resume_from is None
-                                      else self.step))
+                tracker.tags(run_tags(recipe, world, resumed_at))
                 config_copy = run_dir / "tracking" / "config.yaml"
                 atomic_write(config_copy, to_yaml(cfg).encode())
                 tracker.artifact(config_copy, "config")
