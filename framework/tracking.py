@@ -94,14 +94,16 @@ class Outbox:
         self.high: Dict[str, int] = {}  # per metrics stream: the highest step recorded
         self.steps: List[dict] = []  # the step records (the loss curve)
         self.size = 0  # bytes read
+        self._file = None
         if write and self.path.exists():  # a line a crash cut short is dropped
             data = self.path.read_bytes()
             whole = data.rfind(b"\n") + 1
             if whole < len(data):
                 with open(self.path, "r+b") as f:
                     f.truncate(whole)
+        if write:  # reading the run's records, the writer keeps only the highest steps
+            self._file = open(self.path, "ab")
         self.poll()
-        self._file = open(self.path, "ab") if write else None
 
     def poll(self) -> int:
         """Read the lines written since the last poll (complete ones only); how many."""
@@ -115,15 +117,19 @@ class Outbox:
         for line in data[:whole].splitlines(keepends=True):
             self.size += len(line)
             record = json.loads(line)
-            if record["kind"] == "metrics":
-                stream = record["stream"]
-                self.high[stream] = max(self.high.get(stream, -1), record["step"])
-                if stream == "step":
+            self._note_high(record)
+            if self._file is None:  # the courier's: the writer needs only the highest steps
+                if record["kind"] == "metrics" and record["stream"] == "step":
                     self.steps.append(record)
-            if self.size > self.state.sent:
-                self.pending.append((self.size, record))
+                if self.size > self.state.sent:
+                    self.pending.append((self.size, record))
             count += 1
         return count
+
+    def _note_high(self, record: dict) -> None:
+        if record["kind"] == "metrics":
+            self.high[record["stream"]] = max(self.high.get(record["stream"], -1),
+                                              record["step"])
 
     def has(self, record: dict) -> bool:
         """A step record this run logged already (a resumed job runs it again)."""
@@ -133,9 +139,7 @@ class Outbox:
         """The writer's: one line, flushed, so the courier sees it at once."""
         self._file.write((json.dumps(record) + "\n").encode())
         self._file.flush()
-        if record["kind"] == "metrics":
-            self.high[record["stream"]] = max(self.high.get(record["stream"], -1),
-                                              record["step"])
+        self._note_high(record)
 
     def mark_sent(self, count: int) -> None:
         self.state.sent = self.pending[count - 1][0]
