@@ -2,8 +2,9 @@
 tensors, in the same run.
 
 (a) ours: ``Trainer.save_checkpoint`` (DeepSpeed's sharded files, data and RNG state, meta.json,
-    a sync to disk, the rename and the ``latest`` pointer) and ``Trainer.load_checkpoint``
-    (DeepSpeed's load into the live engine, data stream and RNG state);
+    a sync to disk, the rename and the ``latest`` pointer) and
+    ``framework.checkpoint.resume.load_checkpoint`` (DeepSpeed's load into the live engine, data
+    stream and RNG state);
 (b) reference: the model weights and the optimizer's fp32 master weights and Adam moments as one
     dict, ``torch.save`` then ``os.sync()`` (durable, as ours is), and ``torch.load``.
 
@@ -60,8 +61,10 @@ def main() -> None:
 
     from benchmarks.results import machine, record, today
     from data_pipeline.shards import load_manifest
+    from framework.checkpoint.checkpointer import read_meta
+    from framework.checkpoint.resume import load_checkpoint
     from framework.config import load_config
-    from framework.trainer import Trainer
+    from framework.training.factory import build_trainer
 
     seq_len = load_manifest(args.data).seq_len
     work = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=os.environ.get("BENCH_DIR")))
@@ -72,16 +75,18 @@ def main() -> None:
         "train.micro_batch_size=1", "train.global_batch_size=1", "train.steps=1000",
         f"run.device={'cuda' if on_gpu else 'cpu'}", f"train.precision={'bf16' if on_gpu else 'fp32'}",
         *args.overrides])
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     trainer.train_step()  # creates the Adam state
     trainer.data.close()
-    params = trainer.num_params
+    params = trainer.facts["parameters"]
 
     rows = []
     for _ in range(args.repeats):
         save_s, path = timed(trainer.save_checkpoint)
         written = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        load_s, _ = timed(lambda: trainer.load_checkpoint(path))
+        load_s, _ = timed(lambda: load_checkpoint(path, trainer.engine, trainer.data,
+                                                  trainer.world, read_meta(path)["layout"],
+                                                  log=lambda _: None))
         trainer.data.close()
 
         ref_file = work / "reference.pt"

@@ -32,7 +32,7 @@ def corpus(max_bytes: int):
     from data_pipeline.corpus import read_documents, stdlib_files
     files, docs, size = [], [], 0
     for path in stdlib_files():
-        for doc in read_documents(path, counts=Counter(), quiet=True):
+        for doc in read_documents(path, counts=Counter(), report=None):
             docs.append(doc)
             size += len(doc.encode())
         files.append(path)
@@ -77,8 +77,8 @@ def main() -> None:
     from data_pipeline.prepare import prepare
     from data_pipeline.shards import load_manifest
     from data_pipeline.tokenizer import train_tokenizer
-    from framework.config import (DataConfig, DatasetConfig, ObjectiveConfig, PrepareConfig,
-                                  TokenizerConfig)
+    from data_pipeline.config import (DataConfig, DatasetConfig, ObjectiveConfig, PrepareConfig,
+                                      TokenizerConfig)
 
     work = Path(tempfile.mkdtemp(prefix="bench-data-"))
     files, docs = corpus(int(args.corpus_mb * 2**20))

@@ -45,7 +45,7 @@ def main() -> None:
 
     from benchmarks.results import machine, record, today
     from framework.config import load_config
-    from framework.trainer import Trainer
+    from framework.training.factory import build_trainer
     from tests.integration.mlflow_server import MlflowServer
 
     root = Path(tempfile.mkdtemp(prefix="bench-tracking-"))
@@ -62,22 +62,22 @@ def main() -> None:
     times = {"off": [], "on": []}
     try:
         with open(root / "train.log", "w") as log, contextlib.redirect_stdout(log):
-            trainer = Trainer(cfg)
-            tracker = trainer.tracker
+            trainer = build_trainer(cfg)
+            stream = trainer.metrics
+            tracker = stream.tracker
             sync = (torch.cuda.synchronize if trainer.world.device.type == "cuda"
                     else (lambda: None))
             for block in range(2 * args.blocks):
                 mode = ["off", "on"][block % 2] if block % 4 < 2 else ["on", "off"][block % 2]
-                trainer.tracker = tracker if mode == "on" else None
+                stream.tracker = tracker if mode == "on" else None
                 sync()
                 start = time.perf_counter()
                 for _ in range(args.block_steps):
-                    step_start = time.perf_counter()
                     result = trainer.train_step()
                     trainer.history.append(result)
-                    trainer._log_step(result, result.tokens / (time.perf_counter() - step_start))
-                    if mode == "on" and trainer.step % args.plot_interval == 0:
-                        tracker.checkpoint(trainer.step, root / "run", 0.0)
+                    trainer._record(result)  # the metrics stream, as in fit()
+                    if trainer.step % args.plot_interval == 0:
+                        stream.checkpoint(trainer.step, root / "run", 0.0)
                 sync()
                 times[mode].append((time.perf_counter() - start) / args.block_steps)
             tracker.close("FINISHED")

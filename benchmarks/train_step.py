@@ -35,12 +35,12 @@ def main() -> None:
 
     from benchmarks.results import machine, record, today
     from framework.config import load_config
-    from framework.trainer import Trainer
+    from framework.training.factory import build_trainer
 
     run_dir = tempfile.mkdtemp(prefix="bench-")
     cfg = load_config(args.recipe, [f"run.dir={run_dir}", f"train.steps={10**6}",
                                     "objective.variable_length_prob=0", *args.overrides])
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     dev = trainer.world.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
@@ -61,7 +61,8 @@ def main() -> None:
     model = trainer.engine.module
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1,
                             fused=dev.type == "cuda")
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=trainer.bf16)
+    bf16 = trainer.facts["precision"] == "bf16"
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
 
     def reference_step():
         for _ in range(trainer.accum):
@@ -88,7 +89,7 @@ def main() -> None:
            ["date", "machine", "recipe", "mode", "framework tokens/s", "reference tokens/s",
             "ratio", "command"],
            [[today(), machine(), f"{Path(args.recipe).name} {' '.join(args.overrides)}",
-             f"ZeRO-{cfg.deepspeed.zero_stage} {'bf16' if trainer.bf16 else 'fp32'}",
+             f"ZeRO-{cfg.deepspeed.zero_stage} {trainer.facts['precision']}",
              f"{framework_tps:,.0f}", f"{reference_tps:,.0f}", f"{ratio:.2f}",
              f"`{command.strip()}`"]])
 

@@ -4,7 +4,7 @@ mask, p_mask), with LLaDA's per-sequence mask ratio and 1% variable length.
 The noise of a sample is a pure function of (objective.seed, its global index), so tensor- and
 pipeline-parallel peers (which receive the same samples) and a resumed run corrupt it alike. The
 cut is seeded by the global step, so every data-parallel rank cuts its micro-batches alike. The
-forward process itself is framework.objective's (one implementation for collator and tests).
+forward process itself is data_pipeline/noise.py's (one implementation for collators and tests).
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from typing import NamedTuple
 
 import torch
 
-from framework.config import ObjectiveConfig
-from framework.objective import forward_process, sample_noise
-from data_pipeline.variable_length import batch_length
+from data_pipeline.config import ObjectiveConfig
+from data_pipeline.noise import batch_length, forward_process, sample_noise
 
 
 class TrainBatch(NamedTuple):
@@ -24,7 +23,7 @@ class TrainBatch(NamedTuple):
     mask: torch.Tensor  # [b, l] bool, the positions that enter the loss
     p_mask: torch.Tensor  # [b] float32
     index: torch.Tensor  # [b] int64, global sample indices (the noise seeds)
-    step: int  # the optimizer step this micro-batch belongs to
+    step: int  # the index of the optimizer step it belongs to (the steps done before that one)
 
 
 class MaskCollator:

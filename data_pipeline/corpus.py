@@ -2,7 +2,9 @@
 library source) or local .txt / .jsonl files (optionally .gz).
 
 Bad input never stops a run: an empty file, a line that is not UTF-8, a JSONL line without the
-text field are skipped with a warning naming the file and line, and counted.
+text field are skipped and counted, and reported naming the file and line: by default as a warning
+each (``warn``); ``llada prepare`` collects them into one summary line and a list beside its
+manifest.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import sysconfig
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import Iterator, List
+from typing import Callable, Iterator, List, Optional
 
-from framework.config import ConfigError
+from data_pipeline.errors import DataConfigError
 
 STDLIB = "stdlib"  # the input name of the embedded default corpus
 
@@ -42,7 +44,7 @@ def stdlib_files() -> List[Path]:
     files = [p for p in root.rglob("*.py") if "site-packages" not in p.parts
              and "dist-packages" not in p.parts]
     if not files:
-        raise ConfigError(f"prepare.inputs: stdlib: no .py files under {root}")
+        raise DataConfigError(f"prepare.inputs: stdlib: no .py files under {root}")
     return sorted(files)
 
 
@@ -55,7 +57,7 @@ def expand_inputs(patterns: List[str], key: str = "prepare.inputs") -> List[Path
             continue
         matched = [Path(m) for m in sorted(glob.glob(pattern, recursive=True)) if Path(m).is_file()]
         if not matched:
-            raise ConfigError(f"{key}: {pattern!r} matches no file")
+            raise DataConfigError(f"{key}: {pattern!r} matches no file")
         files.extend(matched)
     return list(dict.fromkeys(files))  # a file named by two globs is read once
 
@@ -68,18 +70,22 @@ def _binary_lines(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def _skipper(counts: Counter, quiet: bool):
-    """Count a skipped input of some kind and, unless quiet, warn naming it."""
+# how a skipped input is reported: (kind, one line naming it); None: counted only
+Report = Optional[Callable[[str, str], None]]
+
+
+def _skipper(counts: Counter, report: Report):
+    """Count a skipped input of some kind and report it."""
     def skip(kind: str, msg: str) -> None:
         counts[kind] += 1
-        if not quiet:
-            warn(kind, msg)
+        if report is not None:
+            report(kind, msg)
     return skip
 
 
-def read_lines(path: Path, counts: Counter, quiet: bool = False) -> Iterator[tuple[int, str]]:
-    """(line number, text) of every UTF-8 line; other lines are skipped with a warning."""
-    skip = _skipper(counts, quiet)
+def read_lines(path: Path, counts: Counter, report: Report = warn) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every UTF-8 line; other lines are skipped and reported."""
+    skip = _skipper(counts, report)
 
     try:
         with _binary_lines(path) as f:
@@ -103,14 +109,14 @@ def _whole_text(path: Path) -> str | None:
 
 
 def read_documents(path: Path, text_field: str = "text", counts: Counter | None = None,
-                   quiet: bool = False) -> Iterator[str]:
+                   report: Report = warn) -> Iterator[str]:
     """The documents of one file: the whole file for text, one per line for JSONL."""
     counts = Counter() if counts is None else counts
-    skip = _skipper(counts, quiet)
+    skip = _skipper(counts, report)
 
     found = False
     if is_jsonl(path):
-        for lineno, line in read_lines(path, counts, quiet):
+        for lineno, line in read_lines(path, counts, report):
             if not line.strip():
                 continue
             try:
@@ -127,7 +133,7 @@ def read_documents(path: Path, text_field: str = "text", counts: Counter | None 
     else:
         text = _whole_text(path)  # fast path: one decode of the whole file
         if text is None:  # not UTF-8 throughout (or unreadable): line by line, bad lines named
-            text = "".join(line for _, line in read_lines(path, counts, quiet))
+            text = "".join(line for _, line in read_lines(path, counts, report))
         if text.strip():
             found = True
             yield text

@@ -9,7 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from framework.config import ConfigError, DataConfig, PrepareConfig
+from data_pipeline.config import DataConfig, PrepareConfig
+from data_pipeline.errors import DataConfigError
 from data_pipeline.shards import MANIFEST, ShardSet, load_manifest
 
 
@@ -19,8 +20,8 @@ def prepare_config(cfg: DataConfig, index: int, tokenizer: Optional[str] = None)
     ds = cfg.datasets[index]
     manifest = Path(ds.manifest)
     if manifest.name != MANIFEST:
-        raise ConfigError(f"data.datasets[{index}].manifest: {manifest} must be named {MANIFEST} "
-                          "to be prepared from prepare_inputs")
+        raise DataConfigError(f"data.datasets[{index}].manifest: {manifest} must be named "
+                              f"{MANIFEST} to be prepared from prepare_inputs")
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", manifest.parent.name) or "data"
     tok = cfg.tokenizer if tokenizer is None else replace(cfg.tokenizer, model=tokenizer)
     return PrepareConfig(inputs=list(ds.prepare_inputs), output=str(manifest.parent), name=name,
@@ -68,9 +69,9 @@ def open_datasets(cfg: DataConfig, is_main: bool, barrier: Callable[[], None]) -
     first = sets[0]
     for i, s in enumerate(sets):
         if s.seq_len != cfg.seq_len:
-            raise ConfigError(f"data.seq_len: {cfg.seq_len}, but {s.manifest} holds sequences of "
-                              f"{s.seq_len} tokens")
+            raise DataConfigError(f"data.seq_len: {cfg.seq_len}, but {s.manifest} holds "
+                                  f"sequences of {s.seq_len} tokens")
         if s.tokenizer_sha256 != first.tokenizer_sha256 or s.special_ids != first.special_ids:
-            raise ConfigError(f"data.datasets[{i}].manifest: {s.manifest} was tokenised with "
-                              f"another tokenizer than {first.manifest}; a mixture needs one")
+            raise DataConfigError(f"data.datasets[{i}].manifest: {s.manifest} was tokenised with "
+                                  f"another tokenizer than {first.manifest}; a mixture needs one")
     return sets

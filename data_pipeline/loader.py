@@ -40,18 +40,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from framework.config import ConfigError, DataConfig
+from data_pipeline.config import DataConfig
 from data_pipeline.collate import MaskCollator, TrainBatch
 from data_pipeline.corpus import warn
+from data_pipeline.errors import DataConfigError, DataError
 from data_pipeline.shards import (ShardError, ShardSet, TOKENS_EXT, decode_tokens, open_url,
                                   split_key, tar_members)
 
 STATE_VERSION = 1
 COUNTERS = ("missing_shards", "corrupt_shards", "bad_samples")
-
-
-class DataError(RuntimeError):
-    """No readable sample at all in a slot's shards: the run cannot be fed. Names the dataset."""
 
 
 class ShardStream:
@@ -261,7 +258,7 @@ class PretrainLoader:
         slots = dp_size * self.workers
         for ds in sets:
             if len(ds.shards) < slots:
-                raise ConfigError(
+                raise DataConfigError(
                     f"data.datasets: {ds.manifest} has {len(ds.shards)} shards, fewer than the "
                     f"{slots} readers (data-parallel size {dp_size} x data.num_workers "
                     f"{self.workers}); prepare it with a smaller samples_per_shard or use fewer "
@@ -354,7 +351,7 @@ class PretrainLoader:
         slots = [slot for state in states for slot in state["slots"]]
         saved = states[0]["layout"]
         if len(slots) != self.dp_size * self.workers:
-            raise ConfigError(
+            raise DataConfigError(
                 f"data state: saved by {len(slots)} readers (data-parallel size "
                 f"{saved['dp_size']} x data.num_workers {saved['workers']}), this run has "
                 f"{self.dp_size} x {self.workers}; set data.num_workers so that the product is "
@@ -362,15 +359,15 @@ class PretrainLoader:
         # micro-batch b of slot s is global micro-batch b x readers + s only while one side of
         # dp x workers is 1 (module docstring): otherwise samples would get other noise seeds
         if not (1 in (saved["dp_size"], saved["workers"]) and 1 in (self.dp_size, self.workers)):
-            raise ConfigError(
+            raise DataConfigError(
                 f"data state: data-parallel size x data.num_workers {saved['dp_size']} x "
                 f"{saved['workers']} -> {self.dp_size} x {self.workers} would reorder the "
                 "stream; it continues exactly only with 1 worker or 1 data-parallel rank on each "
                 "side")
         made = {(s or {}).get("batches", 0) for s in slots}
         if len(made) > 1:
-            raise ConfigError(f"data state: the saved readers stopped at different batches "
-                              f"({sorted(made)}), not at one optimizer step")
+            raise DataConfigError(f"data state: the saved readers stopped at different batches "
+                                  f"({sorted(made)}), not at one optimizer step")
         self.slot_states = slots[self.dp_rank * self.workers:(self.dp_rank + 1) * self.workers]
         self.consumed = sum((s or {}).get("batches", 0) for s in self.slot_states)
 
@@ -378,13 +375,13 @@ class PretrainLoader:
         if self._it is not None:
             raise RuntimeError("load_state_dict must come before the first batch")
         if state.get("version") != STATE_VERSION:
-            raise ConfigError(f"data state: version {state.get('version')} is not "
-                              f"{STATE_VERSION}")
+            raise DataConfigError(f"data state: version {state.get('version')} is not "
+                                  f"{STATE_VERSION}")
         saved = state["layout"]
         diff = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in same.items()
                          if saved.get(k) != v)
         if diff:
-            raise ConfigError(
+            raise DataConfigError(
                 f"data state: saved with a different data layout ({diff}); resuming would "
                 "repeat or skip samples, so it is refused: keep the data-parallel size, "
                 "data.num_workers, micro-batch size, seed, shuffle buffer and datasets")

@@ -24,13 +24,16 @@ from typing import Iterator, List, Optional
 
 import numpy as np
 
-from framework.config import ConfigError, PrepareConfig
-from data_pipeline.corpus import expand_inputs, read_documents
+from data_pipeline.config import PrepareConfig
+from data_pipeline.errors import DataConfigError
+from data_pipeline.corpus import expand_inputs, read_documents, warn
+from data_pipeline.files import atomic_write
 from data_pipeline.shards import (FORMAT, MANIFEST, VERSION, ShardWriter, token_dtype,
                                   write_manifest)
 from data_pipeline.tokenizer import tokenizer_for
 
 TOKENIZER_FILE = "tokenizer.model"
+SKIPPED_FILE = "skipped-inputs.txt"  # beside the manifest: every input prepare skipped, and why
 CHUNK_CHARS = 1 << 20  # text per task sent to a worker: large enough to amortise the IPC
 
 _worker_sp = None  # the SentencePiece model of a worker process
@@ -58,12 +61,14 @@ def _encode_task(task) -> np.ndarray:
     return encode_documents(_worker_sp, docs, eos, np.dtype(dtype))
 
 
-def _chunks(files: List[Path], text_field: str, counts: Counter) -> Iterator[List[str]]:
+def _chunks(files: List[Path], text_field: str, counts: Counter, skipped: List[str]
+            ) -> Iterator[List[str]]:
     chunk: List[str] = []
     size = 0
     for path in files:
         counts["files"] += 1
-        for doc in read_documents(path, text_field, counts):
+        for doc in read_documents(path, text_field, counts,
+                                  report=lambda kind, msg: skipped.append(msg)):
             counts["documents"] += 1
             chunk.append(doc)
             size += len(doc)
@@ -95,7 +100,7 @@ def _up_to_date(out: Path, fingerprint: str) -> Optional[dict]:
         m = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if m.get("fingerprint") != fingerprint:
+    if not isinstance(m, dict) or m.get("fingerprint") != fingerprint:
         return None
     if not all((out / s["file"]).is_file() and (out / s["file"]).stat().st_size == s["bytes"]
                for s in m.get("shards", [])):
@@ -124,6 +129,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     workers = cfg.workers or os.cpu_count() or 1
     dtype = token_dtype(tok.vocab_size)
     counts: Counter = Counter()
+    skipped: List[str] = []  # one line per skipped input, written to SKIPPED_FILE
     shards: List[dict] = []
     writer: Optional[ShardWriter] = None
     buf = np.empty(0, dtype=dtype)
@@ -134,7 +140,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     try:
         with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok.path),)) as pool:
             tasks = ((docs, tok.eos_id, dtype.str) for docs in
-                     _chunks(files, cfg.jsonl_text_field, counts))
+                     _chunks(files, cfg.jsonl_text_field, counts, skipped))
             for ids in pool.imap(_encode_task, tasks):
                 counts["tokens"] += int(ids.size)
                 buf = np.concatenate((buf, ids)) if buf.size else ids
@@ -155,8 +161,8 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
         if writer is not None:
             writer.abort()
     if not shards:
-        raise ConfigError(f"prepare.inputs: {counts['tokens']} tokens in {len(files)} files, fewer "
-                          f"than one sequence of prepare.seq_len={cfg.seq_len}")
+        raise DataConfigError(f"prepare.inputs: {counts['tokens']} tokens in {len(files)} files, "
+                              f"fewer than one sequence of prepare.seq_len={cfg.seq_len}")
     manifest = {
         "format": FORMAT, "version": VERSION, "name": cfg.name,
         "seq_len": cfg.seq_len, "dtype": dtype.name,
@@ -170,10 +176,17 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
                     "dropped_tail_tokens": int(buf.size)},
         "fingerprint": fingerprint,
     }
+    # the list of skips before the manifest: a complete dataset always has the one that fits it
+    atomic_write(out / SKIPPED_FILE, "".join(f"{line}\n" for line in skipped).encode())
     path = write_manifest(out, manifest)
     elapsed = time.perf_counter() - t0
-    skipped = counts["empty_files"] + counts["bad_lines"] + counts["unreadable_files"]
+    if skipped:  # one line on the first screen; each input is named in the list
+        kinds = ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in
+                          ("empty_files", "bad_lines", "unreadable_files") if counts[k])
+        warn("skipped_inputs", f"prepare skipped {len(skipped)} inputs ({kinds}), each named "
+             f"in {out / SKIPPED_FILE}")
     log(f"llada prepare: {sample} sequences of {cfg.seq_len} tokens in {len(shards)} shards from "
-        f"{counts['documents']} documents in {counts['files']} files ({skipped} skipped inputs), "
+        f"{counts['documents']} documents in {counts['files']} files ({len(skipped)} skipped "
+        f"inputs), "
         f"{elapsed:.1f}s; {path}")
     return manifest

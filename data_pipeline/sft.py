@@ -17,9 +17,10 @@ from typing import Iterator, List, NamedTuple, Optional
 import numpy as np
 import torch
 
-from framework.config import ConfigError, ObjectiveConfig
-from framework.objective import forward_process, sample_noise
+from data_pipeline.config import ObjectiveConfig
 from data_pipeline.corpus import read_lines, warn
+from data_pipeline.errors import DataConfigError
+from data_pipeline.noise import forward_process, sample_noise
 from data_pipeline.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -35,8 +36,8 @@ class ChatFormat:
         ids = tok.special_ids()
         missing = [k for k in ("start_header", "end_header", "eot") if ids[k] is None]
         if missing or ids["bos"] is None:
-            raise ConfigError(f"tokenizer.model: {tok.path} lacks the chat tokens SFT needs "
-                              f"({', '.join(missing) or 'bos'})")
+            raise DataConfigError(f"tokenizer.model: {tok.path} lacks the chat tokens SFT needs "
+                                  f"({', '.join(missing) or 'bos'})")
         self.tok, self.ids = tok, ids
 
     def header(self, role: str) -> List[int]:

@@ -20,8 +20,8 @@ from typing import BinaryIO, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from framework.config import ConfigError
-from data_pipeline.tokenizer import atomic_write
+from data_pipeline.errors import DataConfigError
+from data_pipeline.files import atomic_write
 
 MANIFEST = "manifest.json"
 FORMAT = "llada-shards"
@@ -213,9 +213,11 @@ def load_manifest(path: str | Path, shards_url: Optional[str] = None,
                   key: str = "data.datasets.manifest") -> ShardSet:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{key}: {path} not found (run `llada prepare` to create it)")
+        raise DataConfigError(f"{key}: {path} not found (run `llada prepare` to create it)")
     try:
         m = json.loads(path.read_text())
+        if not isinstance(m, dict):
+            raise ValueError(f"a JSON {type(m).__name__}, not an object")
         if m.get("format") != FORMAT:
             raise ValueError(f"format is {m.get('format')!r}, expected {FORMAT!r}")
         if m.get("version") != VERSION:
@@ -227,8 +229,11 @@ def load_manifest(path: str | Path, shards_url: Optional[str] = None,
                      shards=list(m["shards"]), shards_url=shards_url)
         if not s.shards:
             raise ValueError("it lists no shard")
+        if not all(isinstance(x, dict) and isinstance(x.get("file"), str)
+                   and isinstance(x.get("samples"), int) for x in s.shards):
+            raise ValueError("a shard entry is not {file, samples, ...}")
         if s.special_ids.get("mask") is None:
             raise ValueError("its tokenizer has no mask token")
-    except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
-        raise ConfigError(f"{key}: {path} is not a valid manifest ({e})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError: a ValueError
+        raise DataConfigError(f"{key}: {path} is not a valid manifest ({e})") from None
     return s

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,10 @@ from typing import Dict, List, Optional
 
 import sentencepiece as spm
 
-from framework.config import ConfigError, TokenizerConfig
+from data_pipeline.config import TokenizerConfig
+from data_pipeline.errors import DataConfigError
 from data_pipeline.corpus import read_documents
+from data_pipeline.files import atomic_write
 
 MASK_PIECE = "<|mdm_mask|>"
 CHAT_PIECES = {"start_header": "<|start_header_id|>", "end_header": "<|end_header_id|>",
@@ -73,18 +74,18 @@ def load_tokenizer(path: Path, key: str = "tokenizer.model") -> Tokenizer:
     """A SentencePiece model that has a mask token and an EOS; anything else is an error."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{key}: file not found: {path}")
+        raise DataConfigError(f"{key}: file not found: {path}")
     sp = spm.SentencePieceProcessor()
     try:
         sp.load(str(path))
     except (OSError, RuntimeError) as e:
         msg = " ".join(str(e).split())[:200]
-        raise ConfigError(f"{key}: {path} is not a SentencePiece model ({msg})") from None
+        raise DataConfigError(f"{key}: {path} is not a SentencePiece model ({msg})") from None
     tok = Tokenizer(sp, path)
     if tok.mask_id is None:
-        raise ConfigError(f"{key}: {path} has no mask token {MASK_PIECE}; LLaDA needs one")
+        raise DataConfigError(f"{key}: {path} has no mask token {MASK_PIECE}; LLaDA needs one")
     if tok.eos_id < 0:
-        raise ConfigError(f"{key}: {path} has no EOS token")
+        raise DataConfigError(f"{key}: {path} has no EOS token")
     return tok
 
 
@@ -95,7 +96,7 @@ def _training_sample(files: List[Path], cfg: TokenizerConfig, text_field: str) -
     out: List[str] = []
     size = 0
     for path in order:  # bad input is reported when the data itself is tokenised
-        for doc in read_documents(path, text_field, quiet=True):
+        for doc in read_documents(path, text_field, report=None):
             lines = [line for line in doc.splitlines() if line.strip()]
             out.extend(lines)
             size += sum(len(line) for line in lines)
@@ -110,15 +111,15 @@ def train_tokenizer(files: List[Path], cfg: TokenizerConfig, out_path: Path,
     normalisation (code keeps every space), unk 0, BOS 1, EOS 2, then the control symbols."""
     sample = _training_sample(files, cfg, text_field)
     if not sample:
-        raise ConfigError(f"tokenizer: no text to train on in {len(files)} input files")
+        raise DataConfigError(f"tokenizer: no text to train on in {len(files)} input files")
     spm.set_random_generator_seed(cfg.seed + 1)
     model = io.BytesIO()
     try:
         _train(sample, model, cfg)
     except RuntimeError as e:  # e.g. "Vocabulary size too high (32000). Please set it to <= N"
         msg = " ".join(str(e).split())
-        raise ConfigError(f"tokenizer.vocab_size: SentencePiece training failed: "
-                          f"{msg[msg.find(']') + 1:].strip()[:200]}") from None
+        raise DataConfigError(f"tokenizer.vocab_size: SentencePiece training failed: "
+                              f"{msg[msg.find(']') + 1:].strip()[:200]}") from None
     atomic_write(out_path, model.getvalue())
     return load_tokenizer(out_path)
 
@@ -142,19 +143,6 @@ def _train(sample: List[str], model: io.BytesIO, cfg: TokenizerConfig) -> None:
         num_threads=1,  # deterministic merges
         minloglevel=2,
     )
-
-
-def atomic_write(path: Path, data: bytes, durable: bool = False) -> None:
-    """Write-then-rename: a crash never leaves a truncated file under the final name.
-    ``durable``: the bytes reach the disk before the rename (checkpoint metadata, pointers)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def tokenizer_for(files: List[Path], cfg: TokenizerConfig, out_path: Path,

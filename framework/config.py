@@ -1,15 +1,18 @@
 """Typed configuration: one small dataclass per component, a recipe YAML merged over the schema,
 dotted overrides from the command line.
 
-Every component receives only its own sub-config. Checks that involve a single component live in
-that dataclass's ``__post_init__``; checks across components live in ``Config.__post_init__``.
-All of them raise ``ConfigError`` whose message names the offending key, so the CLI can print one
-line and exit 2.
+Every component receives only its own sub-config. The data pipeline owns the configs of its
+components (``data``, ``objective``: data_pipeline/config.py); the framework's are here, and
+``Config`` composes both. Checks that involve a single component live in that dataclass's
+``__post_init__``; checks across components live in ``Config.__post_init__``. All of them raise
+an error whose message names the offending key (``ConfigError`` here, the data pipeline's
+``DataConfigError`` there, which ``load_config`` passes on as a ``ConfigError``), so the CLI can
+print one line and exit 2.
 """
 
 from __future__ import annotations
 
-import re
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -17,20 +20,20 @@ from typing import List, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from data_pipeline.config import DataConfig, ObjectiveConfig, positive, require
+from data_pipeline.errors import DataConfigError
+
 
 class ConfigError(ValueError):
     """A bad recipe, key or value. The message is one line and names the key or file."""
 
 
 def _require(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
+    require(cond, key, msg, ConfigError)
 
 
 def _positive(obj, section: str, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        _require(value > 0, f"{section}.{name}", f"must be > 0, got {value}")
+    positive(obj, section, *names, error=ConfigError)
 
 
 @dataclass
@@ -73,104 +76,6 @@ class ModelConfig:
 
 
 @dataclass
-class TokenizerConfig:
-    """The SentencePiece model of a dataset: an existing one, or one trained on the inputs."""
-
-    model: Optional[str] = None  # an existing .model (must hold the mask token); None: train one
-    vocab_size: int = 32000  # when training one
-    train_bytes: int = 100_000_000  # text sampled from the inputs to train it
-    seed: int = 0
-
-    def __post_init__(self):
-        _positive(self, "tokenizer", "vocab_size", "train_bytes")
-        _require(self.seed >= 0, "tokenizer.seed", f"must be >= 0, got {self.seed}")
-
-
-@dataclass
-class PrepareConfig:
-    """``llada prepare``: text/JSONL files -> tokenised fixed-length sequences in tar shards."""
-
-    inputs: List[str] = field(default_factory=list)  # globs of .txt/.jsonl(.gz); "stdlib": the embedded corpus
-    output: str = ""  # directory: NAME-000000.tar ..., manifest.json, tokenizer.model
-    name: str = "data"
-    seq_len: int = 4096
-    samples_per_shard: int = 4096
-    jsonl_text_field: str = "text"
-    workers: int = 0  # tokeniser processes; 0: one per CPU core
-    seed: int = 0  # the order in which input files are visited
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-
-    def __post_init__(self):
-        _require(len(self.inputs) > 0, "prepare.inputs", "at least one glob (or stdlib) is needed")
-        _require(bool(self.output), "prepare.output", "must be set")
-        _require(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name)), "prepare.name",
-                 f"{self.name!r}: use letters, digits, '_', '.' and '-' only")
-        _positive(self, "prepare", "seq_len", "samples_per_shard")
-        _require(self.workers >= 0, "prepare.workers", "must be >= 0")
-        _require(self.seed >= 0, "prepare.seed", f"must be >= 0, got {self.seed}")
-
-
-@dataclass
-class DatasetConfig:
-    """One prepared dataset of the training mixture."""
-
-    manifest: str = MISSING  # manifest.json written by ``llada prepare``
-    weight: float = 1.0  # mixture weight; normalised over the datasets
-    shards_url: Optional[str] = None  # e.g. "pipe:aws s3 cp s3://bucket/ds/{shard} -"; None: beside the manifest
-    prepare_inputs: List[str] = field(default_factory=list)  # prepared from these on first run if the manifest is missing
-
-    def __post_init__(self):
-        if self.manifest != MISSING:
-            _require(bool(self.manifest), "data.datasets.manifest", "must be set")
-        _require(self.weight > 0, "data.datasets.weight", f"must be > 0, got {self.weight}")
-        _require(self.shards_url is None or "{shard}" in self.shards_url, "data.datasets.shards_url",
-                 f"{self.shards_url!r} lacks {{shard}}, where each shard's file name goes")
-
-
-@dataclass
-class DataConfig:
-    datasets: List[DatasetConfig] = field(default_factory=list)
-    seq_len: int = 4096  # must equal the manifests' sequence length
-    seed: int = 0  # shard permutation per epoch, in-shard shuffle, mixture draws
-    shuffle_buffer: int = 4096  # samples; shuffled within each shard (1: no shuffle)
-    num_workers: int = 2  # DataLoader worker processes per rank (0: in the training process)
-    prefetch_batches: int = 4  # per worker
-    # first-run preparation of datasets that name prepare_inputs
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    samples_per_shard: int = 4096
-    jsonl_text_field: str = "text"
-    prepare_workers: int = 0
-
-    def __post_init__(self):
-        _positive(self, "data", "seq_len", "shuffle_buffer", "prefetch_batches", "samples_per_shard")
-        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
-        _require(self.prepare_workers >= 0, "data.prepare_workers", "must be >= 0")
-        _require(self.seed >= 0, "data.seed", f"must be >= 0, got {self.seed}")
-
-
-T_SAMPLING = ("uniform", "stratified", "antithetic")
-
-
-@dataclass
-class ObjectiveConfig:
-    mask_id: Optional[int] = None  # None: the datasets' manifest; set: must match it
-    eps: float = 1e-3  # p_mask = (1 - eps) t + eps
-    variable_length_prob: float = 0.01  # the paper's 1% of batches cut to a random length
-    t_sampling: str = "uniform"  # uniform (the paper) | stratified | antithetic (lower variance)
-    seed: int = 0  # noise: t and masks are seeded by (seed, the sample's global index)
-
-    def __post_init__(self):
-        _require(self.mask_id is None or self.mask_id >= 0, "objective.mask_id",
-                 f"must be >= 0, got {self.mask_id}")
-        _require(0.0 < self.eps < 1.0, "objective.eps", f"must be in (0, 1), got {self.eps}")
-        _require(0.0 <= self.variable_length_prob <= 1.0, "objective.variable_length_prob",
-                 f"must be in [0, 1], got {self.variable_length_prob}")
-        _require(self.seed >= 0, "objective.seed", f"must be >= 0, got {self.seed}")
-        _require(self.t_sampling in T_SAMPLING, "objective.t_sampling",
-                 f"must be one of {', '.join(T_SAMPLING)}; got {self.t_sampling!r}")
-
-
-@dataclass
 class OptimizerConfig:
     lr: float = 4e-4  # peak
     weight_decay: float = 0.1
@@ -190,12 +95,14 @@ class OptimizerConfig:
 @dataclass
 class ScheduleConfig:
     """Warmup-Stable-Decay (LLaDA): linear warmup to optimizer.lr, stable, an optional drop to
-    drop_lr at a fraction of the run, then a linear decay to final_lr over the last fraction."""
+    drop_lr at a fraction of the run, then a linear decay to final_lr over the last fraction.
+    Fractions of train.steps, each rounded to the nearest step (framework/training/schedule.py),
+    so a short run of the same recipe keeps the shape of the schedule."""
 
     warmup_steps: int = 2000
     drop_at: Optional[float] = None  # fraction of train.steps; None: no drop
     drop_lr: float = 1e-4
-    decay_fraction: float = 0.13  # LLaDA: the last 0.3T of 2.3T tokens
+    decay_fraction: float = 0.1304348  # LLaDA: the last 0.3T of 2.3T tokens (0.3 / 2.3)
     final_lr: float = 1e-5
 
     def __post_init__(self):
@@ -231,7 +138,7 @@ class ParallelConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    """Our side of DeepSpeed's JSON, which is generated from it (framework/deepspeed_config.py)."""
+    """Our side of DeepSpeed's JSON, which is generated from it (framework/training/deepspeed_config.py)."""
 
     zero_stage: int = 1
     overlap_comm: bool = False
@@ -277,7 +184,7 @@ _UNCATCHABLE = {"KILL", "STOP", "SEGV", "BUS", "FPE", "ILL", "ABRT", "CHLD"}
 class PreemptionConfig:
     """Stopping early without losing work: on one of ``signals`` (Slurm sends USR1 ahead of the
     time limit, TERM on preemption), or when the job's deadline (``LLADA_DEADLINE``, epoch
-    seconds, set by slurm/llada.sbatch) is too close for another step and a save, the trainer
+    seconds, set by framework/launch/llada.sbatch) is too close for another step and a save, the trainer
     finishes the step it is in, saves a checkpoint and exits with status 3 (requeue me)."""
     signals: List[str] = field(default_factory=lambda: ["USR1", "TERM"])
     # time kept free before the deadline on top of two steps and one save (as measured)
@@ -307,8 +214,8 @@ class InitConfig:
 class TrackingConfig:
     log_interval: int = 10  # steps between log lines and metric records
     metrics_file: bool = True  # <run.dir>/metrics.jsonl, one record per logged step
-    progress_bar: bool = True  # on rank 0, when the output is a terminal
-    # MLflow (framework/tracking.py), from the rank that holds the loss
+    progress_bar: bool = True  # on the rank that logs, when its output is a terminal
+    # MLflow (framework/tracking/), from the rank that holds the loss
     enabled: bool = True
     uri: Optional[str] = None  # None: an SQLite store <run.dir>/mlflow.db; or http(s)://host:port
     experiment: str = "llada"
@@ -474,13 +381,28 @@ def load_config(recipe: str | Path, overrides: List[str] = (), need_data: bool =
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise ConfigError(f"{path}: {missing[0]}: required but not set")
+    _check_finite(_keyword_keys(OmegaConf.to_container(merged), to_field=False))
     try:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        cause = e.__cause__ if isinstance(e.__cause__, ConfigError) else None
-        if cause is not None:
-            raise cause from None
+        if isinstance(e.__cause__, (ConfigError, DataConfigError)):  # a component's own check
+            raise ConfigError(str(e.__cause__)) from None
         raise ConfigError(f"{path}: {_one_line(e)}") from None
+    except DataConfigError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _check_finite(tree, key: str = "") -> None:
+    """Every float of the config is a number: ``inf`` or ``nan`` (which YAML and OmegaConf accept
+    as floats) would pass most range checks and surface steps later as a diverged run."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            _check_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            _check_finite(v, f"{key}[{i}]")
+    elif isinstance(tree, float) and not math.isfinite(tree):
+        raise ConfigError(f"{key}: must be a finite number, got {tree}")
 
 
 def to_dict(cfg: Config) -> dict:

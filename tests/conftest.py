@@ -33,7 +33,7 @@ def small_tokenizer(tmp_path_factory) -> Path:
     """A 512-piece SentencePiece model trained on 1 MB of the standard library."""
     from data_pipeline.corpus import expand_inputs
     from data_pipeline.tokenizer import train_tokenizer
-    from framework.config import TokenizerConfig
+    from data_pipeline.config import TokenizerConfig
 
     out = tmp_path_factory.mktemp("tokenizer") / "spm.model"
     files = expand_inputs(["stdlib"])
@@ -45,7 +45,7 @@ def prepare_small(out: Path, tokenizer: Path, seq_len: int = 64, samples_per_sha
                   inputs: List[str] = SMALL_CORPUS, name: str = "small") -> Path:
     """Shards of a few standard-library packages; returns the manifest path."""
     from data_pipeline.prepare import prepare
-    from framework.config import PrepareConfig, TokenizerConfig
+    from data_pipeline.config import PrepareConfig, TokenizerConfig
 
     prepare(PrepareConfig(inputs=list(inputs), output=str(out), name=name, seq_len=seq_len,
                           samples_per_shard=samples_per_shard, workers=2,
@@ -69,13 +69,14 @@ def quick_overrides(run_dir: Path, manifest: Path, steps: int = 30) -> List[str]
         "tracking.log_interval=10",
         # MLflow's store costs seconds per run; the tests of tracking turn it on (mlflow_server)
         "tracking.enabled=false",
+        "checkpoint.save_final=false",  # the debug recipe's final save: where a test wants it
     ]
 
 
 _RENDEZVOUS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
 
 
-def cli_command(args: List[str], nproc: int = 0, module: str = "framework.cli",
+def cli_command(args: List[str], nproc: int = 0, module: str = "framework",
                 module_args: List[str] = ()) -> tuple:
     """(argv, env) of ``llada ...`` (or ``python -m module``) in a fresh process; with nproc,
     under torchrun with that many processes."""
@@ -91,7 +92,7 @@ def cli_command(args: List[str], nproc: int = 0, module: str = "framework.cli",
     return cmd, env
 
 
-def run_cli(args: List[str], timeout: int = 600, nproc: int = 0, module: str = "framework.cli",
+def run_cli(args: List[str], timeout: int = 600, nproc: int = 0, module: str = "framework",
             module_args: List[str] = ()) -> subprocess.CompletedProcess:
     cmd, env = cli_command(args, nproc, module, module_args)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -101,7 +102,7 @@ def run_cli(args: List[str], timeout: int = 600, nproc: int = 0, module: str = "
 def world():
     """A single-process gloo world with megatron's parallel state (tp = pp = 1)."""
     from framework.config import ParallelConfig
-    from framework.parallel import init_world, shutdown_world
+    from framework.parallel.world import init_world, shutdown_world
 
     saved = dict(os.environ)
     w = init_world(ParallelConfig(), "cpu")

@@ -3,9 +3,10 @@
 The model is a list of *pieces*: Embedding (vocab-parallel), one Layer per Transformer layer (our
 ``llada_layer_spec``), Head (final RMSNorm + column-parallel output projection, untied). Each piece
 maps a tuple ``(activations, select)`` to the next, so the same list is either run in one process
-(``LLaDAModel``) or cut into stages by DeepSpeed's pipeline engine (``framework/pipeline.py``); the
-parameter names (``0.word_embeddings.weight``, ``3.layer.mlp.linear_fc1.weight``, ...) are global
-indices in both, so a checkpoint means the same thing under every layout.
+(``LLaDAModel``) or cut into stages by DeepSpeed's pipeline engine (``framework/model/pipeline.py``);
+the parameter names (``0.word_embeddings.weight``, ``3.layer.mlp.linear_fc1.weight``, ...) are
+global indices in both, so a checkpoint means the same thing under every layout. Their shapes and
+splits: the parameter table (``framework/model/params.py``).
 
 No timestep input: the model sees only the partly masked sequence. The head runs at the selected
 (masked) positions only, which is all the loss needs and saves the largest matmul on the rest.
@@ -27,8 +28,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.utils.checkpoint import checkpoint
 
 from framework.config import ModelConfig
-from framework.layout import padded_vocab_size, recompute_flags, stage_bounds
+from framework.model.params import padded_vocab_size
 from framework.model.spec import RMSNorm, llada_layer_spec
+from framework.parallel.layout import recompute_flags, stage_bounds
 
 
 def transformer_config(cfg: ModelConfig, *, tensor_parallel: int, params_dtype: torch.dtype,
@@ -51,7 +53,7 @@ def transformer_config(cfg: ModelConfig, *, tensor_parallel: int, params_dtype: 
         init_method_std=cfg.init_std,
         tensor_model_parallel_size=tensor_parallel,
         sequence_parallel=sequence_parallel,
-        # Pipeline stages are DeepSpeed's (framework/pipeline.py); megatron's layers are told 1
+        # Pipeline stages are DeepSpeed's (model/pipeline.py); megatron's layers are told 1
         # so that they keep the global layer numbers we give them.
         pipeline_model_parallel_size=1,
         params_dtype=params_dtype,
@@ -66,6 +68,7 @@ def transformer_config(cfg: ModelConfig, *, tensor_parallel: int, params_dtype: 
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
+        cuda_graph_scope=[],  # no CUDA graphs; megatron's default ("full") is deprecated
     )
 
 

@@ -19,7 +19,7 @@ class RMSNorm(torch.nn.RMSNorm):
     """torch's RMSNorm under megatron's norm signature. megatron's own torch wrapper refuses
     sequence parallelism; here each tensor-parallel rank then normalises its part of the sequence,
     so the gain's gradient is partial: it is marked ``sequence_parallel`` and summed over the
-    tensor-parallel group (framework/parallel.py, reduce_sequence_parallel_grads)."""
+    tensor-parallel group (framework/parallel/world.py, reduce_sequence_parallel_grads)."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_megatron_options):
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)

@@ -1,9 +1,10 @@
 """Weights independent of the parallel layout: initialisation, and the full (consolidated) state
 dict of a model that is split across tensor-parallel ranks and pipeline stages.
 
-Every parameter has one *full* form, the tensor a single process holds. A tensor-parallel rank
-holds a slice of it along the parameter's split dimension; the SwiGLU ``linear_fc1`` is the one
-exception: its full form is [gate; up] and rank r holds [gate_r; up_r]. Initialisation draws the
+Every parameter has one *full* form, the tensor a single process holds (its shape and split
+dimension: the parameter table, framework/model/params.py). A tensor-parallel rank holds a slice
+of it along the parameter's split dimension; the SwiGLU ``linear_fc1`` is the one exception: its
+full form is [gate; up] and rank r holds [gate_r; up_r]. Initialisation draws the
 full tensor from a generator seeded by (seed, parameter name) and keeps this rank's slice, so a
 run starts from the same weights under every layout (the layout tests compare against one
 process) and the names are global (framework/model/model.py), so stages never collide.
@@ -19,29 +20,15 @@ import torch
 import torch.distributed as dist
 
 from framework.config import ModelConfig
-
-# split dimension of each tensor-parallel weight, by the last two parts of its name
-_SPLIT_DIM = {
-    "word_embeddings.weight": 0,
-    "linear_qkv.weight": 0,  # query groups are contiguous: a rank holds whole groups
-    "linear_fc1.weight": 0,  # gated: see module docstring
-    "output_layer.weight": 0,
-    "linear_proj.weight": 1,
-    "linear_fc2.weight": 1,
-}
-# projections into the residual stream: GPT-2/megatron's std / sqrt(2 x layers)
-_RESIDUAL_OUT = ("linear_proj.weight", "linear_fc2.weight")
-
-
-def _kind(name: str) -> str:
-    return ".".join(name.split(".")[-2:])
+from framework.model.params import full_shapes, kind_of
 
 
 def split_dim(name: str) -> Optional[int]:
-    return _SPLIT_DIM.get(_kind(name))
+    return kind_of(name).split_dim
 
 
 def full_shape(name: str, local: torch.Size, tp: int) -> torch.Size:
+    """The full shape of a parameter from this rank's slice of it."""
     dim = split_dim(name)
     if dim is None:
         return local
@@ -55,7 +42,7 @@ def shard(name: str, full: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
     dim = split_dim(name)
     if dim is None or tp == 1:
         return full
-    if _kind(name) == "linear_fc1.weight":
+    if kind_of(name).gated:
         gate, up = full.chunk(2, dim=0)
         return torch.cat([gate.chunk(tp, dim=0)[tp_rank], up.chunk(tp, dim=0)[tp_rank]], dim=0)
     return full.chunk(tp, dim=dim)[tp_rank]
@@ -66,7 +53,7 @@ def unshard(name: str, parts: list) -> torch.Tensor:
     dim = split_dim(name)
     if dim is None or len(parts) == 1:
         return parts[0]
-    if _kind(name) == "linear_fc1.weight":
+    if kind_of(name).gated:
         halves = [p.chunk(2, dim=0) for p in parts]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
     return torch.cat(parts, dim=dim)
@@ -80,20 +67,22 @@ def _seed(seed: int, name: str) -> int:
 def init_weights(model: torch.nn.Module, cfg: ModelConfig, seed: int, tp_rank: int, tp: int
                  ) -> None:
     """Normal(0, init_std) matrices (std / sqrt(2 x layers) for the residual projections), unit
-    norm gains; drawn in full per parameter on its device, then sliced for this rank. Also marks
-    each parameter's tensor-parallel split (megatron's attributes)."""
+    norm gains; drawn in full (the parameter table's shape) per parameter on its device, then
+    sliced for this rank. Also marks each parameter's tensor-parallel split (megatron's
+    attributes)."""
+    shapes = full_shapes(cfg)
     for name, p in model.named_parameters():
-        dim = split_dim(name)
+        kind = kind_of(name)
         # what DeepSpeed's gradient norm reads to count a slice once per rank and a replicated
         # tensor once per tensor-parallel group
-        p.tensor_model_parallel, p.partition_dim, p.partition_stride = dim is not None, dim or 0, 1
+        p.tensor_model_parallel = kind.split_dim is not None
+        p.partition_dim, p.partition_stride = kind.split_dim or 0, 1
         if p.ndim == 1:  # RMSNorm gains
             p.fill_(1.0)
             continue
-        std = cfg.init_std / math.sqrt(2.0 * cfg.num_layers) if name.endswith(_RESIDUAL_OUT) \
-            else cfg.init_std
+        std = cfg.init_std / math.sqrt(2.0 * cfg.num_layers) if kind.residual else cfg.init_std
         gen = torch.Generator(device=p.device).manual_seed(_seed(seed, name))
-        full = torch.empty(full_shape(name, p.shape, tp), device=p.device, dtype=torch.float32)
+        full = torch.empty(shapes[name], device=p.device, dtype=torch.float32)
         full.normal_(0.0, std, generator=gen)
         p.copy_(shard(name, full, tp_rank, tp))
 

@@ -20,7 +20,7 @@ from megatron.core import parallel_state as ps
 
 from framework.config import load_config
 from framework.model.weights import full_state_dict
-from framework.trainer import Trainer
+from framework.training.factory import build_trainer
 from tests.conftest import DEBUG_RECIPE, quick_overrides
 
 STEPS = 3
@@ -45,9 +45,9 @@ def cpu_sequence_parallel() -> None:
     buffers go to the CPU instead (gloo has the same collectives), so that the layout check
     covers our sequence-parallel wiring too: the split embedding, the gathered head and the norm
     gradients summed over tensor-parallel ranks."""
-    import framework.parallel
+    import framework.training.factory
     torch.cuda.current_device = lambda: torch.device("cpu")
-    framework.parallel.check_sequence_parallel = lambda device: None
+    framework.training.factory.check_sequence_parallel = lambda device: None
 
 
 def reset_parallel_state(cfg) -> None:
@@ -62,7 +62,7 @@ def run_layout(out: Path, manifest: Path, name: str, extra: list) -> None:
     cfg = load_config(DEBUG_RECIPE, layout_overrides(out / name, manifest, extra))
     reset_parallel_state(cfg)
     start = time.perf_counter()
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     built = time.perf_counter()
     losses = [trainer.train_step().loss for _ in range(STEPS)]
     trainer.data.close()
@@ -82,7 +82,7 @@ def main(out: str, manifest: str, layouts: str) -> None:
         cpu_sequence_parallel()
     for name, extra in json.loads(layouts).items():
         run_layout(Path(out), Path(manifest), name, extra)
-    from framework.parallel import shutdown_world
+    from framework.parallel.world import shutdown_world
     shutdown_world()
 
 

@@ -23,8 +23,9 @@ from megatron.core import parallel_state as ps
 
 from framework.config import load_config
 from framework.model.weights import split_dim, unshard
-from framework.reshard import MOMENTS, FullState, Layout, load_full_state, read_full_state
-from framework.trainer import Trainer
+from framework.checkpoint.reshard import (MOMENTS, FullState, Layout, load_full_state,
+                                          read_full_state)
+from framework.training.factory import build_trainer
 from tests.conftest import DEBUG_RECIPE
 from tests.distributed.layout_worker import layout_overrides, reset_parallel_state
 
@@ -100,7 +101,7 @@ def wipe(engine) -> None:
 def run_layout(out: Path, manifest: Path, name: str, extra: list) -> None:
     cfg = load_config(DEBUG_RECIPE, overrides(out / name, manifest, extra))
     reset_parallel_state(cfg)
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     engine, world = trainer.engine, trainer.world
     for _ in range(STEPS):
         trainer.train_step()
@@ -128,7 +129,7 @@ def run_layout(out: Path, manifest: Path, name: str, extra: list) -> None:
 def main(out: str, manifest: str, layouts: str) -> None:
     for name, extra in json.loads(layouts).items():
         run_layout(Path(out), Path(manifest), name, extra)
-    from framework.parallel import shutdown_world
+    from framework.parallel.world import shutdown_world
     shutdown_world()
 
 

@@ -11,7 +11,7 @@ import torch
 
 from framework.config import load_config
 from framework.model.weights import full_state_dict
-from framework.trainer import Trainer
+from framework.training.factory import build_trainer
 from tests.conftest import DEBUG_RECIPE, run_cli
 from tests.distributed.layout_worker import STEPS, layout_overrides
 
@@ -44,7 +44,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def reference(world, tmp_path_factory, small_dataset):
     run_dir = tmp_path_factory.mktemp("reference")
-    trainer = Trainer(load_config(DEBUG_RECIPE, layout_overrides(run_dir, small_dataset,
+    trainer = build_trainer(load_config(DEBUG_RECIPE, layout_overrides(run_dir, small_dataset,
                                                                  ["deepspeed.zero_stage=0"])))
     losses = [trainer.train_step().loss for _ in range(STEPS)]
     trainer.data.close()

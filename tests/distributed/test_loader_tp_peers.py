@@ -18,7 +18,7 @@ def _worker(rank, world_size, port, manifest, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     from framework.config import ParallelConfig
-    from framework.parallel import init_world, shutdown_world
+    from framework.parallel.world import init_world, shutdown_world
     from tests.unit.data_helpers import take, make_loader
 
     world = init_world(ParallelConfig(tp=2), "cpu")
@@ -29,7 +29,7 @@ def _worker(rank, world_size, port, manifest, out_dir):
 
 
 def test_tensor_parallel_peers_see_identical_batches(small_dataset, tmp_path):
-    from framework.parallel import _free_port
+    from framework.parallel.world import _free_port
 
     mp.spawn(_worker, args=(4, _free_port(), small_dataset, str(tmp_path)), nprocs=4, join=True)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(4)]

@@ -1,6 +1,6 @@
-"""Resharding (framework/reshard.py): a checkpoint saved under a multi-process layout reads back as
-exactly the live state (fp32 master weights, Adam moments, step), loads back into that layout, and
-loads into one process (dp 1, tp 1, pp 1), which then continues the run: its next steps' losses
+"""Resharding (framework/checkpoint/reshard.py): a checkpoint saved under a multi-process layout
+reads back as exactly the live state (fp32 master weights, Adam moments, step), loads back into
+that layout, and loads into one process (dp 1, tp 1, pp 1), which then continues the run: its next steps' losses
 are the saved layout's within 1e-5 relative.
 
 Two torchrun launches (2 and 4 processes) each save several layouts in turn (reshard_worker.py);
@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from framework.config import load_config
-from framework.reshard import MOMENTS, FullState, load_full_state, read_full_state, read_weights
-from framework.trainer import Trainer
+from framework.checkpoint.reshard import (MOMENTS, FullState, load_full_state, read_full_state,
+                                          read_weights)
+from framework.training.factory import build_trainer
 from tests.conftest import DEBUG_RECIPE, run_cli
 from tests.distributed.reshard_worker import STEPS, TAG, live_state, overrides
 
@@ -85,7 +86,7 @@ def test_one_process_continues_the_saved_run(saved, world, tmp_path, small_datas
     out = saved(nproc)
     rec = record(out, name)
     precision = [o for o in LAUNCHES[nproc][name] if o.startswith("train.precision")]
-    trainer = Trainer(load_config(DEBUG_RECIPE, overrides(tmp_path, small_dataset,
+    trainer = build_trainer(load_config(DEBUG_RECIPE, overrides(tmp_path, small_dataset,
                                                           ["deepspeed.zero_stage=1", *precision])))
     state = read_full_state(out / name / "ckpt" / TAG, rec["layout"])
     load_full_state(trainer.engine, trainer.engine.module, state, tp_rank=0, tp=1)

@@ -9,6 +9,7 @@ test_reshard.py)."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -72,9 +73,24 @@ def logged_steps(run_dir) -> list:
     return [r["step"] for r in records if r.get("stream") == "step"]
 
 
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(run_dir):
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"], r["seq_len"]) for r in records]
+    return [(r["step"], r["train/loss"], r["train/seq_len"]) for r in records(run_dir)]
+
+
+CONSOLE = re.compile(r"^step +(\d+)/\d+ \| loss ([\d.]+|nan) \| lr ([\d.e+-]+) \|", re.M)
+
+
+def console(*outputs):
+    """{step: (loss, lr) as printed}, the first line of each step across the jobs' outputs."""
+    seen = {}
+    for out in outputs:
+        for step, loss, lr in CONSOLE.findall(out):
+            seen.setdefault(int(step), (loss, lr))
+    return seen
 
 
 def tensors(obj, path=""):
@@ -129,7 +145,7 @@ def test_kill_9_and_resume_is_bitwise_identical(tmp_path, small_dataset, whole, 
         in proc.stdout
 
     reference = losses(whole)
-    assert [s for s, _, _ in reference] == list(range(2 * N))
+    assert [s for s, _, _ in reference] == list(range(1, 2 * N + 1))
     assert any(length < 64 for _, _, length in reference)  # a 1% cut happened, and was replayed
     assert losses(killed) == reference  # exact floats, every step once
 
@@ -142,11 +158,19 @@ def test_kill_9_and_resume_is_bitwise_identical(tmp_path, small_dataset, whole, 
     client = mlflow_server.client()
     (run,) = client.search_runs([client.get_experiment_by_name("kill-9").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["resumed_at_step"] == str(N)
-    history = client.get_metric_history(run.info.run_id, "loss")
+    history = client.get_metric_history(run.info.run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(1, 2 * N + 1))
-    assert {m.step: m.value for m in history} == {s + 1: loss for s, loss, _ in reference}
+    assert {m.step: m.value for m in history} == {s: loss for s, loss, _ in reference}
     saves = client.get_metric_history(run.info.run_id, "checkpoint/save_seconds")
     assert sorted(m.step for m in saves) == [N, 2 * N]
+
+    # the console (both jobs' lines), metrics.jsonl and MLflow agree on steps and values
+    printed = console((killed.parent / "killed.log").read_text(), proc.stdout)
+    assert sorted(printed) == list(range(1, 2 * N + 1))
+    lr = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/lr")}
+    for r in records(killed):
+        assert printed[r["step"]] == (f"{r['train/loss']:.4f}", f"{r['train/lr']:.3e}"), r
+        assert lr[r["step"]] == r["train/lr"]
 
 
 def test_resume_under_one_data_parallel_rank(tmp_path, small_dataset, whole):
@@ -156,5 +180,5 @@ def test_resume_under_one_data_parallel_rank(tmp_path, small_dataset, whole):
                    [f"checkpoint.resume={checkpoint}", "data.num_workers=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resharded from tp 1 pp 1 dp 2" in proc.stdout
-    assert_close_losses(losses(tmp_path), losses(whole), first_step=N)
+    assert_close_losses(losses(tmp_path), losses(whole), first_step=N + 1)
 

@@ -8,8 +8,8 @@ import socket
 import pytest
 import yaml
 
-from framework.objective import t_bucket_names
-from framework.tracking import flatten
+from framework.tracking.tracker import flatten
+from framework.training.objective import t_bucket_names
 from tests.conftest import DEBUG_RECIPE, run_cli, tracking_overrides
 
 pytestmark = pytest.mark.slow
@@ -37,15 +37,31 @@ def test_debug_recipe_trains_and_the_loss_falls(tmp_path, mlflow_server):
     assert "llada prepare:" in proc.stdout
     assert summary["data_skipped"] == {"bad_samples": 0, "corrupt_shards": 0, "missing_shards": 0}
     assert (tmp_path / "config.yaml").is_file()
+    # the recipe saves its final checkpoint: what a new user trained can be used
+    assert (tmp_path / "checkpoints" / "step_00000040" / "meta.json").is_file()
     metrics = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 2  # step 25 and the last
     assert "step     40/40 | loss" in proc.stdout
+    check_first_screen(proc)
     check_mlflow_run(mlflow_server.client(), tmp_path, metrics)
 
 
-STEP_METRICS = {"loss", "lr", "grad_norm", "tokens_per_s", "consumed_tokens", "skipped_steps",
-                "seq_len", "data_skipped/bad_samples", "data_skipped/corrupt_shards",
-                "data_skipped/missing_shards", *(f"loss_by_t/{b}" for b in t_bucket_names())}
+def check_first_screen(proc):
+    """Ours only: no library's warning or INFO line, the corpus' skips as one line."""
+    out = proc.stdout + proc.stderr
+    for noise in ("UserWarning", "warnings.warn", "[WARNING]", "[INFO]", " INFO ", "Warning:"):
+        assert noise not in out, out[:3000]
+    assert all(line.startswith(("llada", "step ")) for line in out.splitlines()), out[:3000]
+    skips = [line for line in out.splitlines() if "skipped" in line and "step " not in line]
+    assert len(skips) == 2, skips  # the warning naming the list, and prepare's summary line
+    (warning,) = [line for line in skips if line.startswith("llada: warning:")]
+    assert "each named in" in warning and "skipped-inputs.txt" in warning
+
+
+STEP_METRICS = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
+                "train/consumed_tokens", "train/skipped_steps", "train/seq_len",
+                "time/step_seconds", "data/bad_samples", "data/corrupt_shards",
+                "data/missing_shards", *(f"train/loss_by_t/{b}" for b in t_bucket_names())}
 
 
 def check_mlflow_run(client, run_dir, metrics_lines):
@@ -65,16 +81,14 @@ def check_mlflow_run(client, run_dir, metrics_lines):
     assert json.loads((run_dir / "tracking" / "run.json").read_text())["run_id"] == run_id
 
     records = [json.loads(line) for line in metrics_lines]
-    steps = [r["step"] + 1 for r in records]
+    steps = [r["step"] for r in records]
     assert steps == [25, 40]
-    # MFU needs the accelerator's peak: none on CPU, so none is made up
-    assert STEP_METRICS <= set(run.data.metrics) and "mfu" not in run.data.metrics
-    for name in STEP_METRICS:
-        history = client.get_metric_history(run_id, name)
-        assert sorted(m.step for m in history) == steps, name
-    loss = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
-    assert loss == {r["step"] + 1: r["loss"] for r in records}
-    tokens = [m.value for m in sorted(client.get_metric_history(run_id, "consumed_tokens"),
+    # MFU needs the accelerator's peak: none on CPU, so none is made up; no GPU memory either
+    assert set(run.data.metrics) == STEP_METRICS | {"checkpoint/save_seconds"}
+    for name in STEP_METRICS:  # every metric of every record, the same step and value
+        history = {m.step: m.value for m in client.get_metric_history(run_id, name)}
+        assert history == {r["step"]: r[name] for r in records}, name
+    tokens = [m.value for m in sorted(client.get_metric_history(run_id, "train/consumed_tokens"),
                                       key=lambda m: m.step)]
     assert tokens == sorted(tokens) and tokens[-1] > 40 * 32 * 64
 

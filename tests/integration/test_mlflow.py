@@ -8,14 +8,14 @@ import threading
 import pytest
 
 from framework.config import load_config
-from framework.trainer import Trainer
+from framework.training.factory import build_trainer
 from tests.conftest import DEBUG_RECIPE, quick_overrides, tracking_overrides
 
 pytestmark = pytest.mark.slow
 
 STEPS = 16
-ALWAYS = {"loss", "lr", "grad_norm", "tokens_per_s", "consumed_tokens", "skipped_steps",
-          "seq_len", "data_skipped/bad_samples"}
+ALWAYS = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
+          "train/consumed_tokens", "train/skipped_steps", "train/seq_len", "data/bad_samples"}
 
 
 def test_server_stopped_mid_run_and_restarted(world, tmp_path, small_dataset, mlflow_server,
@@ -24,7 +24,7 @@ def test_server_stopped_mid_run_and_restarted(world, tmp_path, small_dataset, ml
                       tracking_overrides(mlflow_server, "server-restart") +
                       ["tracking.log_interval=1", "tracking.send_interval_s=0.05",
                        "tracking.retry_interval_s=0.5", "checkpoint.interval=8"])
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     step = trainer.train_step
     restart = threading.Thread(target=mlflow_server.start)
 
@@ -56,8 +56,8 @@ def test_server_stopped_mid_run_and_restarted(world, tmp_path, small_dataset, ml
         steps = sorted(m.step for m in client.get_metric_history(run_id, name))
         assert steps == list(range(1, STEPS + 1)), name
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    loss = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
-    assert loss == {r["step"] + 1: r["loss"] for r in records}
+    loss = {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
+    assert loss == {r["step"]: r["train/loss"] for r in records}
     saves = client.get_metric_history(run_id, "checkpoint/save_seconds")
     assert sorted(m.step for m in saves) == [8, 16]
     assert {a.path for a in client.list_artifacts(run_id, "plots")} == {"plots/loss_curve.png"}

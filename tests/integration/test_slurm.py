@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from framework.checkpoint import complete_checkpoints, tag_for
-from framework.cli import main
+from framework.checkpoint.checkpointer import complete_checkpoints
+from framework.checkpoint.files import tag_for
+from framework.launch.cli import main
 from tests.conftest import DEBUG_RECIPE, REPO, quick_overrides
 from tests.integration.slurm_cluster import SlurmCluster, why_not_available
 
@@ -94,7 +95,7 @@ def rank_pid(run_dir: Path, rank: int) -> int:
     for proc in Path("/proc").iterdir():
         try:
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if "framework.cli train" not in cmd or f"run.dir={run_dir}" not in cmd:
+            if "-m framework train" not in cmd or f"run.dir={run_dir}" not in cmd:
                 continue
             env = (proc / "environ").read_bytes().split(b"\0")
             ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
@@ -136,7 +137,7 @@ def test_signalled_job_checkpoints_requeues_and_resumes(slurm_env, capsys, tmp_p
     assert summary["status"] == "completed" and summary["final_step"] == steps
     assert summary["steps"] == steps - stop and summary["world_size"] == 2
     # one continuous loss history: every step once, none missing, none twice
-    assert logged_steps(tmp_path) == list(range(steps))
+    assert logged_steps(tmp_path) == list(range(1, steps + 1))
 
 
 def test_crashing_job_is_retried_then_fails_with_the_error(slurm_env, capsys, tmp_path,

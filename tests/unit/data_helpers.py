@@ -8,7 +8,7 @@ import torch
 from data_pipeline.collate import MaskCollator
 from data_pipeline.loader import PretrainLoader
 from data_pipeline.shards import load_manifest
-from framework.config import DataConfig, DatasetConfig, ObjectiveConfig
+from data_pipeline.config import DataConfig, DatasetConfig, ObjectiveConfig
 
 
 OPEN_LOADERS: List[PretrainLoader] = []  # closed after each test (tests/conftest.py)

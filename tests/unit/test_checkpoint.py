@@ -5,15 +5,15 @@ import json
 
 import pytest
 
-from framework.checkpoint import (complete_checkpoints, resolve_resume, step_of, tag_for,
-                                  to_keep)
+from framework.checkpoint.checkpointer import complete_checkpoints, resolve_resume, to_keep
+from framework.checkpoint.files import step_of, tag_for
 from framework.config import ConfigError, load_config
-from framework.trainer import Trainer
+from framework.training.factory import build_trainer
 from tests.conftest import DEBUG_RECIPE, quick_overrides
 
 
 def make_trainer(run_dir, dataset, steps, *extra):
-    return Trainer(load_config(DEBUG_RECIPE, quick_overrides(run_dir, dataset, steps) +
+    return build_trainer(load_config(DEBUG_RECIPE, quick_overrides(run_dir, dataset, steps) +
                                ["tracking.log_interval=1", *extra]))
 
 
@@ -59,7 +59,8 @@ def test_incomplete_and_corrupt_checkpoints_are_skipped(world, tmp_path, small_d
     trainer = make_trainer(tmp_path, small_dataset, 12, "checkpoint.interval=3",
                            "checkpoint.keep=3")
     out = capsys.readouterr().out
-    assert trainer.step == 3 and trainer.resume_from == root / tag_for(3)
+    assert trainer.step == 3 and trainer.resume.path == root / tag_for(3)
+    assert not trainer.resume.rollback  # the newer ones were not complete
     assert f"{tag_for(9)} is incomplete or corrupt (zero_pp_rank_0_mp_rank_00_optim_states.pt " \
            "missing)" in out
     assert f"{tag_for(6)} is incomplete or corrupt (meta.json unreadable" in out
@@ -69,10 +70,12 @@ def test_incomplete_and_corrupt_checkpoints_are_skipped(world, tmp_path, small_d
         f"{tag_for(6)}.abandoned", f"{tag_for(9)}.abandoned"]
     summary = trainer.fit()
     assert summary["status"] == "completed" and summary["final_step"] == 12
-    assert summary["steps"] == 9  # this session ran steps 3..11
+    assert summary["steps"] == 9  # this session ran steps 4..12
     assert saved_steps(tmp_path) == [6, 9, 12]  # saved anew; the .tmp was cleared
     assert not list(root.glob("*.tmp"))
-    assert [r["step"] for r in records(tmp_path)] == list(range(12))  # each step logged once
+    # each step logged once: the killed job's records of steps 4..9 stay (the first record of a
+    # step wins), the re-run adds 10..12
+    assert [r["step"] for r in records(tmp_path)] == list(range(1, 13))
 
 
 def test_rollback_to_an_earlier_checkpoint(world, tmp_path, small_dataset, capsys):
@@ -81,12 +84,17 @@ def test_rollback_to_an_earlier_checkpoint(world, tmp_path, small_dataset, capsy
     root = tmp_path / "checkpoints"
     trainer = make_trainer(tmp_path, small_dataset, 6, "checkpoint.interval=2",
                            "checkpoint.keep=5", f"checkpoint.resume={root / tag_for(2)}")
-    assert "moved aside" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "moved aside" in out and trainer.resume.rollback
+    assert "4 records of" in out and "after step 2 moved to metrics-set-aside-" in out
+    (aside,) = tmp_path.glob("metrics-set-aside-*.jsonl")
+    assert [json.loads(line)["step"] for line in aside.read_text().splitlines()] == [3, 4, 5, 6]
     assert saved_steps(tmp_path) == [2]
     trainer.fit()
     assert saved_steps(tmp_path) == [2, 4, 6]
-    assert records(tmp_path) == [{**r, "tokens_per_s": s["tokens_per_s"]}
-                                 for r, s in zip(first, records(tmp_path))]  # the same run again
+    again = records(tmp_path)  # the same run again, from step 3 on
+    assert [r["step"] for r in again] == list(range(1, 7))
+    assert [r["train/loss"] for r in again] == [r["train/loss"] for r in first]
 
 
 def test_auto_never_starts_over_checkpoints_that_all_fail(world, tmp_path, small_dataset):
@@ -118,18 +126,18 @@ def test_resume_choices_and_refusals(world, tmp_path, small_dataset):
 def test_checkpoint_on_request(world, tmp_path, small_dataset):
     trainer = make_trainer(tmp_path, small_dataset, 5, "objective.variable_length_prob=0.5")
     first = trainer.train_step()
-    trainer._maybe_checkpoint(final=False)
+    trainer.maybe_checkpoint(final=False)
     assert saved_steps(tmp_path) == []  # no interval, not the end, not requested
     trainer.checkpointer.request()  # a save on request, the run goes on
     second = trainer.train_step()
-    trainer._maybe_checkpoint(final=False)
+    trainer.maybe_checkpoint(final=False)
     assert saved_steps(tmp_path) == [2]
     meta = json.loads((tmp_path / "checkpoints" / tag_for(2) / "meta.json").read_text())
     assert meta["step"] == 2 and meta["consumed_samples"] == 2 * 16
     assert meta["consumed_tokens"] == first.tokens + second.tokens
     assert meta["layout"]["world_size"] == 1 and meta["config"]["train"]["steps"] == 5
     trainer.train_step()
-    trainer._maybe_checkpoint(final=False)
+    trainer.maybe_checkpoint(final=False)
     assert saved_steps(tmp_path) == [2]  # the request was served once
 
 
@@ -143,4 +151,6 @@ def test_checkpoint_by_wall_time(world, tmp_path, small_dataset):
 def test_a_fresh_start_in_an_old_run_dir_logs_each_step_once(world, tmp_path, small_dataset):
     for _ in range(2):  # no checkpoints: the second run starts over, and so does its record
         make_trainer(tmp_path, small_dataset, 3).fit()
-    assert [r["step"] for r in records(tmp_path)] == [0, 1, 2]
+    assert [r["step"] for r in records(tmp_path)] == [1, 2, 3]
+    (aside,) = tmp_path.glob("metrics-set-aside-*.jsonl")  # the first run's, kept
+    assert [json.loads(line)["step"] for line in aside.read_text().splitlines()] == [1, 2, 3]

@@ -9,9 +9,9 @@ import subprocess
 import pytest
 import torch
 
-from framework.cli import main
+from framework.launch.cli import main
 from framework.config import ConfigError
-from framework.parallel import check_sequence_parallel
+from framework.parallel.world import check_sequence_parallel
 from tests.conftest import DEBUG_RECIPE, quick_overrides, run_cli
 
 
@@ -53,6 +53,8 @@ def test_missing_recipe():
     ("model.num_attention_heads=5", ["model.num_attention_heads", "5"]),  # heads vs hidden
     ("objective.mask_id=4096", ["objective.mask_id", "outside the vocabulary"]),
     ("preemption.signals=[KILL]", ["preemption.signals", "KILL"]),  # cannot be handled
+    ("optimizer.lr=inf", ["optimizer.lr", "finite", "inf"]),  # would diverge steps later
+    ("schedule.final_lr=nan", ["schedule.final_lr", "finite"]),
 ])
 def test_bad_override(llada, override, needles):
     assert_one_line_error(llada(["train", DEBUG_RECIPE, override]), *needles)
@@ -137,3 +139,12 @@ def test_tracking_uri_of_an_unknown_scheme(llada, tmp_path, small_dataset):
 def test_tracking_sync_of_a_directory_without_tracking_state(llada, tmp_path):
     assert_one_line_error(llada(["tracking", "sync", str(tmp_path)]), str(tmp_path),
                           "no tracking state")
+
+
+def test_a_manifest_that_is_json_but_not_a_manifest(llada, tmp_path):
+    manifest = tmp_path / "d" / "manifest.json"
+    manifest.parent.mkdir()
+    manifest.write_text("[1, 2, 3]\n")
+    proc = llada(["train", str(DEBUG_RECIPE), f"run.dir={tmp_path}",
+                  f"data.datasets=[{{manifest: {manifest}}}]"])
+    assert_one_line_error(proc, "data.datasets[0].manifest", str(manifest), "not a valid manifest")

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from data_pipeline.collate import MaskCollator
-from data_pipeline.variable_length import batch_length
-from framework.config import ObjectiveConfig
-from framework.objective import sample_noise
+from data_pipeline.noise import batch_length
+from data_pipeline.config import ObjectiveConfig
+from data_pipeline.noise import sample_noise
 
 MASK = 3
 

@@ -8,7 +8,7 @@ import sentencepiece as spm
 
 from data_pipeline.corpus import expand_inputs, read_documents, stdlib_files
 from data_pipeline.tokenizer import CHAT_PIECES, MASK_PIECE, load_tokenizer
-from framework.config import ConfigError
+from data_pipeline.errors import DataConfigError
 
 
 def test_stdlib_corpus_is_real_python_source():
@@ -32,7 +32,7 @@ def test_tokenizer_without_a_mask_token_is_refused(tmp_path):
     lines = [f"line {i} of some text" for i in range(200)]
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "m"),
                                    vocab_size=40, minloglevel=2)
-    with pytest.raises(ConfigError, match=r"tokenizer.model: .*m.model has no mask token"):
+    with pytest.raises(DataConfigError, match=r"tokenizer.model: .*m.model has no mask token"):
         load_tokenizer(tmp_path / "m.model")
 
 
@@ -68,7 +68,7 @@ def test_truncated_gzip_is_skipped_after_what_was_readable(tmp_path):
 def test_glob_that_matches_nothing_is_an_error_naming_it(tmp_path):
     (tmp_path / "a.txt").write_text("x")
     assert expand_inputs([str(tmp_path / "*.txt")]) == [tmp_path / "a.txt"]
-    with pytest.raises(ConfigError, match=r"prepare.inputs: '.*\*.jsonl' matches no file"):
+    with pytest.raises(DataConfigError, match=r"prepare.inputs: '.*\*.jsonl' matches no file"):
         expand_inputs([str(tmp_path / "*.txt"), str(tmp_path / "*.jsonl")])
 
 
@@ -82,14 +82,14 @@ def test_corrupt_gzip_data_is_skipped_not_raised(tmp_path):
         raw[pos] ^= 0x5A
     path.write_bytes(bytes(raw))
     counts = Counter()
-    list(read_documents(path, "text", counts, quiet=True))
+    list(read_documents(path, "text", counts, report=None))
     assert counts["unreadable_files"] + counts["bad_lines"] >= 1
 
 
 def test_a_vocabulary_too_large_for_the_corpus_is_a_config_error(tmp_path):
     from data_pipeline.tokenizer import train_tokenizer
-    from framework.config import TokenizerConfig
+    from data_pipeline.config import TokenizerConfig
 
     (tmp_path / "a.txt").write_text("a tiny corpus\n" * 10)
-    with pytest.raises(ConfigError, match=r"tokenizer.vocab_size: .*Vocabulary size too high"):
+    with pytest.raises(DataConfigError, match=r"tokenizer.vocab_size: .*Vocabulary size too high"):
         train_tokenizer([tmp_path / "a.txt"], TokenizerConfig(vocab_size=32000), tmp_path / "t.model")

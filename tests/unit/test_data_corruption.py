@@ -1,9 +1,11 @@
 """Bad shards never stop the stream: a missing shard, a truncated tar, a corrupt header and a
 garbage sample are skipped with a warning naming shard and key, counted, and the run completes."""
 
+import contextlib
 import io
 import json
 import shutil
+import signal
 import tarfile
 
 import pytest
@@ -84,17 +86,39 @@ def test_shards_cut_at_a_member_boundary_or_empty_are_truncated_not_short(small_
     assert stream.counters == {"corrupt_shards": 2}
 
 
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """A stall fails the test instead of hanging the suite."""
+    def expired(signum, frame):
+        raise TimeoutError(f"no progress within {seconds} s: the stream stalled")
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_one_bad_shard_drawn_again_and_again_never_stops_the_stream(small_dataset, tmp_path):
     # as many readers as shards: each reader holds one shard per epoch, so the bad one comes up
     # for a reader several epochs in a row now and then
     shutil.copytree(small_dataset.parent, tmp_path / "one")
     ds = load_manifest(tmp_path / "one" / "manifest.json")
     (tmp_path / "one" / ds.shards[0]["file"]).unlink()
-    n = len(ds.shards)
-    for slot in range(n):
-        stream = iter(ShardStream(ds, 0, slot, n, 0, 8, Counter()))
-        for _ in range(128 * 12):  # about a dozen epochs of this reader
-            next(stream)
+    n, total = len(ds.shards), 0
+    with time_limit(120):
+        for slot in range(n):
+            counters = Counter()
+            stream = ShardStream(ds, 0, slot, n, 0, 8, counters)
+            samples = iter(stream)
+            got = [next(samples) for _ in range(128 * 12)]  # about a dozen epochs of this reader
+            assert all(arr.shape == (ds.seq_len,) for arr in got)
+            # the missing shard is counted once per epoch in which this reader drew it
+            drawn = sum(int(stream.assigned(e)[0]) == 0 for e in range(stream.epoch + 1))
+            assert counters["missing_shards"] == drawn and set(counters) <= {"missing_shards"}
+            total += drawn
+    assert total >= 2  # it did come up
 
 
 def test_no_readable_shard_at_all_is_an_error_not_a_stall(small_dataset, tmp_path):

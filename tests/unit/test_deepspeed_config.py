@@ -1,7 +1,7 @@
 import pytest
 
 from framework.config import DeepSpeedConfig
-from framework.deepspeed_config import deepspeed_json
+from framework.training.deepspeed_config import deepspeed_json
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])

@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 
-from framework.cli import main
+from framework.launch.cli import main
 from framework.config import ConfigError, load_config
-from framework.trainer import Trainer
+from framework.training.factory import build_trainer
 from tests.conftest import DEBUG_RECIPE, quick_overrides
 
 
 def make_trainer(run_dir, dataset, *extra):
-    return Trainer(load_config(DEBUG_RECIPE, quick_overrides(run_dir, dataset, steps=3) +
+    return build_trainer(load_config(DEBUG_RECIPE, quick_overrides(run_dir, dataset, steps=3) +
                                list(extra)))
 
 

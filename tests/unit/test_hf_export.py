@@ -1,4 +1,4 @@
-"""Export to / import from the public LLaDA Hugging Face layout (framework/hf.py): the
+"""Export to / import from the public LLaDA Hugging Face layout (framework/checkpoint/hf_*.py): the
 conversion is exact, the exported tensors compute the same logits under an independent forward of
 the release's model (tests/unit/llada_reference.py), and the directory round-trips with clear
 errors on mismatch."""
@@ -12,9 +12,9 @@ import torch
 from safetensors import safe_open
 
 from framework.config import ModelConfig
-from framework.hf import (HFFormatError, from_hf, hf_config, hf_shapes, our_shapes, read_hf_dir,
-                          to_hf, write_hf_dir)
-from framework.layout import padded_vocab_size
+from framework.checkpoint.hf_files import read_hf_dir, write_hf_dir
+from framework.checkpoint.hf_mapping import HFFormatError, from_hf, hf_config, hf_shapes, to_hf
+from framework.model.params import full_shapes, padded_vocab_size
 from tests.unit.llada_reference import llada_forward
 
 # GQA with more than one group: 6 query heads in 3 groups of 2, head_dim 8
@@ -27,7 +27,7 @@ def random_weights(cfg: ModelConfig, seed: int = 0, std: float = 0.1) -> dict:
     gen = torch.Generator().manual_seed(seed)
     return {name: (1.0 + 0.3 * torch.randn(shape, generator=gen)) if len(shape) == 1
             else std * torch.randn(shape, generator=gen)
-            for name, shape in our_shapes(cfg).items()}
+            for name, shape in full_shapes(cfg).items()}
 
 
 def test_round_trip_is_exact_with_grouped_query_attention():

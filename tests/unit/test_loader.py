@@ -10,9 +10,9 @@ import pytest
 import torch
 import webdataset as wds
 
+from data_pipeline.errors import DataConfigError
 from data_pipeline.loader import ShardStream
 from data_pipeline.shards import load_manifest
-from framework.config import ConfigError
 from tests.conftest import prepare_small, stdlib_glob
 from tests.unit.data_helpers import make_loader, same, take
 
@@ -127,7 +127,7 @@ def test_mixture_follows_the_weights(tiny, other):
 
 def test_datasets_prepared_on_first_run_share_one_tokenizer(tmp_path):
     from data_pipeline.datasets import open_datasets
-    from framework.config import DataConfig, DatasetConfig, TokenizerConfig
+    from data_pipeline.config import DataConfig, DatasetConfig, TokenizerConfig
 
     cfg = DataConfig(
         datasets=[DatasetConfig(manifest=str(tmp_path / n / "manifest.json"),
@@ -153,17 +153,17 @@ def test_restoring_into_another_layout_is_refused(tiny):
     loader = make_loader([tiny], dp_rank=0, dp_size=2, workers=2)
     take(loader, 3)
     state = loader.state_dict()
-    with pytest.raises(ConfigError, match=r"data state: .*dp_size 2 -> 4.*refused"):
+    with pytest.raises(DataConfigError, match=r"data state: .*dp_size 2 -> 4.*refused"):
         make_loader([tiny], dp_rank=0, dp_size=4, workers=2, state=state)
-    with pytest.raises(ConfigError, match=r"workers 2 -> 1"):
+    with pytest.raises(DataConfigError, match=r"workers 2 -> 1"):
         make_loader([tiny], dp_rank=0, dp_size=2, workers=1, state=state)
-    with pytest.raises(ConfigError, match=r"shuffle_buffer 16 -> 8"):  # replay needs the same
+    with pytest.raises(DataConfigError, match=r"shuffle_buffer 16 -> 8"):  # replay needs the same
         make_loader([tiny], dp_rank=0, dp_size=2, workers=2, buffer=8, state=state)
 
 
 def test_fewer_shards_than_readers_is_a_clear_error(tiny):
     n = len(load_manifest(tiny).shards)
-    with pytest.raises(ConfigError, match=f"has {n} shards, fewer than the {n + 1} readers"):
+    with pytest.raises(DataConfigError, match=f"has {n} shards, fewer than the {n + 1} readers"):
         make_loader([tiny], dp_size=n + 1)
 
 
@@ -185,8 +185,8 @@ def test_two_ranks_resume_as_one_rank_with_two_workers(tiny):
     four = [make_loader([tiny], dp_rank=r, dp_size=4, workers=1) for r in range(4)]
     for loader in four:
         take(loader, 1)
-    with pytest.raises(ConfigError, match=r"4 x 1 -> 2 x 2 would reorder the stream"):
+    with pytest.raises(DataConfigError, match=r"4 x 1 -> 2 x 2 would reorder the stream"):
         make_loader([tiny], dp_rank=0, dp_size=2, workers=2).load_state_dicts(
             [loader.state_dict() for loader in four])
-    with pytest.raises(ConfigError, match=r"saved by 2 readers .* this run has 1 x 1"):
+    with pytest.raises(DataConfigError, match=r"saved by 2 readers .* this run has 1 x 1"):
         make_loader([tiny], dp_size=1, workers=1).load_state_dicts(states)

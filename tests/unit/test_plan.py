@@ -1,15 +1,14 @@
-"""``llada plan``: layout checks and sizes without launching anything; its parameter counts are
-those of the model built on the meta device."""
+"""``llada plan``: layout checks and sizes without launching anything (its parameter counts are
+the parameter table's, held against the model on the meta device in test_params.py)."""
 
 import re
 
 import pytest
-import torch
 
-from framework.cli import main
+from framework.launch.cli import main
 from framework.config import load_config
-from framework.model.model import build_model, transformer_config
-from framework.plan import piece_params, total_params
+from framework.launch.plan import piece_params
+from framework.model.params import total_params
 from tests.conftest import REPO
 
 EIGHT_B = REPO / "recipes" / "llada-8b.yaml"
@@ -19,18 +18,6 @@ def plan(capsys, *args):
     code = main(["plan", *map(str, args)])
     out = capsys.readouterr()
     return code, out.out, out.err
-
-
-@pytest.mark.parametrize("recipe", ["llada-1b.yaml", "llada-8b.yaml"])
-def test_parameter_counts_match_the_model_on_the_meta_device(world, recipe):
-    cfg = load_config(REPO / "recipes" / recipe, need_data=False)
-    tc = transformer_config(cfg.model, tensor_parallel=1, params_dtype=torch.bfloat16, on_cpu=True)
-    with torch.device("meta"):
-        model = build_model(cfg.model, tc)
-    pieces = list(model.children())
-    assert [sum(p.numel() for p in piece.parameters()) for piece in pieces] == \
-        [p.split + p.replicated for p in piece_params(cfg.model)]
-    assert total_params(cfg.model) == sum(p.numel() for p in model.parameters())
 
 
 def test_plan_for_the_8b_recipe_on_1024_gpus(capsys):
@@ -49,7 +36,7 @@ def test_plan_for_the_8b_recipe_on_1024_gpus(capsys):
     # the first stage holds the most activations under 1F1B
     acts = [float(r[5]) for r in rows]
     assert acts[0] == max(acts[:3]) and acts[0] > acts[1] > acts[2]
-    assert re.search(r"expected step time at 40% MFU of 798 TFLOP/s per GPU: [\d.]+ s", out)
+    assert re.search(r"expected step time at 40% MFU of 989 TFLOP/s per GPU: [\d.]+ s", out)
 
 
 def test_zero_stage_shrinks_the_per_gpu_state(capsys):

@@ -12,8 +12,8 @@ import sys
 import pytest
 
 from framework.config import ConfigError, PreemptionConfig, load_config
-from framework.preemption import StopRequest, deadline_from_env
-from framework.trainer import Trainer
+from framework.training.preemption import StopRequest, deadline_from_env
+from framework.training.factory import build_trainer
 from tests.conftest import DEBUG_RECIPE, REPO, quick_overrides
 
 
@@ -55,7 +55,7 @@ def test_install_and_uninstall_restore_the_previous_handlers():
 def make_trainer(run_dir, dataset, steps, stop=None):
     cfg = load_config(DEBUG_RECIPE, quick_overrides(run_dir, dataset, steps) +
                       ["tracking.log_interval=1"])
-    return Trainer(cfg, stop if stop is not None else StopRequest(cfg.preemption))
+    return build_trainer(cfg, stop if stop is not None else StopRequest(cfg.preemption))
 
 
 def test_a_signal_mid_run_saves_that_step_and_the_next_start_finishes(world, tmp_path,
@@ -82,7 +82,7 @@ def test_a_signal_mid_run_saves_that_step_and_the_next_start_finishes(world, tmp
     assert summary["status"] == "completed" and summary["final_step"] == 6
     assert summary["resumed_from"].endswith("step_00000003") and summary["steps"] == 3
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open()]
-    assert steps == list(range(6))
+    assert steps == list(range(1, 7))
 
 
 def test_a_near_deadline_stops_the_run_with_a_checkpoint(world, tmp_path, small_dataset):
@@ -107,7 +107,7 @@ def test_a_near_deadline_stops_the_run_with_a_checkpoint(world, tmp_path, small_
 def test_loader_workers_survive_the_stop_signals(world, tmp_path, small_dataset):
     trainer = make_trainer(tmp_path, small_dataset, 3)
     loader = trainer.data
-    assert loader.workers == 1 and trainer.cfg.data.num_workers == 1
+    assert loader.workers == 1 and loader.cfg.num_workers == 1
     before = set(multiprocessing.active_children())
     next(loader)
     workers = [p for p in multiprocessing.active_children() if p not in before]

@@ -94,5 +94,9 @@ def test_cli_prepares_jsonl_gz_and_text_and_counts_bad_input(tmp_path):
     assert m["sources"]["files"] == 3 and m["sources"]["documents"] == 301
     assert m["sources"]["bad_lines"] == 2 and m["sources"]["empty_files"] == 1
     assert m["samples"] > 100 and all(s["samples"] <= 50 for s in m["shards"])
-    assert "a.jsonl.gz:301" in proc.stderr and "b.txt:201: not UTF-8" in proc.stderr
+    # one line for the skips, each named in the list beside the manifest
+    (line,) = [x for x in proc.stderr.splitlines() if "skipped" in x]
+    assert "skipped 3 inputs (1 empty files, 2 bad lines)" in line and "skipped-inputs.txt" in line
+    listed = (out / "skipped-inputs.txt").read_text()
+    assert "a.jsonl.gz:301" in listed and "b.txt:201: not UTF-8" in listed and "c.txt" in listed
     assert "llada prepare:" in proc.stdout

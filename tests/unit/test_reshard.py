@@ -1,4 +1,4 @@
-"""framework/reshard.py on one-process checkpoints of a tiny model: what is refused (one line,
+"""framework/checkpoint/reshard.py on one-process checkpoints of a tiny model: what is refused (one line,
 naming the file, the parameter or the layout to resume with), and the weights of ZeRO-0 and
 ZeRO-3 checkpoints, which export reads. The multi-process layouts: tests/distributed/."""
 
@@ -9,9 +9,9 @@ import torch
 
 from framework.config import load_config
 from framework.model.weights import full_state_dict
-from framework.reshard import (FullState, Layout, ReshardError, load_full_state, read_full_state,
+from framework.checkpoint.reshard import (FullState, Layout, ReshardError, load_full_state, read_full_state,
                                read_weights)
-from framework.trainer import Trainer
+from framework.training.factory import build_trainer
 from tests.conftest import DEBUG_RECIPE
 from tests.distributed.layout_worker import layout_overrides
 
@@ -22,7 +22,7 @@ def saved_run(run_dir, dataset, zero_stage: int):
     """A trainer after one step, saved; with the checkpoint's tag directory and layout."""
     cfg = load_config(DEBUG_RECIPE, layout_overrides(run_dir, dataset,
                                                      [f"deepspeed.zero_stage={zero_stage}"]))
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     trainer.train_step()
     trainer.data.close()
     trainer.engine.save_checkpoint(str(run_dir / "ckpt"), tag=TAG, client_state={"step": 1})

@@ -8,8 +8,8 @@ import torch
 
 from data_pipeline.sft import SFTCollator, read_sft_jsonl
 from data_pipeline.tokenizer import load_tokenizer
-from framework.config import ObjectiveConfig
-from framework.objective import sft_loss
+from data_pipeline.config import ObjectiveConfig
+from framework.training.objective import sft_loss
 
 
 def write_jsonl(path, records, extra_lines=()):

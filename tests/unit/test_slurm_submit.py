@@ -1,5 +1,5 @@
 """``llada slurm submit --dry-run``: the rendered script, and the one-line refusals that come
-before anything reaches the queue; the scripts in slurm/ pass bash -n and shellcheck."""
+before anything reaches the queue; the sbatch script (package data of framework.launch) passes bash -n and shellcheck."""
 
 import os
 import re
@@ -8,13 +8,13 @@ import subprocess
 
 import pytest
 
-from framework.cli import main
+from framework.launch.cli import main
 from framework.config import ConfigError
-from framework.slurm import time_limit_seconds
+from framework.launch.slurm import time_limit_seconds
 from tests.conftest import DEBUG_RECIPE, REPO
 
 EIGHT_B = REPO / "recipes" / "llada-8b.yaml"
-SCRIPTS = sorted((REPO / "slurm").glob("*.sbatch")) + sorted((REPO / "slurm").glob("*.sh"))
+SCRIPTS = sorted((REPO / "framework" / "launch").glob("*.sbatch"))
 
 
 def submit(capsys, *args):

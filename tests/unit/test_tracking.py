@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from framework.config import ConfigError, TrackingConfig
-from framework.objective import LossByT, PretrainLoss, t_bucket_names
-from framework.parallel import _free_port as free_port
-from framework.tracking import (Courier, Outbox, RunState, Tracker, flatten, mlflow_client,
-                                sync)
+from framework.parallel.world import _free_port as free_port
+from framework.tracking.courier import Courier, mlflow_client, sync
+from framework.tracking.outbox import Outbox, RunState
+from framework.tracking.tracker import Tracker, flatten
+from framework.training.objective import LossByT, PretrainLoss, t_bucket_names
 
 
 def test_flatten_names_nested_keys_and_writes_lists_as_json():
@@ -38,14 +39,15 @@ def test_loss_by_t_is_each_buckets_mean_sequence_loss_and_skipped_steps_do_not_c
     targets = torch.randint(vocab, (b, length))
     logits = torch.randn(b, length, vocab)
     ce = lambda x, y: torch.nn.functional.cross_entropy(x, y, reduction="none")  # noqa: E731
-    loss_fn = PretrainLoss(ce, lambda loss: None)
+    by_t = LossByT()
+    loss_fn = PretrainLoss(ce, lambda loss: None, by_t)
     loss = loss_fn(logits[mask], (targets, mask, p_mask))
     expected = per_sequence_losses(logits, targets, mask, p_mask)
     assert torch.allclose(loss, expected.mean(), rtol=1e-6)  # the sequences' mean is the loss
-    loss_fn.by_t.end_step(keep=True)
+    by_t.end_step(keep=True)
     loss_fn(logits[mask] * float("nan"), (targets, mask, p_mask))  # a skipped step
-    loss_fn.by_t.end_step(keep=False)
-    got = loss_fn.by_t.take(torch.device("cpu"), lambda t: None)
+    by_t.end_step(keep=False)
+    got = by_t.take(torch.device("cpu"), lambda t: None)
     names = t_bucket_names()
     assert set(got) == {names[0], names[5], names[9], names[3]}  # empty buckets left out
     assert got[names[0]] == pytest.approx(expected[:2].mean().item(), rel=1e-6)
@@ -53,16 +55,17 @@ def test_loss_by_t_is_each_buckets_mean_sequence_loss_and_skipped_steps_do_not_c
     assert got[names[5]] == pytest.approx(expected[2].item(), rel=1e-6)
     # reduce sees the window (sums, counts); take resets it
     seen = []
-    LossByT.take(loss_fn.by_t, torch.device("cpu"), seen.append)
+    by_t.take(torch.device("cpu"), seen.append)
     assert seen[0].tolist() == [[0.0] * 10, [0.0] * 10]
 
 
-def open_tracker(directory, uri, resumed_at=None, run_id=None, lines=None):
+def open_tracker(directory, uri, resumed_at=None, run_id=None, lines=None, rollback=False):
     """The trainer's side, with its courier process."""
     cfg = TrackingConfig(experiment="unit", send_interval_s=0.05, retry_interval_s=0.2,
                          close_timeout_s=60)
     return Tracker(cfg, directory, uri=uri, artifact_location=None, run_name="unit",
-                   run_id=run_id, resumed_at=resumed_at,
+                   run_id=run_id, resumed_at=resumed_at, rollback=rollback,
+                   plot={"x": "tokens", "y": "loss", "by": "loss_by_t/"},
                    log=(lines if lines is not None else []).append)
 
 
@@ -199,7 +202,7 @@ def test_a_rollback_before_a_completed_checkpoint_tracks_in_a_child_run(tmp_path
     box.close()
     # back to the checkpoint at step 3: steps 4.. take another path (another lr, say)
     lines = []
-    child = open_tracker(directory, uri, resumed_at=3, run_id=parent, lines=lines)
+    child = open_tracker(directory, uri, resumed_at=3, run_id=parent, lines=lines, rollback=True)
     child.metrics(4, {"loss": 40.0})
     child.close("FINISHED")
     assert child.repeated == 0 and child.run_id != parent

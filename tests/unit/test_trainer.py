@@ -6,24 +6,26 @@ import math
 import pytest
 import torch
 
-import framework.objective as objective_mod
+import framework.training.objective as objective_mod
 from framework.config import load_config
-from framework.trainer import Trainer, TrainingError
+from framework.training.factory import build_trainer
+from framework.training.trainer import TrainingError
 from tests.conftest import DEBUG_RECIPE, quick_overrides
 
 
 def make_trainer(tmp_path, dataset, *extra):
     cfg = load_config(DEBUG_RECIPE, quick_overrides(tmp_path, dataset, steps=12) + list(extra))
-    return Trainer(cfg)
+    return build_trainer(cfg)
 
 
 def poison_steps(monkeypatch, trainer, bad_steps):
-    """Make the loss NaN at the given optimizer steps, as a diverging model would."""
+    """Make the loss NaN at the given optimizer steps (numbered from 1), as a diverging model
+    would."""
     real = objective_mod.llada_loss_terms
 
     def loss(*args, **kwargs):
         value = real(*args, **kwargs)
-        return value * float("nan") if trainer.step in bad_steps else value
+        return value * float("nan") if trainer.step + 1 in bad_steps else value
 
     monkeypatch.setattr(objective_mod, "llada_loss_terms", loss)
 
@@ -51,7 +53,7 @@ def test_nonfinite_loss_skips_the_step_and_is_counted(world, tmp_path, small_dat
 def test_skipped_step_leaves_parameters_unchanged(world, tmp_path, small_dataset, monkeypatch,
                                                   zero_stage):
     trainer = make_trainer(tmp_path, small_dataset, f"deepspeed.zero_stage={zero_stage}")
-    poison_steps(monkeypatch, trainer, {1})
+    poison_steps(monkeypatch, trainer, {2})
     trainer.train_step()
     before = snapshot(trainer)
     result = trainer.train_step()
@@ -80,8 +82,8 @@ def test_step_follows_schedule_and_logs_metrics(world, tmp_path, small_dataset):
     assert any(r.seq_len < 64 for r in trainer.history)  # some batches were cut
     assert summary["tokens"] == sum(16 * r.seq_len for r in trainer.history)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [9, 11]
-    assert all(r["grad_norm"] is not None and r["grad_norm"] > 0 for r in records)
+    assert [r["step"] for r in records] == [10, 12]
+    assert all(r["train/grad_norm"] > 0 for r in records)
 
 
 def test_checkpoints_carry_each_data_parallel_ranks_stream_position(world, tmp_path, small_dataset):

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import List
 
 from framework.config import Config, ModelConfig, check_world
-from framework.flops import train_flops_per_token
-from framework.layout import padded_vocab_size, recompute_flags, stage_bounds
+from framework.model.params import padded_vocab_size, param_table, total_params
+from framework.parallel.layout import recompute_flags, stage_bounds
+from framework.training.flops import FlopCounter
 
 GIB = 1024 ** 3
 
@@ -33,17 +34,15 @@ class PieceParams:
 
 
 def piece_params(cfg: ModelConfig) -> List[PieceParams]:
-    """Parameters of each piece (embedding, layers..., head), whole-model sizes."""
-    h, d = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads
-    vocab = padded_vocab_size(cfg.vocab_size, cfg.pad_vocab_to_multiple_of)
-    attn = h * d * (cfg.num_attention_heads + 2 * cfg.num_kv_heads) + cfg.num_attention_heads * d * h
-    mlp = 3 * h * cfg.ffn_hidden_size
-    layer = PieceParams(split=attn + mlp, replicated=2 * h)
-    return [PieceParams(vocab * h, 0), *[layer] * cfg.num_layers, PieceParams(vocab * h, h)]
-
-
-def total_params(cfg: ModelConfig) -> int:
-    return sum(p.split + p.replicated for p in piece_params(cfg))
+    """Parameters of each piece (embedding, layers..., head), whole-model sizes, from the
+    parameter table."""
+    pieces = [PieceParams(0, 0) for _ in range(cfg.num_layers + 2)]
+    for p in param_table(cfg):
+        if p.split_dim is None:
+            pieces[p.piece].replicated += p.numel
+        else:
+            pieces[p.piece].split += p.numel
+    return pieces
 
 
 def layer_activation_bytes(cfg: ModelConfig, tokens: int, tp: int, sp: bool) -> float:
@@ -89,8 +88,8 @@ def plan(cfg: Config, mfu: float, peak_flops: float) -> str:
         rows.append((s, len(layers), stage_params[s], stage_params[s] * w_b,
                      stage_params[s] * per_param, act))
 
-    flops_step = train_flops_per_token(mc, cfg.data.seq_len) * tc.global_batch_size \
-        * cfg.data.seq_len
+    per_token = FlopCounter(mc).expected_per_token(cfg.data.seq_len)
+    flops_step = per_token * tc.global_batch_size * cfg.data.seq_len
     step_s = flops_step / (world * peak_flops * mfu)
     out = [
         f"llada plan: {total_params(mc) / 1e9:.3f}B parameters ({total_params(mc):,}), "
@@ -110,8 +109,9 @@ def plan(cfg: Config, mfu: float, peak_flops: float) -> str:
                    f"{state / GIB:.2f} | {act / GIB:.2f} | {(state + act) / GIB:.2f} |")
     out += [
         "",
-        f"FLOPs per step: {flops_step:.3e} ({train_flops_per_token(mc, cfg.data.seq_len):.3e} "
-        f"per token x {tc.global_batch_size * cfg.data.seq_len:,} tokens)",
+        f"FLOPs per step: {flops_step:.3e} ({per_token:.3e} per token x "
+        f"{tc.global_batch_size * cfg.data.seq_len:,} tokens; the head at half the positions, "
+        f"the mean mask ratio)",
         f"expected step time at {100 * mfu:.0f}% MFU of {peak_flops / 1e12:.0f} TFLOP/s per GPU: "
         f"{step_s:.2f} s ({tc.global_batch_size * cfg.data.seq_len / step_s:,.0f} tokens/s)",
         "activations are an estimate (bf16, flash attention, 1F1B); allocator slack and "

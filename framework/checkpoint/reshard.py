@@ -1,19 +1,9 @@
 """Checkpoints as full, layout-independent tensors, and such a state loaded into an engine of
 another layout (resharding: another data-, tensor- or pipeline-parallel size).
 
-What DeepSpeed writes into a checkpoint's tag directory, and what is read here (m is the
-model-parallel rank, pp_rank x tp + tp_rank: DeepSpeed's pipeline grid and megatron-core's
-model-parallel group agree on it; d is the data-parallel rank):
-
-    mp_rank_{m:02d}_model_states.pt    written once per m: the module's weights (None under pipeline
-                                       parallelism, whose stages write layer_* files instead; not
-                                       read for ZeRO-1/2, whose fp32 master weights are the trained
-                                       values exactly), the names and shapes of the optimizer's
-                                       flat groups (``param_shapes``, in flat order) and the config
-    [bf16_]zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt
-                                       ZeRO-1/2: rank d's slice of each flat group: the fp32 master
-                                       weights (``single_partition_of_fp32_groups``, padding
-                                       stripped) and the Adam state of that slice (padding kept)
+What is read here (the files' names and contents: framework/checkpoint/files.py): the fp32
+master weights and Adam state of ZeRO-1/2 (exactly the trained values, bf16 or not), the module
+weights of ZeRO-0, and DeepSpeed's zero_to_fp32 for ZeRO-3.
 
 A flat group is its parameters flattened and concatenated in ``param_shapes`` order (plus any
 per-parameter alignment padding), padded at the end to a multiple of 2 x DP and cut into DP equal
@@ -33,6 +23,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from framework.checkpoint.files import model_states, optim_states
 from framework.model.weights import full_shape, shard, split_dim, unshard
 
 Tensors = Dict[str, torch.Tensor]
@@ -69,11 +60,11 @@ class FullState:
 
 # ----------------------------------------------------------------------------- files
 def _model_file(tag_dir: Path, mp: int) -> Path:
-    return tag_dir / f"mp_rank_{mp:02d}_model_states.pt"
+    return tag_dir / model_states(mp)
 
 
 def _optim_file(tag_dir: Path, dp: int, mp: int, bf16: bool) -> Path:
-    return tag_dir / f"{'bf16_' if bf16 else ''}zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt"
+    return tag_dir / optim_states(dp, mp, bf16)
 
 
 def _load(path: Path) -> dict:

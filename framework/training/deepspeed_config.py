@@ -37,7 +37,7 @@ def deepspeed_json(cfg: DeepSpeedConfig, *, micro_batch_size: int, grad_accumula
                      "grad_partitioned": pipeline_partitioned},
         # The optimizer is ours (torch AdamW, fused on CUDA); ZeRO partitions its state.
         "zero_allow_untested_optimizer": True,
-        # Logging is ours too (framework/trainer.py); keep DeepSpeed's own reports quiet.
+        # Logging is ours too (framework/training/metrics.py); keep DeepSpeed's own reports quiet.
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }

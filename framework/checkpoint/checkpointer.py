@@ -1,16 +1,6 @@
-"""Checkpoints that never leave a run without a usable one.
-
-Layout under ``<run.dir>/checkpoints``::
-
-    step_00000500/                 one complete checkpoint
-        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...   DeepSpeed's shards
-        data/dp_rank_00000.json    each data-parallel rank's loader state (exact data resume)
-        rng/rank_00000.pt          each rank's Python, NumPy, torch and CUDA generator states
-        tokenizer.model            the tokenizer the data was cut with (export is self-contained)
-        meta.json                  written last: step, consumed samples/tokens, resolved config,
-                                   layout, tokenizer hashes, and every file above with its size
-    step_00000600.tmp/             a save in progress (or one that died): never read
-    latest                         the newest complete tag (DeepSpeed's pointer format)
+"""Checkpoints that never leave a run without a usable one: when to save, the atomic save,
+which checkpoints are complete, which one a run resumes from, and retention. What the directory
+holds, by name: framework/checkpoint/files.py.
 
 Atomicity: every rank writes into ``step_N.tmp``; after a barrier each node syncs its page cache,
 then rank 0 lists what is there into meta.json, renames the directory to ``step_N`` and only then
@@ -25,7 +15,6 @@ import io
 import json
 import os
 import random
-import re
 import shutil
 import threading
 import time
@@ -36,54 +25,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.tokenizer import atomic_write
+from data_pipeline.files import atomic_write
+from framework.checkpoint.files import (FORMAT, LATEST, META, TOKENIZER, deepspeed_files,
+                                        rank_file, step_of, tag_for)
 from framework.config import CheckpointConfig, ConfigError
-from framework.parallel import World
-
-FORMAT = 1
+from framework.parallel.world import World
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written completely. One line, names the checkpoint and cause."""
 
 
-META = "meta.json"
-LATEST = "latest"
-_TAG = re.compile(r"^step_(\d+)$")
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def step_of(path: Path) -> Optional[int]:
-    m = _TAG.match(path.name)
-    return int(m.group(1)) if m else None
-
-
-def rank_file(kind: str, rank: int) -> str:
-    """``data/dp_rank_00001.json`` or ``rng/rank_00003.pt``: one per data-parallel rank / rank."""
-    return f"data/dp_rank_{rank:05d}.json" if kind == "data" else f"rng/rank_{rank:05d}.pt"
-
-
 def read_meta(tag_dir: Path) -> dict:
     return json.loads((tag_dir / META).read_text())
-
-
-def deepspeed_files(layout: dict) -> List[str]:
-    """The shards DeepSpeed writes for a layout (engine._get_ckpt_name / _get_zero_ckpt_name):
-    per model-parallel rank m = pp_rank x tp + tp_rank, and per data-parallel rank d for the
-    ZeRO-partitioned optimizer (and, under ZeRO-3, the weights)."""
-    mp, dp, zero = layout["tp"] * layout["pp"], layout["dp"], layout["zero_stage"]
-    bf16 = "bf16_" if layout["precision"] == "bf16" else ""
-    if zero == 3:
-        return [f"{pre}zero_pp_rank_{d}_mp_rank_{m:02d}_{kind}_states.pt" for m in range(mp)
-                for d in range(dp) for pre, kind in (("", "model"), (bf16, "optim"))]
-    files = [f"mp_rank_{m:02d}_model_states.pt" for m in range(mp)]
-    if zero > 0:
-        files += [f"{bf16}zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt" for m in range(mp)
-                  for d in range(dp)]
-    return files
 
 
 def problem(tag_dir: Path) -> Optional[str]:
@@ -96,7 +50,7 @@ def problem(tag_dir: Path) -> Optional[str]:
         files: Dict[str, int] = dict(meta["files"])
         layout = meta["layout"]
         # what every rank must have written, whether or not rank 0 saw it when listing
-        required = [*deepspeed_files(layout), "tokenizer.model",
+        required = [*deepspeed_files(layout), TOKENIZER,
                     *(rank_file("rng", r) for r in range(layout["world_size"])),
                     *(rank_file("data", r) for r in range(layout["dp"]))]
     except FileNotFoundError:
@@ -214,9 +168,11 @@ class Checkpointer:
     """When to save (every ``interval`` steps, every ``interval_minutes``, at the end, on
     request), the atomic save itself, and retention."""
 
-    def __init__(self, cfg: CheckpointConfig, root: Path, world: World,
+    def __init__(self, cfg: CheckpointConfig, root: Path, world: World, tokenizer: Path,
                  log: Callable[[str], None]):
+        """``tokenizer``: the data's SentencePiece model, copied into every checkpoint."""
         self.cfg, self.root, self.world, self.log = cfg, root, world, log
+        self.tokenizer = tokenizer
         # [due by rank 0's clock, save requested, stop wanted]: agreed once per step
         self._flags = torch.zeros(3, device=world.device)
         self._last_save = time.monotonic()
@@ -242,8 +198,7 @@ class Checkpointer:
         stop = stop and not final  # the last step: the run is complete, not stopped
         return by_step or timed or requested or stop, stop
 
-    def save(self, engine, step: int, meta: dict, data_state: Optional[dict],
-             tokenizer: Path) -> Path:
+    def save(self, engine, step: int, meta: dict, data_state: Optional[dict]) -> Path:
         """Every rank calls this. Returns the complete checkpoint's path."""
         tag = tag_for(step)
         final, tmp = self.root / tag, self.root / f"{tag}.tmp"
@@ -252,7 +207,7 @@ class Checkpointer:
             for stale in [*self.root.glob("step_*.tmp"), *self.root.glob("step_*.replaced")]:
                 shutil.rmtree(stale, ignore_errors=True)  # saves that died half-way
             tmp.mkdir(parents=True)
-            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+            shutil.copyfile(self.tokenizer, tmp / TOKENIZER)
         dist.barrier()
         engine.save_checkpoint(str(self.root), tag=tmp.name, client_state={"step": step},
                                save_latest=False)

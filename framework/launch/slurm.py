@@ -1,4 +1,5 @@
-"""``llada slurm submit``: fill in slurm/llada.sbatch for one run and hand it to ``sbatch``.
+"""``llada slurm submit``: fill in llada.sbatch (beside this module, shipped as package data) for
+one run and hand it to ``sbatch``.
 
 The script stays the one description of the job (its ``#SBATCH`` lines are the defaults, its body
 the restart logic); rendering only replaces the resource directives with the ones asked for and
@@ -21,9 +22,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from framework.config import Config, ConfigError, check_world, load_config
-from framework.preemption import EXIT_REQUEUE
+from framework.training.preemption import EXIT_REQUEUE
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "llada.sbatch"
+TEMPLATE = Path(__file__).resolve().parent / "llada.sbatch"
 SETTINGS_MARKER = "# llada-submit: settings"
 _DIRECTIVE = re.compile(r"^#SBATCH\s+--([\w-]+)(?:=(.*))?$")
 
@@ -89,8 +90,8 @@ def time_limit_seconds(value: str) -> int:
 
 def _template() -> str:
     if not TEMPLATE.is_file():
-        raise ConfigError(f"{TEMPLATE}: the sbatch script is missing; llada slurm needs the "
-                          f"source checkout it was installed from (pip install -e .)")
+        raise ConfigError(f"{TEMPLATE}: the sbatch script is missing from this installation "
+                          "(it is package data of framework.launch); reinstall llada-framework")
     return TEMPLATE.read_text()
 
 

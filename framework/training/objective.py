@@ -1,96 +1,16 @@
-"""The LLaDA masked-diffusion objective (../shared/LLADA.md): the forward process and the loss.
+"""The LLaDA masked-diffusion loss (../shared/LLADA.md): CE at the masked positions, weighted by
+1 / p_mask, divided by b x L; the SFT variant; and the loss by mask ratio.
 
-Pure functions of their inputs. The noise (t per sequence, a uniform draw per token) comes from
-``sample_noise``, seeded by each sample's global index, so tensor/pipeline-parallel peers and a
-resumed run corrupt a given sample identically whatever rank or step it lands on.
+The forward process (t per sequence, the masks, the 1% cut) is the data pipeline's
+(data_pipeline/noise.py): the collator applies it, so a batch arrives here already corrupted.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-
-_SEED_STRIDE = 1_000_003  # keeps (seed, index) pairs apart when folded into one 63-bit seed
-
-
-class Noise(NamedTuple):
-    t: torch.Tensor  # [b] float32, t ~ U(0, 1) per sequence
-    u: torch.Tensor  # [b, L] float32, one uniform per token; a token is masked when u < p_mask
-
-
-class Corrupted(NamedTuple):
-    noisy: torch.Tensor  # [b, L] token ids with masked positions set to the mask id
-    mask: torch.Tensor  # [b, L] bool, True where masked (these positions enter the loss)
-    p_mask: torch.Tensor  # [b] float32, the masking probability of each sequence
-
-
-# A counter-based generator (splitmix64 / lowbias32 finalisers): uniform number j of sample i
-# is a pure function of (seed, i, j). Vectorised over a whole batch, with no generator state to seed, save or replay.
-_T_STREAM = np.uint64(0xD1B54A32D192ED03)
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def _to_unit(x: np.ndarray) -> np.ndarray:
-    """The top 24 bits as a float32 in [0, 1): every value exactly representable."""
-    return (x >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)
-
-
-def _token_uniforms(base: np.ndarray, seq_len: int) -> np.ndarray:
-    """[b, seq_len] uniforms: a 32-bit finaliser (lowbias32) of (per-sample key + position),
-    half the work of 64-bit mixing on the per-token hot path; the key itself is 64-bit mixed."""
-    key = (base >> np.uint64(32)).astype(np.uint32) ^ base.astype(np.uint32)
-    with np.errstate(over="ignore"):
-        x = key[:, None] + np.arange(seq_len, dtype=np.uint32) * np.uint32(0x9E3779B9)
-        x ^= x >> np.uint32(16)
-        x *= np.uint32(0x7FEB352D)
-        x ^= x >> np.uint32(15)
-        x *= np.uint32(0x846CA68B)
-        x ^= x >> np.uint32(16)
-    return (x >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)
-
-
-def sample_noise(sample_index: torch.Tensor, seq_len: int, seed: int,
-                 t_sampling: str = "uniform") -> Noise:
-    """t and per-token uniforms of each sample, a pure function of (seed, its global index).
-
-    Drawn at full ``seq_len`` so a batch cut to a shorter length (1% variable length) masks each
-    kept position exactly as the uncut batch would. ``t_sampling`` (lower-variance estimators of
-    the same expectation, across the micro-batch): ``stratified`` puts one t in each of the b
-    strata [k/b, (k+1)/b), assigned to rows by a permutation seeded by the batch's first index;
-    ``antithetic`` pairs rows (2k, 2k+1) as (t, 1 - t).
-    """
-    idx = sample_index.cpu().numpy().astype(np.uint64)
-    base = _mix64(_mix64(idx) ^ _mix64(np.full_like(idx, seed & (2**64 - 1))))
-    u = _token_uniforms(base, seq_len)
-    t = _to_unit(_mix64(base ^ _T_STREAM))
-    b = len(idx)
-    if t_sampling == "stratified" and b > 1:
-        order = np.argsort(_mix64(base[:1] ^ _mix64(np.arange(b, dtype=np.uint64))), kind="stable")
-        t = (order.astype(np.float32) + t) / np.float32(b)
-    elif t_sampling == "antithetic" and b > 1:
-        t = t.copy()
-        t[1:b - b % 2:2] = 1.0 - t[0:b - b % 2:2]
-    elif t_sampling not in ("uniform", "stratified", "antithetic"):
-        raise ValueError(f"t_sampling: unknown {t_sampling!r}")
-    return Noise(torch.from_numpy(np.ascontiguousarray(t)), torch.from_numpy(u))
-
-
-def forward_process(tokens: torch.Tensor, noise: Noise, mask_id: int, eps: float) -> Corrupted:
-    """Mask each token independently with its sequence's p_mask = (1 - eps) t + eps."""
-    b, length = tokens.shape
-    p_mask = (1.0 - eps) * noise.t.to(tokens.device) + eps
-    u = noise.u[:, :length].to(tokens.device)
-    mask = u < p_mask[:, None]
-    noisy = torch.where(mask, torch.full_like(tokens, mask_id), tokens)
-    return Corrupted(noisy, mask, p_mask)
 
 
 def llada_loss(
@@ -187,12 +107,11 @@ class PretrainLoss:
     ``labels`` = (targets [b, l], mask [b, l], p_mask [b]). One callable for both engines: the
     trainer calls it after the forward, DeepSpeed's pipeline engine as the last stage's loss_fn.
     ``observe`` sees every loss (the trainer's non-finite guard); ``by_t`` collects the loss by
-    mask ratio."""
+    mask ratio (both are the trainer's: this only feeds them)."""
 
     def __init__(self, cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 observe: Callable[[torch.Tensor], None]):
-        self.cross_entropy, self.observe = cross_entropy, observe
-        self.by_t = LossByT()
+                 observe: Callable[[torch.Tensor], None], by_t: LossByT):
+        self.cross_entropy, self.observe, self.by_t = cross_entropy, observe, by_t
 
     def __call__(self, logits: torch.Tensor, labels) -> torch.Tensor:
         targets, mask, p_mask = labels

@@ -3,8 +3,8 @@
 Slurm ends jobs in two ways a long run must survive: the time limit (the job asks for a signal
 ahead of it: ``--signal=B:USR1@600``) and preemption (SIGTERM, then SIGKILL after a grace time).
 Either way the trainer finishes the step it is in, saves a checkpoint and exits with
-``EXIT_REQUEUE``; slurm/llada.sbatch turns that status into ``scontrol requeue`` and the next start
-resumes from that checkpoint. A deadline guard does the same on its own when the job's end
+``EXIT_REQUEUE``; framework/launch/llada.sbatch turns that status into ``scontrol requeue`` and the
+next start resumes from that checkpoint. A deadline guard does the same on its own when the job's end
 (``LLADA_DEADLINE``, epoch seconds, which the sbatch script reads from Slurm) is closer than the
 next step plus a save, so a lost or late signal costs nothing either.
 
@@ -21,7 +21,7 @@ from typing import Callable, Dict, Optional
 
 from framework.config import ConfigError, PreemptionConfig
 
-EXIT_REQUEUE = 3  # "checkpoint saved, stopped early: start me again"; slurm/llada.sbatch knows it
+EXIT_REQUEUE = 3  # "checkpoint saved, stopped early: start me again"; llada.sbatch knows it
 DEADLINE_ENV = "LLADA_DEADLINE"
 
 

@@ -34,7 +34,15 @@ class World:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: prepares data, writes config.yaml, summary.json and checkpoint metadata."""
         return self.rank == 0
+
+    @property
+    def reports(self) -> bool:
+        """The rank that holds the loss and everything measured with it (the loss by mask ratio
+        exists on the last pipeline stage only): it writes the step records to the console,
+        metrics.jsonl and MLflow. Last pipeline stage, tensor rank 0, data rank 0."""
+        return (self.pp_rank, self.tp_rank, self.dp_rank) == (self.pp - 1, 0, 0)
 
 
 def _free_port() -> int:

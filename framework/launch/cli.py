@@ -16,8 +16,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from data_pipeline.errors import DataConfigError
+from framework.config import ConfigError
+
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+BAD_INPUT = (ConfigError, DataConfigError)  # bad input, of every package: one line, exit 2
 
 
 def _error(msg: str, code: int) -> int:
@@ -26,7 +30,7 @@ def _error(msg: str, code: int) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from framework.config import ConfigError, load_config
+    from framework.config import load_config
 
     try:
         cfg = load_config(args.recipe, args.overrides)
@@ -35,20 +39,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     # the signals that mean "checkpoint and stop" are handled from here on, before the slow part
     # (imports, data preparation, building the engine): one arriving then stops after step one
-    from framework.preemption import EXIT_REQUEUE, StopRequest, deadline_from_env
+    from framework.training.preemption import EXIT_REQUEUE, StopRequest, deadline_from_env
     try:
         stop = StopRequest(cfg.preemption, deadline_from_env()).install()
     except ConfigError as e:
         return _error(str(e), EXIT_BAD_INPUT)
 
-    from framework.checkpoint import CheckpointError
-    from framework.parallel import shutdown_world
-    from framework.trainer import Trainer, TrainingError
+    from framework.checkpoint.checkpointer import CheckpointError
+    from framework.parallel.world import shutdown_world
+    from framework.training.factory import build_trainer
+    from framework.training.trainer import TrainingError
 
     try:
         recipe = " ".join([str(args.recipe), *args.overrides])
-        summary = Trainer(cfg, stop, recipe=recipe).fit()
-    except ConfigError as e:
+        summary = build_trainer(cfg, stop, recipe=recipe).fit()
+    except BAD_INPUT as e:
         return _error(str(e), EXIT_BAD_INPUT)
     except (TrainingError, CheckpointError) as e:
         return _error(str(e), EXIT_FAILED)
@@ -58,8 +63,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from framework.config import ConfigError, load_config
-    from framework.plan import plan
+    from framework.config import load_config
+    from framework.launch.plan import plan
 
     try:
         cfg = load_config(args.recipe, args.overrides, need_data=False)
@@ -78,42 +83,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     """A checkpoint's consolidated weights, config and tokenizer in the layout of the public
     LLaDA Hugging Face release; ``init.from=OUT_DIR`` starts a run from them."""
     import torch
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
-    from framework.checkpoint import read_meta, resolve_checkpoint
-    from framework.config import ConfigError, ModelConfig
-    from framework.hf import HFFormatError, write_hf_dir
-    from framework.reshard import Layout, ReshardError, read_weights
+    from framework.checkpoint.hf_files import HFFormatError, export_checkpoint
+    from framework.checkpoint.reshard import ReshardError
 
     try:
-        source = Path(args.checkpoint)
-        if (source / "checkpoints").is_dir():  # a run directory
-            source = source / "checkpoints"
-        tag = resolve_checkpoint(source, lambda m: print(f"llada: warning: {m}"), "CHECKPOINT")
-        meta = read_meta(tag)
-        try:
-            model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
-                                                        meta["config"]["model"]))
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"{tag}: its model config does not fit this version's "
-                              f"({str(e).splitlines()[0]})") from None
-        weights = read_weights(tag, Layout.saved(meta["layout"]))
-        out = write_hf_dir(Path(args.out_dir), weights, model, tag / "tokenizer.model",
-                           meta["special_ids"], dtype=getattr(torch, args.dtype),
-                           max_sequence_length=meta["config"]["data"]["seq_len"],
-                           overwrite=args.overwrite)
-    except (ConfigError, HFFormatError, ReshardError, FileExistsError) as e:
+        tag, meta = export_checkpoint(Path(args.checkpoint), Path(args.out_dir),
+                                      getattr(torch, args.dtype), overwrite=args.overwrite,
+                                      warn=lambda m: print(f"llada: warning: {m}"))
+    except (*BAD_INPUT, HFFormatError, ReshardError, FileExistsError) as e:
         return _error(str(e), EXIT_BAD_INPUT)
     except OSError as e:
         return _error(f"{args.out_dir}: {e.strerror or e}", EXIT_FAILED)
-    print(f"llada: exported {tag} (step {meta['step']}) to {out}")
+    print(f"llada: exported {tag} (step {meta['step']}) to {args.out_dir}")
     return 0
 
 
 def cmd_slurm_submit(args: argparse.Namespace) -> int:
-    from framework.config import ConfigError
-    from framework.slurm import SubmitOptions, prepare_submission, submit
+    from framework.launch.slurm import SubmitOptions, prepare_submission, submit
 
     try:
         opts = SubmitOptions(
@@ -147,8 +134,7 @@ def cmd_slurm_submit(args: argparse.Namespace) -> int:
 
 def cmd_tracking_sync(args: argparse.Namespace) -> int:
     """Send what a run kept while its MLflow server was unreachable."""
-    from framework.config import ConfigError
-    from framework.tracking import sync
+    from framework.tracking.courier import sync
 
     try:
         sent = sync(Path(args.directory))
@@ -163,25 +149,24 @@ def cmd_tracking_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from framework.config import ConfigError, PrepareConfig, TokenizerConfig
+    from data_pipeline.config import PrepareConfig, TokenizerConfig
+    from data_pipeline.prepare import prepare
 
     try:
-        cfg = PrepareConfig(
+        prepare(PrepareConfig(
             inputs=args.inputs, output=args.output, name=args.name, seq_len=args.seq_len,
             samples_per_shard=args.samples_per_shard, jsonl_text_field=args.text_field,
             workers=args.workers, seed=args.seed,
             tokenizer=TokenizerConfig(model=args.tokenizer, vocab_size=args.vocab_size,
-                                      train_bytes=args.tokenizer_train_bytes))
-        from data_pipeline.prepare import prepare
-        prepare(cfg)
-    except ConfigError as e:
+                                      train_bytes=args.tokenizer_train_bytes)))
+    except BAD_INPUT as e:
         return _error(str(e), EXIT_BAD_INPUT)
     return 0
 
 
 def _default(name: str):
     """PrepareConfig's default: the dataclass stays the one source of truth for the flags."""
-    from framework.config import PrepareConfig, TokenizerConfig
+    from data_pipeline.config import PrepareConfig, TokenizerConfig
     cls = TokenizerConfig if name in ("vocab_size", "train_bytes") else PrepareConfig
     return cls.__dataclass_fields__[name].default
 
@@ -201,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_arguments(train)
     train.set_defaults(func=cmd_train)
 
-    from framework.flops import PEAK_FLOPS
+    from framework.training.flops import H100_SXM
     plan = sub.add_parser(
         "plan", help="check and size a parallel layout without launching anything",
         description="Check that tp x pp x dp fits the model and batch for parallel.world_size "
@@ -210,8 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
         "llada plan recipes/llada-8b.yaml parallel.tp=8 parallel.pp=4 parallel.world_size=1024")
     _recipe_arguments(plan)
     plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume")
-    plan.add_argument("--peak-tflops", type=float, default=PEAK_FLOPS["H100"] / 1e12,
-                      help="dense bf16 peak per GPU (default: H100, measured)")
+    plan.add_argument("--peak-tflops", type=float, default=H100_SXM / 1e12,
+                      help="dense bf16 peak per GPU, as MFU counts it (default: the H100 SXM "
+                      "datasheet's 989)")
     plan.set_defaults(func=cmd_plan)
 
     export = sub.add_parser(
@@ -230,13 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     slurm = sub.add_parser("slurm", help="run on a Slurm cluster",
                            description="Slurm jobs that checkpoint and requeue themselves "
-                           "ahead of time limits and on preemption (slurm/llada.sbatch).")
+                           "ahead of time limits and on preemption (the sbatch script: "
+                           "framework/launch/llada.sbatch).")
     slurm_sub = slurm.add_subparsers(dest="slurm_command", required=True)
     sub_submit = slurm_sub.add_parser(
-        "submit", help="render slurm/llada.sbatch for a recipe and sbatch it",
-        description="Check the recipe and overrides against nodes x tasks, fill in "
-        "slurm/llada.sbatch (resources, the run's arguments, paths) and submit it with sbatch; "
-        "the rendered script is kept under run.dir/slurm and the job log goes there too. "
+        "submit", help="render the sbatch script for a recipe and sbatch it",
+        description="Check the recipe and overrides against nodes x tasks, fill in the sbatch "
+        "script (resources, the run's arguments, paths) and submit it with sbatch; the rendered "
+        "script is kept under run.dir/slurm and the job log goes there too. "
         "Overrides may come before or after the options.")
     _recipe_arguments(sub_submit)
     sub_submit.add_argument("--nodes", type=int, required=True)
@@ -250,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="default: --gpus-per-node; needed for CPU tasks")
     sub_submit.add_argument("--cpus-per-task", type=int,
                             help="CPUs per rank (default: data.num_workers + 2)")
-    from framework.slurm import SubmitOptions
+    from framework.launch.slurm import SubmitOptions
     defaults = {k: f.default for k, f in SubmitOptions.__dataclass_fields__.items()}
     sub_submit.add_argument("--signal-minutes", type=float, default=defaults["signal_minutes"],
                             help="minutes before the time limit at which the job checkpoints "
@@ -263,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub_submit.set_defaults(func=cmd_slurm_submit)
 
     tracking = sub.add_parser("tracking", help="MLflow tracking",
-                              description="The MLflow run of a training run (framework/tracking.py).")
+                              description="The MLflow run of a training run (framework/tracking/).")
     tracking_sub = tracking.add_subparsers(dest="tracking_command", required=True)
     sync = tracking_sub.add_parser(
         "sync", help="send the records a run kept while MLflow was unreachable",

@@ -1,17 +1,10 @@
-"""Where each part of the model lives under a layout, as plain arithmetic (no torch, so that
-``llada plan`` stays light): the padded vocabulary, the pipeline stages' bounds, and which
-layers recompute their activations."""
+"""Where each part of the model lives under a pipeline layout, as plain arithmetic (no torch, so
+that ``llada plan`` stays light): the stages' bounds, and which layers recompute their
+activations."""
 
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
-
-
-def padded_vocab_size(vocab_size: int, multiple: int) -> int:
-    """The vocabulary rounded up to ``multiple`` (a multiple of the tensor-parallel size, checked
-    in the config): each tensor-parallel rank holds an equal, aligned slice, and the shape is the
-    same under every layout."""
-    return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
 def stage_bounds(num_layers: int, stages: int, layers_per_stage: Sequence[int] = ()) -> List[int]:

@@ -1,0 +1,131 @@
+"""The typed settings of the data pipeline's components: the tokenizer, ``llada prepare``, the
+training mixture and its loader, and the forward process the collator applies.
+
+The framework's root config composes these as its ``data`` and ``objective`` sections (and
+``llada prepare`` builds a ``PrepareConfig`` from its flags); nothing here knows about it. Each
+check raises ``DataConfigError`` with a message that names the key, so a command line can print it
+as one line.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from omegaconf import MISSING
+
+from data_pipeline.errors import DataConfigError
+
+
+def require(cond: bool, key: str, msg: str, error: type = DataConfigError) -> None:
+    """``error`` ("key: msg") unless ``cond``; the framework's config checks raise its own."""
+    if not cond:
+        raise error(f"{key}: {msg}")
+
+
+def positive(obj, section: str, *names: str, error: type = DataConfigError) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        require(value > 0, f"{section}.{name}", f"must be > 0, got {value}", error)
+
+
+@dataclass
+class TokenizerConfig:
+    """The SentencePiece model of a dataset: an existing one, or one trained on the inputs."""
+
+    model: Optional[str] = None  # an existing .model (must hold the mask token); None: train one
+    vocab_size: int = 32000  # when training one
+    train_bytes: int = 100_000_000  # text sampled from the inputs to train it
+    seed: int = 0
+
+    def __post_init__(self):
+        positive(self, "tokenizer", "vocab_size", "train_bytes")
+        require(self.seed >= 0, "tokenizer.seed", f"must be >= 0, got {self.seed}")
+
+
+@dataclass
+class PrepareConfig:
+    """``llada prepare``: text/JSONL files -> tokenised fixed-length sequences in tar shards."""
+
+    inputs: List[str] = field(default_factory=list)  # globs of .txt/.jsonl(.gz); "stdlib": the embedded corpus
+    output: str = ""  # directory: NAME-000000.tar ..., manifest.json, tokenizer.model
+    name: str = "data"
+    seq_len: int = 4096
+    samples_per_shard: int = 4096
+    jsonl_text_field: str = "text"
+    workers: int = 0  # tokeniser processes; 0: one per CPU core
+    seed: int = 0  # the order in which input files are visited
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def __post_init__(self):
+        require(len(self.inputs) > 0, "prepare.inputs", "at least one glob (or stdlib) is needed")
+        require(bool(self.output), "prepare.output", "must be set")
+        require(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name)), "prepare.name",
+                f"{self.name!r}: use letters, digits, '_', '.' and '-' only")
+        positive(self, "prepare", "seq_len", "samples_per_shard")
+        require(self.workers >= 0, "prepare.workers", "must be >= 0")
+        require(self.seed >= 0, "prepare.seed", f"must be >= 0, got {self.seed}")
+
+
+@dataclass
+class DatasetConfig:
+    """One prepared dataset of the training mixture."""
+
+    manifest: str = MISSING  # manifest.json written by ``llada prepare``
+    weight: float = 1.0  # mixture weight; normalised over the datasets
+    shards_url: Optional[str] = None  # e.g. "pipe:aws s3 cp s3://bucket/ds/{shard} -"; None: beside the manifest
+    prepare_inputs: List[str] = field(default_factory=list)  # prepared from these on first run if the manifest is missing
+
+    def __post_init__(self):
+        if self.manifest != MISSING:
+            require(bool(self.manifest), "data.datasets.manifest", "must be set")
+        require(self.weight > 0, "data.datasets.weight", f"must be > 0, got {self.weight}")
+        require(self.shards_url is None or "{shard}" in self.shards_url, "data.datasets.shards_url",
+                f"{self.shards_url!r} lacks {{shard}}, where each shard's file name goes")
+
+
+@dataclass
+class DataConfig:
+    datasets: List[DatasetConfig] = field(default_factory=list)
+    seq_len: int = 4096  # must equal the manifests' sequence length
+    seed: int = 0  # shard permutation per epoch, in-shard shuffle, mixture draws
+    shuffle_buffer: int = 4096  # samples; shuffled within each shard (1: no shuffle)
+    num_workers: int = 2  # DataLoader worker processes per rank (0: in the training process)
+    prefetch_batches: int = 4  # per worker
+    # first-run preparation of datasets that name prepare_inputs
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    samples_per_shard: int = 4096
+    jsonl_text_field: str = "text"
+    prepare_workers: int = 0
+
+    def __post_init__(self):
+        positive(self, "data", "seq_len", "shuffle_buffer", "prefetch_batches", "samples_per_shard")
+        require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        require(self.prepare_workers >= 0, "data.prepare_workers", "must be >= 0")
+        require(self.seed >= 0, "data.seed", f"must be >= 0, got {self.seed}")
+
+
+T_SAMPLING = ("uniform", "stratified", "antithetic")
+
+
+@dataclass
+class ObjectiveConfig:
+    """The forward process of the objective (the ``objective`` section): how t and the masks are
+    drawn and how often a batch is cut. The collator applies it; the loss has no settings."""
+
+    mask_id: Optional[int] = None  # None: the datasets' manifest; set: must match it
+    eps: float = 1e-3  # p_mask = (1 - eps) t + eps
+    variable_length_prob: float = 0.01  # the paper's 1% of batches cut to a random length
+    t_sampling: str = "uniform"  # uniform (the paper) | stratified | antithetic (lower variance)
+    seed: int = 0  # noise: t and masks are seeded by (seed, the sample's global index)
+
+    def __post_init__(self):
+        require(self.mask_id is None or self.mask_id >= 0, "objective.mask_id",
+                f"must be >= 0, got {self.mask_id}")
+        require(0.0 < self.eps < 1.0, "objective.eps", f"must be in (0, 1), got {self.eps}")
+        require(0.0 <= self.variable_length_prob <= 1.0, "objective.variable_length_prob",
+                f"must be in [0, 1], got {self.variable_length_prob}")
+        require(self.seed >= 0, "objective.seed", f"must be >= 0, got {self.seed}")
+        require(self.t_sampling in T_SAMPLING, "objective.t_sampling",
+                f"must be one of {', '.join(T_SAMPLING)}; got {self.t_sampling!r}")

@@ -1,0 +1,118 @@
+"""LLaDA's forward process (../shared/LLADA.md) and the noise it draws: one t per sequence, one
+uniform per token, and the 1% variable-length cut.
+
+Counter-based: every number is a pure function of (objective.seed, a counter), computed by
+SplitMix64's output function on ``counter x golden + key`` (Steele, Lea & Flood 2014), vectorised
+over a whole batch with no generator state to seed, save or replay. So tensor/pipeline-parallel
+peers, which receive the same samples, and a resumed run corrupt a sample alike whatever rank or
+step it lands on; and every data-parallel rank cuts a step's batches alike.
+
+Counters: token j of sample i is counter ``i << 24 | j`` (sequences up to 16M tokens, sample
+indices below 2^40), t of sample i is counter i of another stream, the cut of step s counters 2s
+and 2s + 1 of a third. Distinct counters are distinct inputs of a bijection before the output mix,
+so no two samples' masks are shifted copies of one another (as they are when a 32-bit per-sample
+key is added to the position: two keys that differ by k increments give the same sequence k
+positions apart).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+# one stream per use: the same counter in two streams gives unrelated numbers
+_TOKENS, _T, _STRATA, _CUT = (np.uint64(s) for s in (0x243F6A8885A308D3, 0x13198A2E03707344,
+                                                     0xA4093822299F31D0, 0x082EFA98EC4E6C89))
+POSITION_BITS = 24
+MAX_SAMPLES = 1 << (64 - POSITION_BITS)
+
+
+class Noise(NamedTuple):
+    t: torch.Tensor  # [b] float32, t ~ U(0, 1) per sequence
+    u: torch.Tensor  # [b, L] float32, one uniform per token; a token is masked when u < p_mask
+
+
+class Corrupted(NamedTuple):
+    noisy: torch.Tensor  # [b, L] token ids with masked positions set to the mask id
+    mask: torch.Tensor  # [b, L] bool, True where masked (these positions enter the loss)
+    p_mask: torch.Tensor  # [b] float32, the masking probability of each sequence
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function (a bijection of uint64 with full avalanche)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _key(seed: int, stream: np.uint64) -> np.ndarray:
+    """The key of one stream under objective.seed, as a one-element array (no scalar overflow
+    warnings: uint64 arithmetic wraps, as it should here)."""
+    return _mix64(_mix64(np.array([seed & (2**64 - 1)], dtype=np.uint64) ^ stream))
+
+
+def _draw(key: np.ndarray, counters: np.ndarray) -> np.ndarray:
+    """uint64 numbers, one per counter: SplitMix64's output for that position of the stream."""
+    return _mix64(counters.astype(np.uint64) * _GOLDEN + key)
+
+
+def _unit24(x: np.ndarray) -> np.ndarray:
+    """The top 24 bits as a float32 in [0, 1): every value exactly representable."""
+    return (x >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)
+
+
+def sample_noise(sample_index: torch.Tensor, seq_len: int, seed: int,
+                 t_sampling: str = "uniform") -> Noise:
+    """t and per-token uniforms of each sample, a pure function of (seed, its global index).
+
+    Drawn at full ``seq_len`` so a batch cut to a shorter length (1% variable length) masks each
+    kept position exactly as the uncut batch would. ``t_sampling`` (lower-variance estimators of
+    the same expectation, across the micro-batch): ``stratified`` puts one t in each of the b
+    strata [k/b, (k+1)/b), assigned to rows by a permutation seeded by the batch's first index;
+    ``antithetic`` pairs rows (2k, 2k+1) as (t, 1 - t).
+    """
+    idx = sample_index.cpu().numpy().astype(np.uint64)
+    if seq_len > 1 << POSITION_BITS:
+        raise ValueError(f"seq_len: {seq_len} is more than the noise's {1 << POSITION_BITS} "
+                         "positions per sample")
+    if idx.size and int(idx.max()) >= MAX_SAMPLES:
+        raise ValueError(f"sample index {int(idx.max())} is past the noise's {MAX_SAMPLES} samples")
+    positions = np.arange(seq_len, dtype=np.uint64)
+    u = _unit24(_draw(_key(seed, _TOKENS), (idx[:, None] << np.uint64(POSITION_BITS)) | positions))
+    t = _unit24(_draw(_key(seed, _T), idx))
+    b = len(idx)
+    if t_sampling == "stratified" and b > 1:
+        batch_key = _draw(_key(seed, _STRATA), idx[:1])
+        order = np.argsort(_draw(batch_key, np.arange(b, dtype=np.uint64)), kind="stable")
+        t = (order.astype(np.float32) + t) / np.float32(b)
+    elif t_sampling == "antithetic" and b > 1:
+        t = t.copy()
+        t[1:b - b % 2:2] = 1.0 - t[0:b - b % 2:2]
+    elif t_sampling not in ("uniform", "stratified", "antithetic"):
+        raise ValueError(f"t_sampling: unknown {t_sampling!r}")
+    return Noise(torch.from_numpy(np.ascontiguousarray(t)), torch.from_numpy(u))
+
+
+def forward_process(tokens: torch.Tensor, noise: Noise, mask_id: int, eps: float) -> Corrupted:
+    """Mask each token independently with its sequence's p_mask = (1 - eps) t + eps."""
+    b, length = tokens.shape
+    p_mask = (1.0 - eps) * noise.t.to(tokens.device) + eps
+    u = noise.u[:, :length].to(tokens.device)
+    mask = u < p_mask[:, None]
+    noisy = torch.where(mask, torch.full_like(tokens, mask_id), tokens)
+    return Corrupted(noisy, mask, p_mask)
+
+
+def batch_length(step: int, seq_len: int, prob: float, seed: int, multiple: int = 1) -> int:
+    """LLaDA's 1% variable length: with probability ``prob`` a step's whole batch is cut to a
+    length drawn uniformly from [1, seq_len], rounded up to ``multiple``. ``step``: the step's
+    index (optimizer steps done before it), the same on every rank."""
+    coin, draw = (_draw(_key(seed, _CUT), np.array([2 * step, 2 * step + 1], dtype=np.uint64))
+                  >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    if not coin < prob:
+        return seq_len
+    length = 1 + min(int(draw * seq_len), seq_len - 1)
+    return min(seq_len, -(-length // multiple) * multiple)

@@ -1,0 +1,301 @@
+"""Hugging Face LLaDA directories on disk: ``llada export`` writes one from a checkpoint, and
+``init.from`` reads one into a fresh run. The name and shape mapping and config.json are
+hf_mapping.py's.
+
+Export files: ``config.json``, ``generation_config.json``, ``model.safetensors`` (or
+``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json`` above the shard size),
+and our SentencePiece ``tokenizer.model`` with ``tokenizer_config.json`` /
+``special_tokens_map.json`` naming our special tokens. The release's ``modeling_llada.py`` /
+``configuration_llada.py`` are not ours to ship: ``auto_map`` names them as the release does, so
+users copy them from GSAI-ML/LLaDA-8B-Base beside the weights (or point ``auto_map`` at it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from framework.checkpoint.checkpointer import read_meta, resolve_checkpoint
+from framework.checkpoint.files import TOKENIZER
+from framework.checkpoint.hf_mapping import (HFFormatError, check_hf_config, check_tensors,
+                                             config_value, from_hf, hf_config, hf_shapes, to_hf)
+from framework.checkpoint.reshard import Layout, read_weights
+from framework.config import ConfigError, ModelConfig
+from framework.model.weights import shard
+
+Tensor = torch.Tensor
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
+
+
+# ----------------------------------------------------------------------------- tokenizer files
+def _tokenizer_files(tokenizer_model: Path, special_ids: Mapping[str, Optional[int]],
+                     cfg: ModelConfig, max_sequence_length: int) -> Dict[str, Any]:
+    """tokenizer_config.json and special_tokens_map.json for our SentencePiece model, loadable
+    as transformers' slow ``LlamaTokenizer`` (``AutoTokenizer.from_pretrained(dir,
+    use_fast=False)``): ``legacy``, no prefix space of its own, no BOS/EOS added, so it encodes
+    and decodes exactly as our pipeline's ``sp.encode`` / ``sp.decode`` (checked against
+    transformers 4.46.3). Two caveats: transformers' conversion to a *fast* tokenizer is not
+    exact for our model (it restarts the dummy prefix after every user-defined piece such as
+    "\\n"), and transformers matches the literal text of a special token (``<|mdm_mask|>``) as
+    that token unless ``split_special_tokens=True``, where SentencePiece never produces a control
+    id from text. Checks the ids against the model."""
+    import sentencepiece as spm
+
+    from data_pipeline.tokenizer import MASK_PIECE, load_tokenizer
+
+    tok = load_tokenizer(Path(tokenizer_model), "tokenizer_model")
+    sp: spm.SentencePieceProcessor = tok.sp
+    if tok.vocab_size > cfg.vocab_size:  # a larger model vocabulary is fine (ids never reached)
+        raise HFFormatError(f"tokenizer.model: {tok.vocab_size} pieces but model.vocab_size is "
+                            f"only {cfg.vocab_size}")
+    if special_ids.get("mask") != tok.mask_id:
+        raise HFFormatError(f"special_ids: mask is {special_ids.get('mask')} but "
+                            f"{tokenizer_model} has {MASK_PIECE} at {tok.mask_id}")
+    pieces: Dict[str, str] = {}
+    for name, i in special_ids.items():
+        if i is None:
+            continue
+        if not 0 <= i < tok.vocab_size:
+            raise HFFormatError(f"special_ids: {name} is {i}, outside the tokenizer's "
+                                f"{tok.vocab_size} pieces")
+        pieces[name] = sp.id_to_piece(i)
+    roles = {"bos": "bos_token", "eos": "eos_token", "unk": "unk_token", "pad": "pad_token",
+             "mask": "mask_token"}
+    named = {role: pieces[k] for k, role in roles.items() if k in pieces}
+    extra = sorted({p for k, p in pieces.items() if k not in roles} - set(named.values()),
+                   key=sp.piece_to_id)
+    special_map: Dict[str, Any] = {**named, "additional_special_tokens": extra}
+    added = {str(sp.piece_to_id(p)): {"content": p, "lstrip": False, "normalized": False,
+                                      "rstrip": False, "single_word": False, "special": True}
+             for p in sorted(set(pieces.values()), key=sp.piece_to_id)}
+    tokenizer_config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": False,  # our pipeline adds no BOS/EOS when encoding
+        "add_eos_token": False,
+        "legacy": True,  # plain sp.encode, as data_pipeline/tokenizer.py does
+        "add_prefix_space": False,  # else decode strips a leading space twice (sp does it once)
+        "added_tokens_decoder": added,
+        **special_map,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_sequence_length,
+        "sp_model_kwargs": {},
+        "spaces_between_special_tokens": False,
+        "use_default_system_prompt": False,
+    }
+    return {"tokenizer_config.json": tokenizer_config, "special_tokens_map.json": special_map}
+
+
+# ----------------------------------------------------------------------------- writing
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _shards(hf: Mapping[str, Tensor], dtype: torch.dtype, max_shard_bytes: int
+            ) -> List[List[str]]:
+    """Tensor names per shard, in order, each shard at most ``max_shard_bytes`` (a larger
+    tensor gets a shard of its own), as transformers' ``save_pretrained`` splits."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    shards: List[List[str]] = [[]]
+    used = 0
+    for name, t in hf.items():
+        nbytes = t.numel() * size
+        if shards[-1] and used + nbytes > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += nbytes
+    return shards
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_hf_dir(out_dir: Path, weights: Mapping[str, Tensor], cfg: ModelConfig,
+                 tokenizer_model: Path, special_ids: Mapping[str, Optional[int]],
+                 dtype: torch.dtype = torch.bfloat16, *, max_sequence_length: int = 4096,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> Path:
+    """Write our full weights as a directory in the release's layout (see module docstring).
+    Atomic: everything goes to a temporary sibling directory that is renamed into place at the
+    end, so a failed export leaves nothing at ``out_dir`` (with ``overwrite``, an existing
+    ``out_dir`` is replaced only once the new one is complete). ``special_ids``: the manifest's
+    (mask, eos, pad, bos, unk, chat tokens; None where absent). Returns ``out_dir``."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass overwrite to replace it)")
+    if special_ids.get("mask") is None or special_ids.get("eos") is None:
+        raise HFFormatError("special_ids: mask and eos are required")
+    hf = to_hf(weights, cfg)  # checks names and shapes before anything is written
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        tok_files = _tokenizer_files(Path(tokenizer_model), special_ids, cfg, max_sequence_length)
+        shards = _shards(hf, dtype, max_shard_bytes)
+        n = len(shards)
+        names = ([SINGLE_FILE] if n == 1 else
+                 [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        weight_map: Dict[str, str] = {}
+        total = 0
+        for fname, keys in zip(names, shards):
+            part = {k: hf[k].detach().to(device="cpu", dtype=dtype).contiguous() for k in keys}
+            save_file(part, str(tmp / fname), metadata={"format": "pt"})
+            total += sum(t.numel() * t.element_size() for t in part.values())
+            weight_map.update({k: fname for k in keys})
+            del part
+        if len(shards) > 1:
+            _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total},
+                                           "weight_map": weight_map})
+        _write_json(tmp / "config.json", hf_config(
+            cfg, cfg.vocab_size, special_ids["mask"], eos_id=special_ids["eos"],
+            pad_id=special_ids.get("pad"), bos_id=special_ids.get("bos"),
+            max_sequence_length=max_sequence_length, torch_dtype=_dtype_name(dtype)))
+        pad = special_ids.get("pad")
+        generation = {"_from_model_config": True, "eos_token_id": special_ids["eos"],
+                      "pad_token_id": special_ids["eos"] if pad is None else pad}
+        if special_ids.get("bos") is not None:
+            generation["bos_token_id"] = special_ids["bos"]
+        _write_json(tmp / "generation_config.json", dict(sorted(generation.items())))
+        shutil.copyfile(tokenizer_model, tmp / "tokenizer.model")
+        for fname, obj in tok_files.items():
+            _write_json(tmp / fname, obj)
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished temporary directory to ``out_dir``; an existing one is moved aside
+    first and removed only after the rename succeeded."""
+    for f in tmp.iterdir():  # the files' bytes on disk before the directory appears
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(old)
+    try:
+        tmp.rename(out_dir)
+    except BaseException:
+        if old is not None:
+            old.rename(out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- reading
+def read_hf_config(hf_dir: Path) -> Dict[str, Any]:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise HFFormatError(f"{path}: file not found")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HFFormatError(f"{path}: not JSON ({' '.join(str(e).split())[:120]})") from None
+    if not isinstance(config, dict):
+        raise HFFormatError(f"{path}: not a JSON object")
+    return config
+
+
+def _read_tensors(hf_dir: Path) -> Dict[str, Tensor]:
+    """Every tensor of the directory's safetensors (one file, or the shards of the index),
+    as float32 on the CPU."""
+    from safetensors import SafetensorError, safe_open
+
+    index = hf_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (OSError, ValueError, KeyError, TypeError, AssertionError):
+            raise HFFormatError(f"{index}: no weight_map") from None
+    elif (hf_dir / SINGLE_FILE).is_file():
+        weight_map = None
+    else:
+        raise HFFormatError(f"{hf_dir}: neither {SINGLE_FILE} nor {INDEX_FILE}")
+    files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
+    tensors: Dict[str, Tensor] = {}
+    for fname in files:
+        path = hf_dir / fname
+        if not path.is_file():
+            raise HFFormatError(f"{INDEX_FILE}: names {fname}, which is missing")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    if weight_map is not None and weight_map.get(key) != fname:
+                        continue  # the index says where each tensor lives
+                    tensors[key] = f.get_tensor(key).float()
+        except (SafetensorError, OSError) as e:
+            raise HFFormatError(f"{fname}: not a safetensors file "
+                                f"({' '.join(str(e).split())[:120]})") from None
+    if weight_map is not None:
+        missing = [k for k, v in weight_map.items() if k not in tensors]
+        if missing:
+            raise HFFormatError(f"{weight_map[missing[0]]}: missing tensor {missing[0]} "
+                                f"(named in {INDEX_FILE})")
+    return tensors
+
+
+def read_hf_dir(hf_dir: Path, cfg: ModelConfig) -> Dict[str, Tensor]:
+    """A directory in the release's layout -> our full weights in float32, after checking that
+    its config.json describes ``cfg`` and that every tensor is there with the right shape
+    (HFFormatError otherwise, naming the config key, file or tensor). A tied checkpoint
+    (``weight_tying: true``) gives an untied head that starts as the embedding."""
+    hf_dir = Path(hf_dir)
+    config = read_hf_config(hf_dir)
+    check_hf_config(config, cfg)
+    tied = bool(config_value(config, "weight_tying"))
+    tensors = _read_tensors(hf_dir)
+    where = SINGLE_FILE if not (hf_dir / INDEX_FILE).is_file() else "safetensors shards"
+    check_tensors(tensors, hf_shapes(cfg, tied), where)
+    return from_hf(tensors, cfg, weight_tying=tied)
+
+
+def init_from_hf(model: torch.nn.Module, hf_dir: Path, cfg: ModelConfig, tp_rank: int, tp: int
+                 ) -> None:
+    """``init.from``: the weights of a Hugging Face LLaDA directory, sliced for this rank
+    (``model``: this rank's pieces, global names)."""
+    try:
+        full = read_hf_dir(hf_dir, cfg)
+    except HFFormatError as e:
+        raise ConfigError(f"init.from: {e}") from None
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(shard(name, full[name], tp_rank, tp))
+
+
+def export_checkpoint(source: Path, out_dir: Path, dtype: torch.dtype, overwrite: bool = False,
+                      warn=print) -> tuple:
+    """``llada export``: a checkpoint (a step_N directory, a checkpoints directory or a run
+    directory: its newest complete checkpoint) of any layout as a Hugging Face directory.
+    Returns (the checkpoint, its meta.json)."""
+    source = Path(source)
+    if (source / "checkpoints").is_dir():  # a run directory
+        source = source / "checkpoints"
+    tag = resolve_checkpoint(source, warn, "CHECKPOINT")
+    meta = read_meta(tag)
+    try:
+        model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
+                                                    meta["config"]["model"]))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{tag}: its model config does not fit this version's "
+                          f"({str(e).splitlines()[0]})") from None
+    weights = read_weights(tag, Layout.saved(meta["layout"]))
+    write_hf_dir(out_dir, weights, model, tag / TOKENIZER, meta["special_ids"], dtype=dtype,
+                 max_sequence_length=meta["config"]["data"]["seq_len"], overwrite=overwrite)
+    return tag, meta

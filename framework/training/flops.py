@@ -1,0 +1,59 @@
+"""Training FLOPs of a step and the accelerators' peaks, as ../shared/LLADA.md counts them for
+MFU (the way Megatron-LM and torchtitan report it, so our MFU compares with theirs).
+
+Per token: 6 x the matmul parameters of the body (attention and MLP weights; the input embedding
+is a lookup and norms are elementwise) + 12 x layers x L x hidden for attention (non-causal: all
+L keys). The output head's 6 x hidden x vocabulary is counted only where it runs: at the masked
+positions, from the step's actual count. The parameters come from the parameter table
+(framework/model/params.py), so the padded vocabulary the head multiplies by is the one counted.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from framework.config import ModelConfig
+from framework.model.params import param_table
+
+# Datasheet dense (no sparsity) bf16 peak per device, by the exact name torch.cuda reports.
+DENSE_BF16_PEAK = {
+    "NVIDIA H100 80GB HBM3": 989e12,  # H100 SXM5
+    "NVIDIA H200": 989e12,  # H200 SXM
+    "NVIDIA GH200 480GB": 989e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA B200": 2250e12,
+}
+H100_SXM = DENSE_BF16_PEAK["NVIDIA H100 80GB HBM3"]
+MEAN_MASKED = 0.5  # E[p_mask] for t ~ U(0, 1): where a plan expects the head to run
+
+
+def peak_flops(device_name: str) -> Optional[float]:
+    """The dense bf16 peak of a known accelerator, else None: no MFU is made up (CPU, or a
+    card not in the table)."""
+    return DENSE_BF16_PEAK.get(device_name)
+
+
+class FlopCounter:
+    """Training FLOPs (forward and backward) of the model for ``cfg``."""
+
+    def __init__(self, cfg: ModelConfig):
+        table = param_table(cfg)
+        self.body = sum(p.numel for p in table if p.kind.matmul and not p.is_head)
+        self.head = sum(p.numel for p in table if p.is_head)
+        self.layers, self.hidden = cfg.num_layers, cfg.hidden_size
+
+    def step(self, tokens: int, seq_len: int, masked: int) -> float:
+        """FLOPs of a step of ``tokens`` tokens in sequences of ``seq_len`` (after the 1% cut)
+        whose head ran at ``masked`` positions."""
+        return (6.0 * self.body * tokens + 12.0 * self.layers * seq_len * self.hidden * tokens
+                + 6.0 * self.head * masked)
+
+    def expected_per_token(self, seq_len: int) -> float:
+        """Per token with the head at the mean masked fraction (``llada plan``)."""
+        return self.step(1, seq_len, MEAN_MASKED)

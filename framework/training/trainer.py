@@ -1,0 +1,221 @@
+"""The training loop: one Trainer whose ``train_step`` reads top to bottom (data, forward, loss,
+backward, clip + step) and whose ``fit`` runs it to train.steps (log, checkpoint, stop). It is
+built by factory.py, which hands it its components ready made.
+
+DeepSpeed owns gradient accumulation, data-parallel reduction, ZeRO partitioning, clipping and the
+optimizer step; megatron-core owns the tensor-parallel layers; the Trainer owns the order of
+things, the schedule, non-finite steps and the run's progress.
+
+Step numbers: ``self.step`` counts the optimizer steps done; the step being taken is number
+``self.step + 1`` wherever a step is named (records, log lines, checkpoints, MLflow). The data
+stream and the schedule index a step by the steps done before it (``self.step`` during it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from data_pipeline.errors import DataError
+from data_pipeline.loader import PretrainLoader
+from framework.checkpoint.checkpointer import Checkpointer
+from framework.checkpoint.resume import Progress, Resume
+from framework.config import TrainConfig
+from framework.parallel.world import World
+from framework.training.metrics import MetricsStream, StepResult, Window, sum_over_data_parallel
+from framework.training.metrics import summary as make_summary
+from framework.training.objective import LossByT, PretrainLoss
+from framework.training.optimizer import NonFiniteGuard
+from framework.training.preemption import StopRequest
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. the loss keeps diverging). One line, names the cause."""
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, world: World, data: PretrainLoader, engine,
+                 optimizer: torch.optim.Optimizer, loss_fn: PretrainLoss, guard: NonFiniteGuard,
+                 loss_by_t: LossByT, lr_at: Callable[[int], float], checkpointer: Checkpointer,
+                 checkpoint_meta: Callable[[Progress], dict], metrics: MetricsStream,
+                 window: Window, stop: StopRequest, progress: Progress, resume: Optional[Resume],
+                 summary_path: Path, facts: dict, log: Callable[[str], None]):
+        """``lr_at(step)``: the schedule; ``checkpoint_meta(progress)``: a checkpoint's meta.json
+        (the MLflow run id added);
+        ``facts``: what summary.json says of the run's setup (layout, precision, parameters)."""
+        self.cfg, self.world, self.data, self.engine = cfg, world, data, engine
+        self.optimizer, self.loss_fn, self.lr_at = optimizer, loss_fn, lr_at
+        self.guard, self.loss_by_t = guard, loss_by_t
+        self.checkpointer, self.checkpoint_meta = checkpointer, checkpoint_meta
+        self.metrics, self.window, self.stop, self.resume = metrics, window, stop, resume
+        self.summary_path, self.facts, self.log = summary_path, facts, log
+        self.accum = cfg.global_batch_size // (cfg.micro_batch_size * world.dp)
+        self.step = progress.step
+        self.consumed_tokens = progress.consumed_tokens  # over the whole run, resumes included
+        self.skipped_steps = progress.skipped_steps  # over the whole run, resumes included
+        self.history: List[StepResult] = []  # this job's steps
+        self.consecutive_nonfinite = 0
+        self.pipe_length: Optional[int] = None  # activation shape the pipeline last sent
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self) -> StepResult:
+        start = time.perf_counter()
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        # data: the step's micro-batches, masked by the collator (per-sequence t, seeded by each
+        # sample's global index); 1% of steps cut to a random length, alike on every rank
+        batches = [self._next_batch() for _ in range(self.accum)]
+        length = batches[0].noisy.shape[1]
+        masked = sum(int(b.mask.sum()) for b in batches)  # host tensors: no device sync
+        self.guard.reset()
+        # forward, loss, backward, clip + optimizer step (skipped on a non-finite loss)
+        if self.world.pp > 1:
+            loss = self._pipeline_step(batches, length)
+        else:
+            loss = self._micro_steps(batches)
+        skipped = self.guard.verdict()
+        self.loss_by_t.end_step(keep=not skipped)
+        grad_norm = None if skipped else self.engine.get_global_grad_norm()
+
+        self.step += 1
+        tokens = self.cfg.global_batch_size * length
+        self.consumed_tokens += tokens
+        self.skipped_steps += skipped
+        return StepResult(step=self.step, loss=float("nan") if skipped else loss, lr=lr,
+                          grad_norm=None if grad_norm is None else float(grad_norm),
+                          tokens=tokens, seq_len=length, masked=masked,
+                          seconds=time.perf_counter() - start, skipped=skipped)
+
+    def _micro_steps(self, batches) -> float:
+        """One process holds the whole model: forward, loss, backward per micro-batch; DeepSpeed
+        scales by 1/accumulation, reduces over data parallel and steps at the boundary."""
+        engine, device = self.engine, self.world.device
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # no host sync per micro
+        for batch in batches:
+            noisy, targets, mask, p_mask = (x.to(device, non_blocking=True) for x in
+                                            (batch.noisy, batch.targets, batch.mask, batch.p_mask))
+            logits = engine(noisy, select=mask)  # the head runs at masked positions only
+            loss = self.loss_fn(logits, (targets, mask, p_mask))
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().double()
+        dist.all_reduce(loss_sum, group=parallel_state.get_data_parallel_group())
+        return loss_sum.item() / (len(batches) * self.world.dp)
+
+    def _pipeline_step(self, batches, length: int) -> float:
+        """DeepSpeed's 1F1B schedule over the micro-batches: the first stage takes the inputs,
+        the last the labels and the loss; the mean loss comes back to every stage."""
+        if length != self.pipe_length:  # the 1% cut: stages must agree on new activation shapes
+            self.engine.reset_activation_shape()
+            self.pipe_length = length
+        micro = iter([((b.noisy, b.mask), (b.targets, b.mask, b.p_mask)) for b in batches])
+        return float(self.engine.train_batch(micro))
+
+    def _next_batch(self):
+        try:
+            batch = next(self.data)
+        except DataError as e:
+            raise TrainingError(f"data: {e}") from None
+        if batch.step != self.step:  # a lost or repeated micro-batch must never pass silently
+            raise TrainingError(f"data stream out of step: got a micro-batch of step index "
+                                f"{batch.step} at step index {self.step}")
+        return batch
+
+    # ------------------------------------------------------------------ the run
+    def fit(self) -> dict:
+        steps = self.cfg.steps
+        if self.stop.deadline is not None:
+            end = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.stop.deadline))
+            self.log(f"llada: the job ends at {end}: the run saves and stops before then")
+        start = time.perf_counter()
+        status = "running"
+        try:
+            while self.step < steps:
+                result = self.train_step()
+                self.stop.note_step(result.seconds)
+                self.history.append(result)
+                self._check_nonfinite(result)
+                self._record(result)
+                if self.maybe_checkpoint(final=self.step == steps):
+                    self.log(f"llada: stopping after step {self.step}/{steps}: "
+                             f"{self.stop.reason or 'another rank asked to stop'}; the checkpoint "
+                             f"of step {self.step} is saved, the next start resumes from it")
+                    break
+            status = "completed" if self.step == steps else "stopped"
+        except TrainingError:
+            status = "diverged"
+            raise
+        finally:
+            self.data.close()
+            self.checkpointer.wait()
+            summary = self._summary(status, time.perf_counter() - start)
+            if self.world.is_main:
+                self.summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+            self.metrics.close(status)
+        self.log(f"llada: {'done' if status == 'completed' else status}: {summary['steps']} "
+                 f"steps, {summary['tokens']} tokens, loss {summary['first_loss']:.4f} -> "
+                 f"{summary['last_loss']:.4f}, {summary['tokens_per_s']:.0f} tokens/s; "
+                 f"{self.summary_path}")
+        return summary
+
+    def _check_nonfinite(self, result: StepResult) -> None:
+        if not result.skipped:
+            self.consecutive_nonfinite = 0
+            return
+        self.consecutive_nonfinite += 1
+        limit = self.cfg.max_consecutive_nonfinite
+        self.log(f"llada: warning: step {result.step}: non-finite loss, step skipped "
+                 f"({self.consecutive_nonfinite} in a row, limit {limit})")
+        if self.consecutive_nonfinite >= limit:
+            raise TrainingError(
+                f"{limit} consecutive steps had a non-finite loss (steps "
+                f"{result.step - limit + 1}..{result.step}); stopping "
+                f"(train.max_consecutive_nonfinite={limit}); lower optimizer.lr or resume "
+                f"from an earlier checkpoint")
+
+    def _record(self, result: StepResult) -> None:
+        """The step into the window; at a logged step, the record to every sink."""
+        self.window.add(result)
+        self.metrics.progress(result)
+        if self.metrics.due(result.step):
+            values = self.window.take(result, consumed_tokens=self.consumed_tokens,
+                                      skipped_steps=self.skipped_steps,
+                                      data_counters=self.data.counters, loss_by_t=self.loss_by_t)
+            self.metrics.write(result.step, values)
+
+    # ------------------------------------------------------------------ checkpoints
+    def maybe_checkpoint(self, final: bool) -> bool:
+        """Save if due; whether the run stops here (both agreed by every rank)."""
+        save, stop = self.checkpointer.due(self.step, final, stop=self.stop.reason is not None)
+        if save:
+            start = time.perf_counter()
+            path = self.save_checkpoint()
+            seconds = time.perf_counter() - start
+            self.stop.note_save(seconds)
+            self.metrics.checkpoint(self.step, path, seconds)
+        return stop
+
+    def save_checkpoint(self) -> Path:
+        """The complete checkpoint of this step (collective)."""
+        progress = Progress(self.step, self.consumed_tokens, self.skipped_steps)
+        return self.checkpointer.save(self.engine, self.step, self.checkpoint_meta(progress),
+                                      self.data.state_dict())
+
+    def _summary(self, status: str, elapsed: float) -> dict:
+        # after a failure the other ranks may not join a collective; after a stop they do
+        counters = self.data.counters
+        if status in ("completed", "stopped"):
+            counters = sum_over_data_parallel(counters, self.world.device)
+        return make_summary(
+            self.history, status=status, tokens=sum(r.tokens for r in self.history),
+            elapsed=elapsed, mfu=self.window.run_mfu(), final_step=self.step,
+            stop_reason=self.stop.reason if status == "stopped" else None,
+            skipped_steps=self.skipped_steps, data_skipped=counters, **self.facts)
