@@ -13,6 +13,9 @@ Layout under ``<run.dir>/checkpoints``::
     step_00000600.tmp/             a save in progress (or one that died): never read
     step_00000700.abandoned/       after a resume to an earlier step: kept, never chosen
     latest                         the newest complete tag (DeepSpeed's pointer format)
+    rollback.json                  a rollback decided but not yet carried out by metrics.jsonl and
+                                   MLflow: {"to": step}; a start that fails before them decides it
+                                   again from this, not from the (by then abandoned) checkpoints
 
 DeepSpeed's shards (engine._get_ckpt_name / _get_zero_ckpt_name), per model-parallel rank
 m = pp_rank x tp + tp_rank (DeepSpeed's pipeline grid and megatron-core's model-parallel group
@@ -38,6 +41,7 @@ from typing import List, Optional
 FORMAT = 1  # of meta.json
 META = "meta.json"
 LATEST = "latest"
+ROLLBACK = "rollback.json"
 TOKENIZER = "tokenizer.model"
 _TAG = re.compile(r"^step_(\d+)$")
 

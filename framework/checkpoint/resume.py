@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from framework.checkpoint.checkpointer import (CheckpointError, complete_checkpoints, read_meta,
                                                resolve_resume, set_aside_newer, set_rng_state)
-from framework.checkpoint.files import rank_file
+from data_pipeline.files import atomic_write
+from framework.checkpoint.files import ROLLBACK, rank_file
 from framework.config import ConfigError
 from framework.parallel.world import World
 
@@ -76,10 +77,15 @@ def agree_on_resume(spec: str, root: Path, world: World, check: Callable[[Path, 
             if path is not None:
                 meta = read_meta(path)
                 check(path, meta)
+                step = meta["step"]
                 newest = max((s for s, _ in complete_checkpoints(root, lambda _: None)),
                              default=-1)
-                set_aside_newer(root, meta["step"], warn)
-                answer[0] = (str(path), meta["step"], newest > meta["step"])
+                rollback = newest > step or _pending_rollback(root) == step
+                if rollback:  # durable before the evidence (the newer checkpoints) goes aside
+                    atomic_write(root / ROLLBACK, json.dumps({"to": step}).encode(),
+                                 durable=True)
+                set_aside_newer(root, step, warn)
+                answer[0] = (str(path), step, rollback)
         except ConfigError as e:
             answer[1] = str(e)
         except Exception as e:  # noqa: BLE001 - every rank must hear of it, not only rank 0
@@ -91,6 +97,20 @@ def agree_on_resume(spec: str, root: Path, world: World, check: Callable[[Path, 
         return None
     path, step, rollback = answer[0]
     return Resume(Path(path), step, rollback)
+
+
+def _pending_rollback(root: Path) -> Optional[int]:
+    try:
+        return int(json.loads((root / ROLLBACK).read_text())["to"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def rollback_done(root: Path, world: World) -> None:
+    """metrics.jsonl and MLflow have carried out the rollback (or there was none): the next
+    start from that step is an ordinary resume."""
+    if world.is_main:
+        (root / ROLLBACK).unlink(missing_ok=True)
 
 
 def check_resumable(path: Path, meta: dict, config: dict, tokenizer_sha256: List[str],

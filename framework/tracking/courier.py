@@ -18,6 +18,9 @@ from typing import Callable, Dict, List, Optional
 from framework.config import ConfigError
 from framework.tracking.outbox import PLOT, STATE, Outbox, RunState, hold_lock
 
+# the curve of a plot record written before plot records named their metrics (and metrics had
+# no group prefix): an outbox kept from then still sends
+LEGACY_PLOT = {"x": "consumed_tokens", "y": "loss", "by": "loss_by_t/"}
 # MLflow's log_batch limits (per request)
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100
 # our own retry schedule replaces MLflow's (7 retries with backoff: minutes per failed request)
@@ -134,7 +137,8 @@ class Sender:
             return 1
         if kind == "plot":  # drawn now, from every step record of the run so far
             path = self.box.dir / PLOT
-            if draw_curve(self.box.steps, path, first["x"], first["y"], first["by"]):
+            spec = {**LEGACY_PLOT, **first}
+            if draw_curve(self.box.steps, path, spec["x"], spec["y"], spec["by"]):
                 self.client.log_artifact(run_id, str(path), artifact_path="plots")
             return 1
         if kind == "status":

@@ -20,7 +20,8 @@ from data_pipeline.shards import ShardSet
 from framework.checkpoint.checkpointer import Checkpointer
 from framework.checkpoint.hf_files import init_from_hf
 from framework.checkpoint.resume import (Progress, agree_on_resume, check_resumable,
-                                         checkpoint_meta, layout, load_checkpoint)
+                                         checkpoint_meta, layout, load_checkpoint,
+                                         rollback_done)
 from framework.config import Config, ConfigError, ModelConfig, check_world, to_dict, to_yaml
 from framework.model.model import Layer, LLaDAModel, piece_specs, transformer_config
 from framework.model.model import vocab_cross_entropy
@@ -127,6 +128,7 @@ def build_trainer(cfg: Config, stop: Optional[StopRequest] = None,
     metrics = MetricsStream(cfg.tracking, console=world.reports,
                             path=metrics_file if world.reports else None, tracker=tracker,
                             total_steps=tc.steps, resumed_at=resumed_at, rollback=rollback)
+    rollback_done(checkpointer.root, world)
     peak = peak_flops(torch.cuda.get_device_name(world.device)) if on_gpu else None
     if on_gpu and peak is None:
         log(f"llada: no MFU: the dense bf16 peak of {torch.cuda.get_device_name(world.device)!r} "

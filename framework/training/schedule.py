@@ -8,15 +8,20 @@ from typing import List, Optional
 from framework.config import ScheduleConfig
 
 
+def _nearest(x: float) -> int:
+    return int(x + 0.5)  # halves up (Python's round() takes them to the even neighbour)
+
+
 def drop_step(total_steps: int, cfg: ScheduleConfig) -> Optional[int]:
-    """The first step (0-based) at drop_lr: the nearest step to drop_at x the run."""
-    return None if cfg.drop_at is None else round(cfg.drop_at * total_steps)
+    """After how many steps the rate drops (the 0-based index of the first step at drop_lr):
+    drop_at x the run, to the nearest step."""
+    return None if cfg.drop_at is None else _nearest(cfg.drop_at * total_steps)
 
 
 def decay_start(total_steps: int, cfg: ScheduleConfig) -> int:
-    """The first step (0-based) of the decay: the last decay_fraction of the run, to the
-    nearest step."""
-    return total_steps - round(cfg.decay_fraction * total_steps)
+    """After how many steps the decay starts (the 0-based index of its first step): the last
+    decay_fraction of the run, to the nearest step."""
+    return total_steps - _nearest(cfg.decay_fraction * total_steps)
 
 
 def wsd_lr(step: int, total_steps: int, peak_lr: float, cfg: ScheduleConfig) -> float:
@@ -52,11 +57,11 @@ def schedule_warnings(total_steps: int, cfg: ScheduleConfig) -> List[str]:
     out = []
     dropped_at = drop_step(total_steps, cfg)
     if dropped_at is not None and warmup > dropped_at:
-        out.append(f"schedule.warmup_steps={warmup} runs past the drop at step {dropped_at} "
+        out.append(f"schedule.warmup_steps={warmup} runs past the drop after {dropped_at} steps "
                    f"(schedule.drop_at={cfg.drop_at:g} of train.steps={total_steps})")
     start = decay_start(total_steps, cfg)
     if warmup > start:
-        out.append(f"schedule.warmup_steps={warmup} runs into the decay, which starts at step "
-                   f"{start} (schedule.decay_fraction={cfg.decay_fraction:g} of train.steps="
-                   f"{total_steps})")
+        out.append(f"schedule.warmup_steps={warmup} runs into the decay, which starts after "
+                   f"{start} steps (schedule.decay_fraction={cfg.decay_fraction:g} of "
+                   f"train.steps={total_steps})")
     return out

@@ -1,7 +1,7 @@
 """One process of the runs of test_reshard.py, started by torchrun: for each layout in turn, train
 STEPS optimizer steps, save a DeepSpeed checkpoint and record the live state (fp32 master weights,
 Adam moments and step, gathered from every ZeRO partition, tensor slice and stage); then wipe
-that state, load the checkpoint back through framework.reshard (each rank reading only its own
+that state, load the checkpoint back through framework.checkpoint.reshard (each rank reading only its own
 stage's parameters), record it again, and take STEPS more steps. Rank 0 saves the records and the
 losses of those last steps.
 

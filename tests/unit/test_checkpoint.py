@@ -154,3 +154,26 @@ def test_a_fresh_start_in_an_old_run_dir_logs_each_step_once(world, tmp_path, sm
     assert [r["step"] for r in records(tmp_path)] == [1, 2, 3]
     (aside,) = tmp_path.glob("metrics-set-aside-*.jsonl")  # the first run's, kept
     assert [json.loads(line)["step"] for line in aside.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_rollback_whose_start_fails_is_still_a_rollback_on_the_next(world, tmp_path,
+                                                                      small_dataset, monkeypatch):
+    """The newer checkpoints are set aside before the metrics stream and MLflow act on the
+    rollback; a start that fails in between leaves the decision on disk for the next one."""
+    import framework.training.factory as factory
+    make_trainer(tmp_path, small_dataset, 4, "checkpoint.interval=2", "checkpoint.keep=5").fit()
+    back = f"checkpoint.resume={tmp_path / 'checkpoints' / tag_for(2)}"
+
+    def fail(*args, **kwargs):
+        raise ConfigError("checkpoint.resume: refused (a test)")
+    with monkeypatch.context() as m:
+        m.setattr(factory, "load_checkpoint", fail)
+        with pytest.raises(ConfigError, match="a test"):
+            make_trainer(tmp_path, small_dataset, 4, back)
+    assert saved_steps(tmp_path) == [2]  # step 4 is already aside
+    trainer = make_trainer(tmp_path, small_dataset, 4, back, "checkpoint.interval=2")
+    assert trainer.resume.rollback and not (tmp_path / "checkpoints" / "rollback.json").exists()
+    assert [r["step"] for r in records(tmp_path)] == [1, 2]  # 3 and 4 set aside
+    trainer.fit()
+    again = make_trainer(tmp_path, small_dataset, 6, "checkpoint.interval=2")
+    assert again.resume.step == 4 and not again.resume.rollback  # an ordinary resume now

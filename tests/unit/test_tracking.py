@@ -210,3 +210,16 @@ def test_a_rollback_before_a_completed_checkpoint_tracks_in_a_child_run(tmp_path
     tags = mlflow_client(uri).get_run(child.run_id).data.tags
     assert tags["mlflow.parentRunId"] == parent and tags["rolled_back_to_step"] == "3"
     assert history(uri, child.run_id) == [(4, 40.0)]
+
+
+def test_an_outbox_kept_from_an_earlier_version_still_sends(tmp_path, mlflow_server):
+    """Plot records used not to name their metrics (nor metrics their group): such an outbox,
+    resumed or synced after an upgrade, sends its curve instead of stalling on it."""
+    directory, box = trainer_side(tmp_path, mlflow_server.uri)
+    box.append(step_record(1, 3.0))
+    box.append({"kind": "plot"})
+    box.close()
+    assert sync(directory) == 2
+    run_id = RunState.load(directory / "run.json").run_id
+    listed = mlflow_client(mlflow_server.uri).list_artifacts(run_id, "plots")
+    assert [a.path for a in listed] == ["plots/loss_curve.png"]
