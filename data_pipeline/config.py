@@ -30,6 +30,9 @@ def positive(obj, section: str, *names: str, error: type = DataConfigError) -> N
         require(value > 0, f"{section}.{name}", f"must be > 0, got {value}", error)
 
 
+SET_NAME = r"[A-Za-z0-9_.-]+"  # a dataset or validation set name: a metric key's part
+
+
 @dataclass
 class TokenizerConfig:
     """The SentencePiece model of a dataset: an existing one, or one trained on the inputs."""
@@ -56,16 +59,27 @@ class PrepareConfig:
     jsonl_text_field: str = "text"
     workers: int = 0  # tokeniser processes; 0: one per CPU core
     seed: int = 0  # the order in which input files are visited
+    # documents held out into <output>/holdout/ (a dataset of its own): those whose seeded hash
+    # falls below this fraction, so a document is in one split only, the same one on every run
+    holdout_fraction: float = 0.0
+    holdout_seed: int = 0
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
     def __post_init__(self):
         require(len(self.inputs) > 0, "prepare.inputs", "at least one glob (or stdlib) is needed")
         require(bool(self.output), "prepare.output", "must be set")
-        require(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name)), "prepare.name",
+        require(bool(re.fullmatch(SET_NAME, self.name)), "prepare.name",
                 f"{self.name!r}: use letters, digits, '_', '.' and '-' only")
         positive(self, "prepare", "seq_len", "samples_per_shard")
         require(self.workers >= 0, "prepare.workers", "must be >= 0")
         require(self.seed >= 0, "prepare.seed", f"must be >= 0, got {self.seed}")
+        holdout_fraction_ok(self.holdout_fraction, "prepare.holdout_fraction")
+        require(self.holdout_seed >= 0, "prepare.holdout_seed",
+                f"must be >= 0, got {self.holdout_seed}")
+
+
+def holdout_fraction_ok(value: float, key: str) -> None:
+    require(0.0 <= value < 1.0, key, f"must be in [0, 1), got {value}")
 
 
 @dataclass
@@ -76,18 +90,38 @@ class DatasetConfig:
     weight: float = 1.0  # mixture weight; normalised over the datasets
     shards_url: Optional[str] = None  # e.g. "pipe:aws s3 cp s3://bucket/ds/{shard} -"; None: beside the manifest
     prepare_inputs: List[str] = field(default_factory=list)  # prepared from these on first run if the manifest is missing
+    holdout_fraction: float = 0.0  # on first run: documents held out into <dir>/holdout/
 
     def __post_init__(self):
         if self.manifest != MISSING:
             require(bool(self.manifest), "data.datasets.manifest", "must be set")
+        holdout_fraction_ok(self.holdout_fraction, "data.datasets.holdout_fraction")
         require(self.weight > 0, "data.datasets.weight", f"must be > 0, got {self.weight}")
         require(self.shards_url is None or "{shard}" in self.shards_url, "data.datasets.shards_url",
                 f"{self.shards_url!r} lacks {{shard}}, where each shard's file name goes")
 
 
 @dataclass
+class ValidationSetConfig:
+    """One held-out set: evaluated during training (the framework's ``eval`` section says when)
+    and reported as ``val/<name>/...``."""
+
+    name: str = MISSING
+    manifest: str = MISSING  # e.g. ``llada prepare --holdout-fraction``'s holdout/manifest.json
+    shards_url: Optional[str] = None
+
+    def __post_init__(self):
+        if self.name != MISSING:
+            require(bool(re.fullmatch(SET_NAME, self.name)), "data.validation.name",
+                    f"{self.name!r}: use letters, digits, '_', '.' and '-' only")
+        require(self.shards_url is None or "{shard}" in self.shards_url,
+                "data.validation.shards_url", f"{self.shards_url!r} lacks {{shard}}")
+
+
+@dataclass
 class DataConfig:
     datasets: List[DatasetConfig] = field(default_factory=list)
+    validation: List[ValidationSetConfig] = field(default_factory=list)  # held-out sets
     seq_len: int = 4096  # must equal the manifests' sequence length
     seed: int = 0  # shard permutation per epoch, in-shard shuffle, mixture draws
     shuffle_buffer: int = 4096  # samples; shuffled within each shard (1: no shuffle)
@@ -104,6 +138,9 @@ class DataConfig:
         require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         require(self.prepare_workers >= 0, "data.prepare_workers", "must be >= 0")
         require(self.seed >= 0, "data.seed", f"must be >= 0, got {self.seed}")
+        names = [v.name for v in self.validation]
+        require(len(set(names)) == len(names), "data.validation",
+                f"set names must differ, got {names}")
 
 
 T_SAMPLING = ("uniform", "stratified", "antithetic")

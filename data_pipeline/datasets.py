@@ -27,7 +27,7 @@ def prepare_config(cfg: DataConfig, index: int, tokenizer: Optional[str] = None)
     return PrepareConfig(inputs=list(ds.prepare_inputs), output=str(manifest.parent), name=name,
                          seq_len=cfg.seq_len, samples_per_shard=cfg.samples_per_shard,
                          jsonl_text_field=cfg.jsonl_text_field, workers=cfg.prepare_workers,
-                         seed=cfg.seed, tokenizer=tok)
+                         seed=cfg.seed, holdout_fraction=ds.holdout_fraction, tokenizer=tok)
 
 
 def prepare_missing(cfg: DataConfig) -> None:
@@ -71,7 +71,27 @@ def open_datasets(cfg: DataConfig, is_main: bool, barrier: Callable[[], None]) -
         if s.seq_len != cfg.seq_len:
             raise DataConfigError(f"data.seq_len: {cfg.seq_len}, but {s.manifest} holds "
                                   f"sequences of {s.seq_len} tokens")
-        if s.tokenizer_sha256 != first.tokenizer_sha256 or s.special_ids != first.special_ids:
-            raise DataConfigError(f"data.datasets[{i}].manifest: {s.manifest} was tokenised with "
-                                  f"another tokenizer than {first.manifest}; a mixture needs one")
+        check_tokenizer(s, first.tokenizer_sha256, first.special_ids,
+                        f"{first.manifest}; a mixture needs one", f"data.datasets[{i}].manifest")
+    return sets
+
+
+def check_tokenizer(s: ShardSet, sha256: str, special_ids: dict, of: str, key: str) -> None:
+    """The dataset was tokenised with the model's tokenizer (``of`` names where that is): the
+    model's ids must mean the same tokens."""
+    if s.tokenizer_sha256 != sha256 or s.special_ids != special_ids:
+        raise DataConfigError(f"{key}: {s.manifest} was tokenised with another tokenizer than "
+                              f"{of}")
+
+
+def open_validation(cfg: DataConfig, train: ShardSet) -> List[ShardSet]:
+    """The recipe's held-out sets (after ``open_datasets``: a first-run preparation has written
+    them), each of the training data's tokenizer."""
+    sets = []
+    for i, v in enumerate(cfg.validation):
+        key = f"data.validation[{i}].manifest"
+        s = load_manifest(v.manifest, v.shards_url, key=key)
+        check_tokenizer(s, train.tokenizer_sha256, train.special_ids,
+                        f"the training data ({train.manifest})", key)
+        sets.append(s)
     return sets

@@ -30,6 +30,13 @@ POSITION_BITS = 24
 MAX_SAMPLES = 1 << (64 - POSITION_BITS)
 
 
+T_BUCKETS = 10  # the loss (and the held-out bound) by mask ratio: tenths of [0, 1]
+
+
+def t_bucket_names() -> list:
+    return [f"{k / T_BUCKETS:.1f}-{(k + 1) / T_BUCKETS:.1f}" for k in range(T_BUCKETS)]
+
+
 class Noise(NamedTuple):
     t: torch.Tensor  # [b] float32, t ~ U(0, 1) per sequence
     u: torch.Tensor  # [b, L] float32, one uniform per token; a token is masked when u < p_mask
@@ -116,3 +123,59 @@ def batch_length(step: int, seq_len: int, prob: float, seed: int, multiple: int 
         return seq_len
     length = 1 + min(int(draw * seq_len), seq_len - 1)
     return min(seq_len, -(-length // multiple) * multiple)
+
+
+# --------------------------------------------------------------------------- held-out evaluation
+_EVAL_L, _EVAL_POS, _EVAL_T = (np.uint64(s) for s in (0x452821E638D01377, 0xBE5466CF34E90C6C,
+                                                      0xC0AC29B7C97C50DD))
+ESTIMATORS = ("stratified", "plain")
+
+
+class EvalNoise(NamedTuple):
+    mask: torch.Tensor  # [n, K, L] bool: the positions masked in draw k of sequence i
+    weight: torch.Tensor  # [n, K] float64: the draw's weight on its summed masked CE
+    ratio: torch.Tensor  # [n, K] float64: the fraction of the sequence masked (for buckets)
+
+
+def _draw_key(seed: int, stream: np.uint64, draw: int) -> np.ndarray:
+    """A key per (evaluation seed, stream, draw): draws are streams of their own."""
+    return _mix64(_key(seed, stream) ^ (np.array([draw + 1], dtype=np.uint64) * _GOLDEN))
+
+
+def eval_noise(sample_index: torch.Tensor, seq_len: int, draws: int, seed: int,
+               estimator: str = "stratified") -> EvalNoise:
+    """The masks of K draws per held-out sequence, a pure function of (seed, its index).
+
+    ``stratified`` (../shared/LLADA.md's likelihood evaluation): draw k takes the number of
+    masked tokens l from the k-th of K equal strata of 1..L, masks exactly l positions chosen
+    uniformly (the l smallest of one uniform per position) and weighs the masked CE by L / l.
+    ``plain`` (the training objective's estimator, for comparison): t ~ U(0, 1) per draw, each
+    token masked with probability t, CE weighted by 1 / t. Either way the draw's term, divided by
+    L, is an unbiased estimate of the sequence's bound per token.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator: unknown {estimator!r}")
+    idx = sample_index.cpu().numpy().astype(np.uint64)
+    n = len(idx)
+    positions = np.arange(seq_len, dtype=np.uint64)
+    counters = (idx[:, None] << np.uint64(POSITION_BITS)) | positions
+    mask = np.empty((n, draws, seq_len), dtype=bool)
+    weight = np.empty((n, draws), dtype=np.float64)
+    ratio = np.empty((n, draws), dtype=np.float64)
+    for k in range(draws):
+        u = _unit24(_draw(_draw_key(seed, _EVAL_POS, k), counters))  # [n, L]
+        if estimator == "stratified":
+            v = _unit24(_draw(_draw_key(seed, _EVAL_L, k), idx)).astype(np.float64)
+            count = np.minimum(1 + np.floor((k + v) * seq_len / draws), seq_len).astype(np.int64)
+            # rank of each position's uniform: the `count` lowest are masked (ties: by position)
+            ranks = np.argsort(np.argsort(u, axis=1, kind="stable"), axis=1, kind="stable")
+            mask[:, k] = ranks < count[:, None]
+            weight[:, k] = seq_len / count
+            ratio[:, k] = count / seq_len
+        else:
+            t = _unit24(_draw(_draw_key(seed, _EVAL_T, k), idx))
+            t = np.maximum(t, np.float32(2.0 ** -24))  # t = 0 would mask nothing, weigh 1/0
+            mask[:, k] = u < t[:, None]
+            weight[:, k] = 1.0 / t.astype(np.float64)
+            ratio[:, k] = t
+    return EvalNoise(torch.from_numpy(mask), torch.from_numpy(weight), torch.from_numpy(ratio))

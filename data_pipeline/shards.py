@@ -237,3 +237,46 @@ def load_manifest(path: str | Path, shards_url: Optional[str] = None,
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError: a ValueError
         raise DataConfigError(f"{key}: {path} is not a valid manifest ({e})") from None
     return s
+
+
+def read_sequences(shard_set: ShardSet, count: Optional[int] = None) -> np.ndarray:
+    """``count`` sequences spread evenly over a dataset (sample ``i * samples // count`` for i
+    below count; all of them for None or a count as large), in manifest order, as one
+    [n, seq_len] int64 array: a fixed held-out set read whole, not a training stream. Only the
+    shards that hold a wanted sample are opened. A shard that cannot be read is bad input naming
+    it (a held-out set with a hole would be another set, silently)."""
+    total = shard_set.samples
+    want = total if count is None else min(count, total)
+    wanted = (np.arange(want, dtype=np.int64) * total) // want
+    rows: List[np.ndarray] = []
+    first = 0  # global index of the shard's first sample
+    for i, shard in enumerate(shard_set.shards):
+        lo, hi = np.searchsorted(wanted, [first, first + shard["samples"]])
+        need = set((wanted[lo:hi] - first).tolist())
+        first += shard["samples"]
+        if not need:
+            continue
+        url = shard_set.url(i)
+        try:
+            with open_url(url) as f:
+                index = 0
+                for name, data in tar_members(f, url):
+                    if split_key(name)[1] != TOKENS_EXT:
+                        continue
+                    if index in need:
+                        arr = decode_tokens(data)
+                        if arr.shape != (shard_set.seq_len,):
+                            raise ValueError(f"sample {name!r} has shape {arr.shape}, the "
+                                             f"manifest says ({shard_set.seq_len},)")
+                        rows.append(arr.astype(np.int64))
+                    index += 1
+                    if index > max(need):
+                        break
+        except ShardError as e:
+            raise DataConfigError(f"held-out set {shard_set.manifest}: {e}") from None
+        except (OSError, ValueError) as e:
+            raise DataConfigError(f"held-out set {shard_set.manifest}: {url}: {e}") from None
+    if len(rows) < want:
+        raise DataConfigError(f"held-out set {shard_set.manifest}: {len(rows)} of {want} "
+                              f"sequences read (the shards hold fewer than the manifest lists)")
+    return np.stack(rows)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import numpy as np
 import sentencepiece as spm
 
 from data_pipeline.config import TokenizerConfig
@@ -62,6 +63,19 @@ class Tokenizer:
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+    def piece_bytes(self) -> np.ndarray:
+        """[vocab] the UTF-8 bytes of text each piece stands for (bits per byte divides by
+        their sum): a byte-fallback piece one byte, a control or unknown piece none, any other
+        its text with SentencePiece's word-boundary mark as the space it encodes."""
+        sp = self.sp
+        out = np.zeros(sp.get_piece_size(), dtype=np.int64)
+        for i in range(sp.get_piece_size()):
+            if sp.is_byte(i):
+                out[i] = 1
+            elif not (sp.is_control(i) or sp.is_unknown(i)):
+                out[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        return out
 
     def encode(self, text: str) -> List[int]:
         return self.sp.encode(text)

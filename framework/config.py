@@ -162,6 +162,8 @@ class CheckpointConfig:
     save_final: bool = False
     keep: int = 2  # newest complete checkpoints kept; older ones deleted once a newer is complete
     keep_every: int = 0  # also keep, permanently, every checkpoint whose step is a multiple of it
+    # also keep the checkpoint with the lowest validation loss (of data.validation's first set)
+    keep_best: bool = False
     # auto: the newest complete checkpoint under <run.dir>/checkpoints, if any; never: start fresh
     # (refused when checkpoints exist, so a run is never overwritten by accident); or a path to a
     # checkpoint (step_N directory) or to a checkpoints directory
@@ -233,6 +235,35 @@ class TrackingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Validation during training (framework/evaluation/): the LLaDA bound on ``sequences``
+    sequences of each of data.validation's sets (every n/N-th), ``t_samples`` stratified draws per
+    sequence, masks seeded by (``seed``, the sequence's index), so every evaluation of every run
+    sees the same masks."""
+
+    interval: int = 0  # steps between evaluations; 0: none by step count
+    at_start: bool = False  # the weights a fresh run starts from (step 0)
+    at_end: bool = True  # after the last step
+    sequences: int = 256  # per set, spread evenly over it (all of a smaller set), read once
+    t_samples: int = 8  # K: draws per sequence, one in each of K strata of the masked count
+    micro_batch_size: Optional[int] = None  # masked copies per forward; None: train's
+    seed: int = 0
+
+    def __post_init__(self):
+        _require(self.interval >= 0, "eval.interval", "must be >= 0")
+        _positive(self, "eval", "sequences", "t_samples")
+        _require(self.micro_batch_size is None or self.micro_batch_size > 0,
+                 "eval.micro_batch_size", f"must be > 0 or null, got {self.micro_batch_size}")
+        _require(self.seed >= 0, "eval.seed", f"must be >= 0, got {self.seed}")
+
+    def due(self, step: int, last: bool) -> bool:
+        """Whether the weights after ``step`` steps are evaluated (0: the start)."""
+        if step == 0:
+            return self.at_start
+        return (self.interval > 0 and step % self.interval == 0) or (last and self.at_end)
+
+
+@dataclass
 class TrainConfig:
     steps: int = MISSING  # optimizer steps
     micro_batch_size: int = 8  # sequences per data-parallel rank per forward/backward
@@ -273,6 +304,7 @@ class Config:
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     init: InitConfig = field(default_factory=InitConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         _require(len(self.data.datasets) > 0, "data.datasets",
@@ -287,6 +319,10 @@ class Config:
                  f"ZeRO-{self.deepspeed.zero_stage} cannot be combined with pipeline parallelism "
                  f"(parallel.pp={self.parallel.pp}); use deepspeed.zero_stage=1")
         check_model_split(self.model, self.parallel)
+        _require(not self.checkpoint.keep_best or (
+            self.data.validation and (self.eval.interval > 0 or self.eval.at_end)),
+            "checkpoint.keep_best", "needs data.validation and evaluations (eval.interval > 0 "
+            "or eval.at_end)")
         _require(not self.parallel.sequence_parallel or self.data.seq_len % self.parallel.tp == 0,
                  "parallel.sequence_parallel", f"data.seq_len={self.data.seq_len} is not a "
                  f"multiple of parallel.tp={self.parallel.tp}")

@@ -42,13 +42,15 @@ def small_tokenizer(tmp_path_factory) -> Path:
 
 
 def prepare_small(out: Path, tokenizer: Path, seq_len: int = 64, samples_per_shard: int = 128,
-                  inputs: List[str] = SMALL_CORPUS, name: str = "small") -> Path:
+                  inputs: List[str] = SMALL_CORPUS, name: str = "small",
+                  holdout_fraction: float = 0.0) -> Path:
     """Shards of a few standard-library packages; returns the manifest path."""
     from data_pipeline.prepare import prepare
     from data_pipeline.config import PrepareConfig, TokenizerConfig
 
     prepare(PrepareConfig(inputs=list(inputs), output=str(out), name=name, seq_len=seq_len,
                           samples_per_shard=samples_per_shard, workers=2,
+                          holdout_fraction=holdout_fraction,
                           tokenizer=TokenizerConfig(model=str(tokenizer))), log=lambda _: None)
     return out / "manifest.json"
 
@@ -57,6 +59,21 @@ def prepare_small(out: Path, tokenizer: Path, seq_len: int = 64, samples_per_sha
 def small_dataset(tmp_path_factory, small_tokenizer) -> Path:
     """~2,700 sequences of 64 tokens in ~21 shards (manifest path)."""
     return prepare_small(tmp_path_factory.mktemp("small-dataset"), small_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def small_heldout(tmp_path_factory, small_tokenizer) -> Path:
+    """The held-out split (about 280 sequences of 64 tokens) of two small packages (manifest)."""
+    out = tmp_path_factory.mktemp("small-heldout")
+    prepare_small(out, small_tokenizer, inputs=[stdlib_glob(p) for p in ("json", "logging")],
+                  holdout_fraction=0.3)
+    return out / "holdout" / "manifest.json"
+
+
+def validation_overrides(manifest: Path, sequences: int = 24, t_samples: int = 4) -> List[str]:
+    """Evaluate a held-out set ``small`` (the tests name their own eval.interval & co)."""
+    return [f"data.validation=[{{name: small, manifest: {manifest}}}]",
+            f"eval.sequences={sequences}", f"eval.t_samples={t_samples}"]
 
 
 def quick_overrides(run_dir: Path, manifest: Path, steps: int = 30) -> List[str]:
@@ -70,6 +87,7 @@ def quick_overrides(run_dir: Path, manifest: Path, steps: int = 30) -> List[str]
         # MLflow's store costs seconds per run; the tests of tracking turn it on (mlflow_server)
         "tracking.enabled=false",
         "checkpoint.save_final=false",  # the debug recipe's final save: where a test wants it
+        "data.validation=[]",  # the debug recipe's held-out set: where a test wants one
     ]
 
 

@@ -142,6 +142,20 @@ def to_keep(steps: List[int], keep: int, keep_every: int) -> set:
     return kept
 
 
+def best_step(complete: List[Tuple[int, Path]]) -> Optional[int]:
+    """The step of the complete checkpoint with the lowest validation loss in its meta.json (the
+    evaluation of the step it was saved at); None when none has one."""
+    best: Optional[Tuple[float, int]] = None
+    for step, path in complete:
+        try:
+            loss = float(read_meta(path)["validation"]["loss"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if loss == loss and (best is None or loss < best[0]):  # NaN never wins
+            best = (loss, step)
+    return None if best is None else best[1]
+
+
 # ----------------------------------------------------------------------------- RNG state
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
@@ -260,8 +274,10 @@ class Checkpointer:
             shutil.rmtree(replaced)
 
     def _retain(self, saved: int) -> None:
-        complete = [s for s, _ in complete_checkpoints(self.root, self.log) if s <= saved]
-        kept = to_keep(complete, self.cfg.keep, self.cfg.keep_every) | {saved}
+        complete = [(s, p) for s, p in complete_checkpoints(self.root, self.log) if s <= saved]
+        kept = to_keep([s for s, _ in complete], self.cfg.keep, self.cfg.keep_every) | {saved}
+        if self.cfg.keep_best:
+            kept.add(best_step(complete))
         for path in self.root.glob("step_*"):
             step = step_of(path)
             # older complete ones beyond retention, and incomplete ones a complete one supersedes

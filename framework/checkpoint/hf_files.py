@@ -279,15 +279,13 @@ def init_from_hf(model: torch.nn.Module, hf_dir: Path, cfg: ModelConfig, tp_rank
             p.copy_(shard(name, full[name], tp_rank, tp))
 
 
-def export_checkpoint(source: Path, out_dir: Path, dtype: torch.dtype, overwrite: bool = False,
-                      warn=print) -> tuple:
-    """``llada export``: a checkpoint (a step_N directory, a checkpoints directory or a run
-    directory: its newest complete checkpoint) of any layout as a Hugging Face directory.
-    Returns (the checkpoint, its meta.json)."""
+def open_checkpoint(source: Path, warn=print, key: str = "CHECKPOINT") -> tuple:
+    """(the checkpoint, its meta.json, its ModelConfig) named by a step_N directory, a
+    checkpoints directory or a run directory (their newest complete checkpoint)."""
     source = Path(source)
     if (source / "checkpoints").is_dir():  # a run directory
         source = source / "checkpoints"
-    tag = resolve_checkpoint(source, warn, "CHECKPOINT")
+    tag = resolve_checkpoint(source, warn, key)
     meta = read_meta(tag)
     try:
         model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
@@ -295,6 +293,15 @@ def export_checkpoint(source: Path, out_dir: Path, dtype: torch.dtype, overwrite
     except OmegaConfBaseException as e:
         raise ConfigError(f"{tag}: its model config does not fit this version's "
                           f"({str(e).splitlines()[0]})") from None
+    return tag, meta, model
+
+
+def export_checkpoint(source: Path, out_dir: Path, dtype: torch.dtype, overwrite: bool = False,
+                      warn=print) -> tuple:
+    """``llada export``: a checkpoint (a step_N directory, a checkpoints directory or a run
+    directory: its newest complete checkpoint) of any layout as a Hugging Face directory.
+    Returns (the checkpoint, its meta.json)."""
+    tag, meta, model = open_checkpoint(source, warn)
     weights = read_weights(tag, Layout.saved(meta["layout"]))
     write_hf_dir(out_dir, weights, model, tag / TOKENIZER, meta["special_ids"], dtype=dtype,
                  max_sequence_length=meta["config"]["data"]["seq_len"], overwrite=overwrite)

@@ -1,7 +1,8 @@
 """``llada``: the command line. ``llada train RECIPE [key=value ...]``,
 ``llada plan RECIPE [key=value ...]``, ``llada prepare INPUT... -o DIR [options]``,
-``llada export CHECKPOINT OUT_DIR``, ``llada slurm submit RECIPE --nodes N --gpus-per-node G
---time T [key=value ...]``, ``llada tracking sync RUN_DIR``.
+``llada export CHECKPOINT OUT_DIR``, ``llada validate RUN_DIR|CHECKPOINT [--data MANIFEST]``,
+``llada slurm submit RECIPE --nodes N --gpus-per-node G --time T [key=value ...]``,
+``llada tracking sync RUN_DIR``.
 
 Bad input (a missing recipe, an unknown key, a wrong type, sizes that do not divide) prints one
 line naming the key or file and exits 2, without a traceback. A failed run exits 1; a run stopped
@@ -156,11 +157,38 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         prepare(PrepareConfig(
             inputs=args.inputs, output=args.output, name=args.name, seq_len=args.seq_len,
             samples_per_shard=args.samples_per_shard, jsonl_text_field=args.text_field,
-            workers=args.workers, seed=args.seed,
+            workers=args.workers, seed=args.seed, holdout_fraction=args.holdout_fraction,
+            holdout_seed=args.holdout_seed,
             tokenizer=TokenizerConfig(model=args.tokenizer, vocab_size=args.vocab_size,
                                       train_bytes=args.tokenizer_train_bytes)))
     except BAD_INPUT as e:
         return _error(str(e), EXIT_BAD_INPUT)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """The held-out bound of a checkpoint: a table on stdout, the report as JSON."""
+    from framework.checkpoint.hf_files import HFFormatError
+    from framework.checkpoint.reshard import ReshardError
+    from framework.evaluation.validate import table, validate, write_report
+    from framework.parallel.world import shutdown_world
+
+    try:
+        report = validate(Path(args.source), args.data or [], sequences=args.sequences,
+                          t_samples=args.t_samples, seed=args.seed,
+                          micro_batch_size=args.micro_batch_size, device=args.device,
+                          warn=lambda m: print(f"llada: warning: {m}", file=sys.stderr))
+    except (*BAD_INPUT, HFFormatError, ReshardError) as e:
+        return _error(str(e), EXIT_BAD_INPUT)
+    finally:
+        shutdown_world()
+    out = Path(args.output) if args.output else Path(report["checkpoint"]) / "validation.json"
+    try:
+        write_report(report, out)
+    except OSError as e:
+        return _error(f"--output {out}: {e.strerror or e}", EXIT_FAILED)
+    print(table(report))
+    print(f"llada: report {out}")
     return 0
 
 
@@ -285,7 +313,29 @@ def build_parser() -> argparse.ArgumentParser:
                       help="when training one")
     prep.add_argument("--tokenizer-train-bytes", type=int, default=_default("train_bytes"),
                       help="text sampled to train it")
+    prep.add_argument("--holdout-fraction", type=float, default=_default("holdout_fraction"),
+                      help="hold out this fraction of the documents (by a seeded hash of each) "
+                      "into OUTPUT/holdout/, a dataset of its own for data.validation")
+    prep.add_argument("--holdout-seed", type=int, default=_default("holdout_seed"),
+                      help="seeds the hash that chooses the held-out documents")
     prep.set_defaults(func=cmd_prepare)
+
+    val = sub.add_parser(
+        "validate", help="the held-out bound of a checkpoint (any layout), on one process",
+        description="Evaluate the LLaDA bound (nats per token, its Monte Carlo and sampling "
+        "errors, bits per byte, the bound by mask ratio) of a checkpoint on held-out sets with "
+        "the estimator and masks of the run's own evaluations; print a table and write JSON.")
+    val.add_argument("source", help="a run directory, its checkpoints/ or a step_N directory")
+    val.add_argument("--data", action="append", metavar="MANIFEST",
+                     help="a held-out dataset's manifest.json (repeatable); default: the run's "
+                     "data.validation")
+    val.add_argument("--sequences", type=int, help="per set (default: the run's eval.sequences)")
+    val.add_argument("--t-samples", type=int, help="draws per sequence (default: the run's)")
+    val.add_argument("--seed", type=int, help="evaluation seed (default: the run's eval.seed)")
+    val.add_argument("--micro-batch-size", type=int, help="masked copies per forward (32)")
+    val.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
+    val.add_argument("--output", help="the JSON report (default: CHECKPOINT/validation.json)")
+    val.set_defaults(func=cmd_validate)
     return parser
 
 

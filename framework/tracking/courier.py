@@ -6,7 +6,6 @@ trainer's GIL."""
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
@@ -138,7 +137,8 @@ class Sender:
         if kind == "plot":  # drawn now, from every step record of the run so far
             path = self.box.dir / PLOT
             spec = {**LEGACY_PLOT, **first}
-            if draw_curve(self.box.steps, path, spec["x"], spec["y"], spec["by"]):
+            if draw_curve(self.box.steps, path, spec["x"], spec["y"], spec["by"],
+                          spec.get("val")):
                 self.client.log_artifact(run_id, str(path), artifact_path="plots")
             return 1
         if kind == "status":
@@ -194,9 +194,11 @@ class Courier:
         self.next_send = time.monotonic() + self.send_interval_s
 
 
-def draw_curve(steps: List[dict], path: Path, x: str, y: str, by: str) -> bool:
-    """``y`` vs ``x``, and each metric named ``by...`` vs ``x`` (the loss by mask ratio), from
-    the step records, with matplotlib's Agg canvas; False when there is nothing to draw."""
+def draw_curve(steps: List[dict], path: Path, x: str, y: str, by: str,
+               val: Optional[str] = None) -> bool:
+    """``y`` vs ``x`` with each held-out set's ``val<set>/loss`` beside it, and each metric
+    named ``by...`` vs ``x`` (the loss by mask ratio), from the step records, with matplotlib's
+    Agg canvas; False when there is nothing to draw."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -209,11 +211,21 @@ def draw_curve(steps: List[dict], path: Path, x: str, y: str, by: str) -> bool:
     def at(r: dict) -> float:
         return r["metrics"].get(x, r["step"])
 
-    left.plot([at(r) for r in steps], [r["metrics"].get(y, math.nan) for r in steps])
-    left.set(xlabel=x, ylabel=y, title=y)
-    for key in sorted({k for r in steps for k in r["metrics"] if k.startswith(by)}):
+    def curve(ax, key: str, **kw) -> None:  # the records that have the metric: no gaps
         points = [(at(r), r["metrics"][key]) for r in steps if key in r["metrics"]]
-        right.plot(*zip(*points), label=key.removeprefix(by))
+        if points:
+            ax.plot(*zip(*points), **kw)
+
+    curve(left, y, label=y)
+    vals = sorted({k for r in steps for k in r["metrics"]
+                   if val and k.startswith(val) and k.endswith("/loss")})
+    for key in vals:
+        curve(left, key, label=key, marker="o", markersize=3)
+    left.set(xlabel=x, ylabel=y, title=f"{y} and held-out bound" if vals else y)
+    if vals:
+        left.legend(fontsize="small")
+    for key in sorted({k for r in steps for k in r["metrics"] if k.startswith(by)}):
+        curve(right, key, label=key.removeprefix(by))
     right.set(xlabel=x, ylabel=y, title=f"{by}*")
     if right.lines:
         right.legend(fontsize="small", ncols=2)

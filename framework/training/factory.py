@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.collate import MaskCollator
-from data_pipeline.datasets import open_datasets
+from data_pipeline.datasets import open_datasets, open_validation
 from data_pipeline.loader import PretrainLoader
 from data_pipeline.shards import ShardSet
 from framework.checkpoint.checkpointer import Checkpointer
@@ -22,7 +22,9 @@ from framework.checkpoint.hf_files import init_from_hf
 from framework.checkpoint.resume import (Progress, agree_on_resume, check_resumable,
                                          checkpoint_meta, layout, load_checkpoint,
                                          rollback_done)
-from framework.config import Config, ConfigError, ModelConfig, check_world, to_dict, to_yaml
+from framework.config import (Config, ConfigError, EvalConfig, ModelConfig, check_world,
+                              to_dict, to_yaml)
+from framework.evaluation.validator import Validator, held_out_sets
 from framework.model.model import Layer, LLaDAModel, piece_specs, transformer_config
 from framework.model.model import vocab_cross_entropy
 from framework.model.params import total_params
@@ -67,6 +69,7 @@ def build_trainer(cfg: Config, stop: Optional[StopRequest] = None,
     # hold the same batches (and the same loader state) without any broadcast
     sets = open_datasets(cfg.data, world.is_main, dist.barrier)
     mask_id = _check_data(cfg.objective.mask_id, cfg.model, sets)
+    val_sets = open_validation(cfg.data, sets[0])
     data = PretrainLoader(
         cfg.data, sets, [d.weight for d in cfg.data.datasets],
         MaskCollator(cfg.objective, mask_id, cfg.data.seq_len,
@@ -151,13 +154,31 @@ def build_trainer(cfg: Config, stop: Optional[StopRequest] = None,
         f"ZeRO-{cfg.deepspeed.zero_stage}, {facts['precision']}, global batch "
         f"{tc.global_batch_size} = {tc.micro_batch_size} x {accum} accumulation x {world.dp} "
         f"data-parallel")
+    validator = _validator(cfg.eval, val_sets, [v.name for v in cfg.data.validation], world,
+                           engine, tc.micro_batch_size, mask_id, log)
     return Trainer(tc, world=world, data=data, engine=engine, optimizer=optimizer,
                    loss_fn=loss_fn, guard=guard, loss_by_t=loss_by_t,
                    lr_at=lambda step: wsd_lr(step, tc.steps, oc.lr, cfg.schedule),
                    checkpointer=checkpointer, checkpoint_meta=meta_for, metrics=metrics,
                    window=Window(world, FlopCounter(cfg.model), peak), stop=stop,
                    progress=progress, resume=resume, summary_path=run_dir / "summary.json",
-                   facts=facts, log=log)
+                   facts=facts, log=log, validator=validator, eval_cfg=cfg.eval)
+
+
+def _validator(cfg: EvalConfig, sets: List[ShardSet], names: List[str], world: World, engine,
+               train_micro_batch: int, mask_id: int, log) -> Optional[Validator]:
+    if not sets or not (cfg.interval or cfg.at_start or cfg.at_end):
+        return None
+    held = held_out_sets(names, sets, cfg.sequences)
+    when = ", ".join(w for w, on in ((f"every {cfg.interval} steps", cfg.interval),
+                                     ("at the start", cfg.at_start), ("at the end", cfg.at_end))
+                     if on)
+    log(f"llada: validation {when}: " + ", ".join(
+        f"{h.name} ({h.tokens.shape[0]} sequences of {h.tokens.shape[1]})" for h in held)
+        + f", {cfg.t_samples} draws each")
+    return Validator(cfg, held, world, engine,
+                     micro_batch_size=cfg.micro_batch_size or train_micro_batch, mask_id=mask_id,
+                     cross_entropy=vocab_cross_entropy, pipeline=world.pp > 1)
 
 
 def _rank0_print(world: World) -> Callable[[str], None]:

@@ -30,6 +30,7 @@ from megatron.core import parallel_state
 
 from data_pipeline.files import atomic_write
 from framework.config import TrackingConfig
+from framework.evaluation.validator import console_lines as val_console_lines
 from framework.parallel.world import World
 from framework.training.flops import FlopCounter
 from framework.training.objective import LossByT
@@ -42,7 +43,9 @@ DATA = "data/"  # + missing_shards, corrupt_shards, bad_samples (skipped, over t
 STEP_SECONDS = "time/step_seconds"
 PEAK_MEMORY = "memory/peak_allocated_gib"
 CHECKPOINT_SECONDS = "checkpoint/save_seconds"
-PLOT = {"x": CONSUMED_TOKENS, "y": LOSS, "by": LOSS_BY_T}  # the curve sent to MLflow
+# val/<set>/... and time/val_seconds: framework/evaluation/validator.py
+# the curves sent to MLflow: the loss (and each held-out set's bound), the loss by mask ratio
+PLOT = {"x": CONSUMED_TOKENS, "y": LOSS, "by": LOSS_BY_T, "val": "val/"}
 SUMMARY_WINDOW = 10  # first_loss / last_loss: means over this many steps
 
 
@@ -132,7 +135,7 @@ class MetricsStream:
         self.cfg, self.path, self.tracker = cfg, path, tracker
         self.log: Callable[[str], None] = print if console else (lambda _: None)
         self.total_steps = total_steps
-        self.high = 0  # the highest step metrics.jsonl holds: steps up to it are not written
+        self.high = -1  # the highest step metrics.jsonl holds: steps up to it are not written
         if path is not None and path.exists():
             self.high = self._reopen(path, resumed_at, rollback)
         from tqdm import tqdm
@@ -150,7 +153,10 @@ class MetricsStream:
 
     def write(self, step: int, values: Dict[str, float]) -> None:
         """The record of a step, to every sink."""
-        self.log(console_line(step, self.total_steps, values))
+        if LOSS in values:
+            self.log(console_line(step, self.total_steps, values))
+        for line in val_console_lines(step, values):
+            self.log(line)
         if self.tracker is not None:
             self.tracker.metrics(step, values)
         if self.path is not None and step > self.high:
@@ -198,7 +204,7 @@ class MetricsStream:
             self.log(f"llada: {len(aside)} records of {path} after step {last} moved to "
                      f"{side.name} ({why})")
         atomic_write(path, "".join(f"{line}\n" for _, line in keep).encode())
-        return max((step for step, _ in keep), default=0)
+        return max((step for step, _ in keep), default=-1)
 
 
 def sum_over_data_parallel(counts: Dict[str, int], device: torch.device) -> Dict[str, int]:

@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from data_pipeline.noise import T_BUCKETS, t_bucket_names
+
 
 def llada_loss(
     masked_logits: torch.Tensor,
@@ -57,13 +59,6 @@ def _cross_entropy(logits, targets, cross_entropy) -> torch.Tensor:
     if cross_entropy is None:
         return F.cross_entropy(logits.float(), targets, reduction="none")
     return cross_entropy(logits, targets).float()
-
-
-T_BUCKETS = 10  # the loss by mask ratio: tenths of [0, 1]
-
-
-def t_bucket_names() -> list:
-    return [f"{k / T_BUCKETS:.1f}-{(k + 1) / T_BUCKETS:.1f}" for k in range(T_BUCKETS)]
 
 
 class LossByT:

@@ -26,9 +26,11 @@ from data_pipeline.errors import DataError
 from data_pipeline.loader import PretrainLoader
 from framework.checkpoint.checkpointer import Checkpointer
 from framework.checkpoint.resume import Progress, Resume
-from framework.config import TrainConfig
+from framework.config import EvalConfig, TrainConfig
+from framework.evaluation.validator import VAL, VAL_SECONDS, Validator
 from framework.parallel.world import World
-from framework.training.metrics import MetricsStream, StepResult, Window, sum_over_data_parallel
+from framework.training.metrics import (CONSUMED_TOKENS, MetricsStream, StepResult, Window,
+                                        sum_over_data_parallel)
 from framework.training.metrics import summary as make_summary
 from framework.training.objective import LossByT, PretrainLoss
 from framework.training.optimizer import NonFiniteGuard
@@ -45,16 +47,20 @@ class Trainer:
                  loss_by_t: LossByT, lr_at: Callable[[int], float], checkpointer: Checkpointer,
                  checkpoint_meta: Callable[[Progress], dict], metrics: MetricsStream,
                  window: Window, stop: StopRequest, progress: Progress, resume: Optional[Resume],
-                 summary_path: Path, facts: dict, log: Callable[[str], None]):
+                 summary_path: Path, facts: dict, log: Callable[[str], None],
+                 validator: Optional[Validator] = None, eval_cfg: EvalConfig = EvalConfig()):
         """``lr_at(step)``: the schedule; ``checkpoint_meta(progress)``: a checkpoint's meta.json
         (the MLflow run id added);
-        ``facts``: what summary.json says of the run's setup (layout, precision, parameters)."""
+        ``facts``: what summary.json says of the run's setup (layout, precision, parameters);
+        ``validator``: the held-out sets, evaluated when ``eval_cfg`` says (None: never)."""
         self.cfg, self.world, self.data, self.engine = cfg, world, data, engine
         self.optimizer, self.loss_fn, self.lr_at = optimizer, loss_fn, lr_at
         self.guard, self.loss_by_t = guard, loss_by_t
         self.checkpointer, self.checkpoint_meta = checkpointer, checkpoint_meta
         self.metrics, self.window, self.stop, self.resume = metrics, window, stop, resume
         self.summary_path, self.facts, self.log = summary_path, facts, log
+        self.validator, self.eval_cfg = validator, eval_cfg
+        self.validations: dict = {}  # per set: this job's last and best evaluation
         self.accum = cfg.global_batch_size // (cfg.micro_batch_size * world.dp)
         self.step = progress.step
         self.consumed_tokens = progress.consumed_tokens  # over the whole run, resumes included
@@ -138,12 +144,18 @@ class Trainer:
         start = time.perf_counter()
         status = "running"
         try:
+            if self.step == 0 and self.validator is not None and self.eval_cfg.due(0, False):
+                self.metrics.write(0, {CONSUMED_TOKENS: 0, **self.validate()})
             while self.step < steps:
                 result = self.train_step()
-                self.stop.note_step(result.seconds)
                 self.history.append(result)
                 self._check_nonfinite(result)
-                self._record(result)
+                due = self.validator is not None and self.eval_cfg.due(self.step,
+                                                                        self.step == steps)
+                validation = self.validate() if due else {}
+                # the deadline guard's slowest step: one that evaluates, when one does
+                self.stop.note_step(result.seconds + validation.get(VAL_SECONDS, 0.0))
+                self._record(result, validation)
                 if self.maybe_checkpoint(final=self.step == steps):
                     self.log(f"llada: stopping after step {self.step}/{steps}: "
                              f"{self.stop.reason or 'another rank asked to stop'}; the checkpoint "
@@ -181,15 +193,33 @@ class Trainer:
                 f"(train.max_consecutive_nonfinite={limit}); lower optimizer.lr or resume "
                 f"from an earlier checkpoint")
 
-    def _record(self, result: StepResult) -> None:
-        """The step into the window; at a logged step, the record to every sink."""
+    def _record(self, result: StepResult, validation: dict) -> None:
+        """The step into the window; at a logged or evaluated step, its one record to every
+        sink (the first record of a step wins, so a step's values go out together)."""
         self.window.add(result)
         self.metrics.progress(result)
         if self.metrics.due(result.step):
             values = self.window.take(result, consumed_tokens=self.consumed_tokens,
                                       skipped_steps=self.skipped_steps,
                                       data_counters=self.data.counters, loss_by_t=self.loss_by_t)
-            self.metrics.write(result.step, values)
+            self.metrics.write(result.step, {**values, **validation})
+        elif validation:
+            self.metrics.write(result.step, {CONSUMED_TOKENS: self.consumed_tokens, **validation})
+
+    def validate(self) -> dict:
+        """The held-out sets on the weights after ``self.step`` steps (collective); this job's
+        last and best of each set kept for summary.json and checkpoint.keep_best."""
+        values = self.validator.evaluate()
+        for s in self.validator.sets:
+            point = {"step": self.step, **{k.removeprefix(f"{VAL}{s.name}/"): v
+                                           for k, v in values.items()
+                                           if k.startswith(f"{VAL}{s.name}/")
+                                           and "/loss_by_ratio/" not in k}}
+            entry = self.validations.setdefault(s.name, {"last": point, "best": point})
+            entry["last"] = point
+            if point["loss"] < entry["best"]["loss"]:
+                entry["best"] = point
+        return values
 
     # ------------------------------------------------------------------ checkpoints
     def maybe_checkpoint(self, final: bool) -> bool:
@@ -206,8 +236,12 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """The complete checkpoint of this step (collective)."""
         progress = Progress(self.step, self.consumed_tokens, self.skipped_steps)
-        return self.checkpointer.save(self.engine, self.step, self.checkpoint_meta(progress),
-                                      self.data.state_dict())
+        meta = self.checkpoint_meta(progress)
+        if self.validations:  # the first set's loss at this very step: checkpoint.keep_best
+            name, entry = next(iter(self.validations.items()))
+            if entry["last"]["step"] == self.step:
+                meta["validation"] = {"set": name, "loss": entry["last"]["loss"]}
+        return self.checkpointer.save(self.engine, self.step, meta, self.data.state_dict())
 
     def _summary(self, status: str, elapsed: float) -> dict:
         # after a failure the other ranks may not join a collective; after a stop they do
@@ -218,4 +252,5 @@ class Trainer:
             self.history, status=status, tokens=sum(r.tokens for r in self.history),
             elapsed=elapsed, mfu=self.window.run_mfu(), final_step=self.step,
             stop_reason=self.stop.reason if status == "stopped" else None,
-            skipped_steps=self.skipped_steps, data_skipped=counters, **self.facts)
+            skipped_steps=self.skipped_steps, data_skipped=counters,
+            validation=self.validations or None, **self.facts)

@@ -1,6 +1,8 @@
 """One process of the layout runs of test_layouts.py, started by torchrun: for each layout in
 turn, build the trainer, take 3 optimizer steps, and (rank 0) save the losses and the whole
 model's weights, gathered from every tensor-parallel slice, pipeline stage and ZeRO partition.
+A layout named ``eval-*`` instead resumes the reference's checkpoint and evaluates the held-out
+set twice (rank 0 saves both results).
 
     python -m torch.distributed.run --nproc-per-node N -m tests.distributed.layout_worker \
         OUT_DIR MANIFEST LAYOUTS_JSON
@@ -24,6 +26,9 @@ from framework.training.factory import build_trainer
 from tests.conftest import DEBUG_RECIPE, quick_overrides
 
 STEPS = 3
+# the held-out evaluation of the eval-* layouts: 33 sequences over 2 data-parallel ranks (17 and
+# 16) x 3 draws in micro-batches of 8 (the last of each rank padded)
+EVAL = ["eval.sequences=33", "eval.t_samples=3", "eval.micro_batch_size=8"]
 # small enough for seconds per layout; 4 layers for two stages, 2 kv heads for tp 2
 MODEL = ["model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
          "model.num_kv_heads=2", "model.ffn_hidden_size=128", "model.vocab_size=512"]
@@ -64,13 +69,17 @@ def run_layout(out: Path, manifest: Path, name: str, extra: list) -> None:
     start = time.perf_counter()
     trainer = build_trainer(cfg)
     built = time.perf_counter()
-    losses = [trainer.train_step().loss for _ in range(STEPS)]
+    if name.startswith("eval-"):
+        result = {"values": [trainer.validator.evaluate() for _ in range(2)]}
+    else:
+        losses = [trainer.train_step().loss for _ in range(STEPS)]
+        weights = full_state_dict(trainer.engine.module, cfg.deepspeed.zero_stage)
+        result = {"losses": losses, "weights": weights}
     trainer.data.close()
-    weights = full_state_dict(trainer.engine.module, cfg.deepspeed.zero_stage)
     if dist.get_rank() == 0:
-        torch.save({"losses": losses, "weights": weights}, out / f"{name}.pt")
+        torch.save(result, out / f"{name}.pt")
     if dist.get_rank() == 0:
-        print(f"{name}: built in {built - start:.1f}s, trained in {time.perf_counter() - built:.1f}s",
+        print(f"{name}: built in {built - start:.1f}s, ran in {time.perf_counter() - built:.1f}s",
               file=sys.stderr)
     del trainer
     gc.collect()

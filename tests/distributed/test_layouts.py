@@ -1,8 +1,11 @@
 """Every parallel layout computes the same training run as one process: the losses of 3
-optimizer steps and the weights after them, within 1e-5 relative (fp32, gloo, <= 4 processes).
+optimizer steps and the weights after them, within 1e-5 relative (fp32, gloo, <= 4 processes);
+and the same held-out evaluation of the same checkpoint under DP2, TP2 and PP2, within 1e-5
+relative, bit for bit the same when evaluated twice.
 
 Two torchrun launches (2 and 4 processes) each run several layouts in turn; the reference is the
-same trainer in this process (a world of one)."""
+same trainer in this process (a world of one), which saves the checkpoint the eval-* layouts
+resume."""
 
 import json
 
@@ -12,8 +15,8 @@ import torch
 from framework.config import load_config
 from framework.model.weights import full_state_dict
 from framework.training.factory import build_trainer
-from tests.conftest import DEBUG_RECIPE, run_cli
-from tests.distributed.layout_worker import STEPS, layout_overrides
+from tests.conftest import DEBUG_RECIPE, run_cli, validation_overrides
+from tests.distributed.layout_worker import EVAL, STEPS, layout_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -41,24 +44,53 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
+def eval_layouts(checkpoint, heldout) -> dict:
+    same = [f"checkpoint.resume={checkpoint}", *validation_overrides(heldout), *EVAL]
+    return {"eval-dp2": [DP2, *same], "eval-tp2": ["parallel.tp=2", *same],
+            "eval-pp2": ["parallel.pp=2", *same]}
+
+
 @pytest.fixture(scope="module")
-def reference(world, tmp_path_factory, small_dataset):
+def reference(world, tmp_path_factory, small_dataset, small_heldout):
+    """The losses, weights, a ZeRO-1 checkpoint (which reshards into any layout) and its
+    held-out evaluation, of one process."""
     run_dir = tmp_path_factory.mktemp("reference")
-    trainer = build_trainer(load_config(DEBUG_RECIPE, layout_overrides(run_dir, small_dataset,
-                                                                 ["deepspeed.zero_stage=0"])))
+    trainer = build_trainer(load_config(DEBUG_RECIPE, layout_overrides(
+        run_dir, small_dataset, ["deepspeed.zero_stage=1", *validation_overrides(small_heldout),
+                                 *EVAL])))
     losses = [trainer.train_step().loss for _ in range(STEPS)]
     trainer.data.close()
-    return losses, full_state_dict(trainer.engine.module, 0)
+    checkpoint = trainer.save_checkpoint()
+    evaluations = [trainer.validator.evaluate() for _ in range(2)]
+    return losses, full_state_dict(trainer.engine.module, 1), checkpoint, evaluations
+
+
+def assert_same_evaluation(name, got, ref):
+    a, b = got["values"]
+    assert {k: v for k, v in a.items() if not k.startswith("time/")} == \
+        {k: v for k, v in b.items() if not k.startswith("time/")}, f"{name}: not bit for bit"
+    for key, value in ref.items():
+        if key.startswith("val/"):
+            assert a[key] == pytest.approx(value, rel=1e-5), f"{name}: {key}"
+    assert a.keys() == ref.keys(), name
 
 
 @pytest.mark.parametrize("nproc, layouts", [(2, TWO), (4, FOUR)], ids=["2-procs", "4-procs"])
-def test_layouts_match_one_process(tmp_path, small_dataset, reference, nproc, layouts):
+def test_layouts_match_one_process(tmp_path, small_dataset, small_heldout, reference, nproc,
+                                   layouts):
+    ref_losses, ref_weights, checkpoint, ref_evals = reference
+    if nproc == 2:
+        layouts = {**layouts, **eval_layouts(checkpoint, small_heldout)}
     proc = run_cli([], nproc=nproc, timeout=900, module="tests.distributed.layout_worker",
                    module_args=[str(tmp_path), str(small_dataset), json.dumps(layouts)])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    ref_losses, ref_weights = reference
+    assert {k: v for k, v in ref_evals[0].items() if k.startswith("val/")} == \
+        {k: v for k, v in ref_evals[1].items() if k.startswith("val/")}
     for name in layouts:
         got = torch.load(tmp_path / f"{name}.pt")
+        if name.startswith("eval-"):
+            assert_same_evaluation(name, got, ref_evals[0])
+            continue
         for step, (a, b) in enumerate(zip(got["losses"], ref_losses)):
             assert abs(a - b) <= 1e-5 * abs(b), f"{name}: step {step} loss {a} vs {b}"
         assert got["weights"].keys() == ref_weights.keys(), name

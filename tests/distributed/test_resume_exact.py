@@ -19,17 +19,21 @@ import pytest
 import torch
 
 from tests.conftest import (DEBUG_RECIPE, REPO, cli_command, quick_overrides, run_cli,
-                            tracking_overrides)
+                            tracking_overrides, validation_overrides)
 
 pytestmark = pytest.mark.slow
 
 N = 5
 
 
-def overrides(run_dir, dataset):
+def overrides(run_dir, dataset, heldout):
+    # evaluated at the start, at steps 3, 6, 9 and at the end: step 6 runs twice in the killed
+    # run (before the kill and after the resume from step 5), and is logged once
     return ["train", str(DEBUG_RECIPE), *quick_overrides(run_dir, dataset, steps=2 * N),
             "tracking.log_interval=1", f"checkpoint.interval={N}", "checkpoint.save_final=true",
-            "data.num_workers=1", "objective.variable_length_prob=0.3"]
+            "data.num_workers=1", "objective.variable_length_prob=0.3",
+            *validation_overrides(heldout, sequences=9, t_samples=2), "eval.interval=3",
+            "eval.at_start=true"]
 
 
 def descendants(pid: int) -> list:
@@ -78,7 +82,8 @@ def records(run_dir):
 
 
 def losses(run_dir):
-    return [(r["step"], r["train/loss"], r["train/seq_len"]) for r in records(run_dir)]
+    return [(r["step"], r["train/loss"], r["train/seq_len"]) for r in records(run_dir)
+            if "train/loss" in r]  # not the evaluation at step 0
 
 
 CONSOLE = re.compile(r"^step +(\d+)/\d+ \| loss ([\d.]+|nan) \| lr ([\d.e+-]+) \|", re.M)
@@ -115,10 +120,10 @@ def final_state(run_dir):
 
 
 @pytest.fixture(scope="module")
-def whole(tmp_path_factory, small_dataset):
+def whole(tmp_path_factory, small_dataset, small_heldout):
     """2N steps in one run on two data-parallel ranks, checkpoints at N and 2N."""
     run = tmp_path_factory.mktemp("whole")
-    proc = run_cli(overrides(run, small_dataset), nproc=2)
+    proc = run_cli(overrides(run, small_dataset, small_heldout), nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
 
@@ -131,10 +136,12 @@ def assert_close_losses(got, reference, first_step):
         assert abs(a - b) <= 1e-5 * abs(b), (step, a, b)
 
 
-def test_kill_9_and_resume_is_bitwise_identical(tmp_path, small_dataset, whole, mlflow_server):
+def test_kill_9_and_resume_is_bitwise_identical(tmp_path, small_dataset, small_heldout, whole,
+                                                 mlflow_server):
     killed = tmp_path / "killed"
     killed.mkdir()
-    args = overrides(killed, small_dataset) + tracking_overrides(mlflow_server, "kill-9") + [
+    args = overrides(killed, small_dataset, small_heldout) + \
+        tracking_overrides(mlflow_server, "kill-9") + [
         "tracking.send_interval_s=0.05"]
     kill_9_past_checkpoint(args, killed, killed / "checkpoints" / f"step_{N:08d}")
     assert not (killed / "checkpoints" / f"step_{2 * N:08d}").exists(), \
@@ -163,20 +170,28 @@ def test_kill_9_and_resume_is_bitwise_identical(tmp_path, small_dataset, whole, 
     assert {m.step: m.value for m in history} == {s: loss for s, loss, _ in reference}
     saves = client.get_metric_history(run.info.run_id, "checkpoint/save_seconds")
     assert sorted(m.step for m in saves) == [N, 2 * N]
+    # each evaluation once, in MLflow as in metrics.jsonl, with the uninterrupted run's values
+    evaluated = {r["step"]: r["val/small/loss"] for r in records(whole) if "val/small/loss" in r}
+    assert sorted(evaluated) == [0, 3, 6, 9, 2 * N]
+    assert {r["step"]: r["val/small/loss"] for r in records(killed)
+            if "val/small/loss" in r} == evaluated
+    history = client.get_metric_history(run.info.run_id, "val/small/loss")
+    assert sorted(m.step for m in history) == sorted(evaluated)
+    assert {m.step: m.value for m in history} == evaluated
 
     # the console (both jobs' lines), metrics.jsonl and MLflow agree on steps and values
     printed = console((killed.parent / "killed.log").read_text(), proc.stdout)
     assert sorted(printed) == list(range(1, 2 * N + 1))
     lr = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/lr")}
-    for r in records(killed):
+    for r in records(killed)[1:]:  # after the evaluation at step 0
         assert printed[r["step"]] == (f"{r['train/loss']:.4f}", f"{r['train/lr']:.3e}"), r
         assert lr[r["step"]] == r["train/lr"]
 
 
-def test_resume_under_one_data_parallel_rank(tmp_path, small_dataset, whole):
+def test_resume_under_one_data_parallel_rank(tmp_path, small_dataset, small_heldout, whole):
     """DP2 x 1 worker -> DP1 x 2 workers: the same two readers, so the same samples."""
     checkpoint = whole / "checkpoints" / f"step_{N:08d}"
-    proc = run_cli(overrides(tmp_path, small_dataset) +
+    proc = run_cli(overrides(tmp_path, small_dataset, small_heldout) +
                    [f"checkpoint.resume={checkpoint}", "data.num_workers=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resharded from tp 1 pp 1 dp 2" in proc.stdout

@@ -20,8 +20,12 @@ def test_debug_recipe_trains_and_the_loss_falls(tmp_path, mlflow_server):
     data = tmp_path / "data" / "manifest.json"
     # 40 of the recipe's 200 steps (CI time): the loss has fallen by over 20% by then (7.94 ->
     # 5.96 at step 25, 5.72 at 200)
+    # the held-out bound at the start and the end (the recipe's 256 sequences: here 128)
+    held = data.parent / "holdout" / "manifest.json"
     proc = run_cli(["train", str(DEBUG_RECIPE), f"run.dir={tmp_path}", "train.steps=40",
-                    f"data.datasets=[{{manifest: {data}, prepare_inputs: [stdlib]}}]",
+                    f"data.datasets=[{{manifest: {data}, prepare_inputs: [stdlib], "
+                    f"holdout_fraction: 0.01}}]",
+                    f"data.validation=[{{name: stdlib, manifest: {held}}}]", "eval.sequences=128",
                     *tracking_overrides(mlflow_server, "debug-recipe")],
                    timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -40,8 +44,16 @@ def test_debug_recipe_trains_and_the_loss_falls(tmp_path, mlflow_server):
     # the recipe saves its final checkpoint: what a new user trained can be used
     assert (tmp_path / "checkpoints" / "step_00000040" / "meta.json").is_file()
     metrics = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(metrics) == 2  # step 25 and the last
+    assert len(metrics) == 3  # the start's evaluation, step 25 and the last
     assert "step     40/40 | loss" in proc.stdout
+    # the held-out split was prepared with the data; its bound falls, in bits per byte too
+    assert json.loads(held.read_text())["samples"] >= 128
+    val = summary["validation"]["stdlib"]
+    start, end = json.loads(metrics[0]), json.loads(metrics[-1])
+    assert start["step"] == 0 and val["last"]["step"] == 40
+    assert val["last"]["loss"] == end["val/stdlib/loss"] < 0.9 * start["val/stdlib/loss"]
+    assert end["val/stdlib/bpb"] < start["val/stdlib/bpb"]
+    assert "val  step     40 | stdlib loss" in proc.stdout
     check_first_screen(proc)
     check_mlflow_run(mlflow_server.client(), tmp_path, metrics)
 
@@ -51,7 +63,8 @@ def check_first_screen(proc):
     out = proc.stdout + proc.stderr
     for noise in ("UserWarning", "warnings.warn", "[WARNING]", "[INFO]", " INFO ", "Warning:"):
         assert noise not in out, out[:3000]
-    assert all(line.startswith(("llada", "step ")) for line in out.splitlines()), out[:3000]
+    assert all(line.startswith(("llada", "step ", "val ")) for line in out.splitlines()), \
+        out[:3000]
     skips = [line for line in out.splitlines() if "skipped" in line and "step " not in line]
     assert len(skips) == 2, skips  # the warning naming the list, and prepare's summary line
     (warning,) = [line for line in skips if line.startswith("llada: warning:")]
@@ -62,6 +75,8 @@ STEP_METRICS = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s
                 "train/consumed_tokens", "train/skipped_steps", "train/seq_len",
                 "time/step_seconds", "data/bad_samples", "data/corrupt_shards",
                 "data/missing_shards", *(f"train/loss_by_t/{b}" for b in t_bucket_names())}
+VAL_METRICS = {"val/stdlib/loss", "val/stdlib/loss_mc_stderr", "val/stdlib/loss_seq_stderr",
+               "val/stdlib/bpb", "time/val_seconds"}
 
 
 def check_mlflow_run(client, run_dir, metrics_lines):
@@ -82,12 +97,16 @@ def check_mlflow_run(client, run_dir, metrics_lines):
 
     records = [json.loads(line) for line in metrics_lines]
     steps = [r["step"] for r in records]
-    assert steps == [25, 40]
+    assert steps == [0, 25, 40]
     # MFU needs the accelerator's peak: none on CPU, so none is made up; no GPU memory either
-    assert set(run.data.metrics) == STEP_METRICS | {"checkpoint/save_seconds"}
-    for name in STEP_METRICS:  # every metric of every record, the same step and value
+    by_ratio = {k for k in run.data.metrics if k.startswith("val/stdlib/loss_by_ratio/")}
+    assert len(by_ratio) == 10
+    assert set(run.data.metrics) == STEP_METRICS | VAL_METRICS | by_ratio | {
+        "checkpoint/save_seconds"}
+    for name in STEP_METRICS | VAL_METRICS:  # every metric of every record, same step and value
         history = {m.step: m.value for m in client.get_metric_history(run_id, name)}
-        assert history == {r["step"]: r[name] for r in records}, name
+        assert history == {r["step"]: r[name] for r in records if name in r}, name
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val/stdlib/bpb")) == [0, 40]
     tokens = [m.value for m in sorted(client.get_metric_history(run_id, "train/consumed_tokens"),
                                       key=lambda m: m.step)]
     assert tokens == sorted(tokens) and tokens[-1] > 40 * 32 * 64

@@ -55,9 +55,24 @@ def test_missing_recipe():
     ("preemption.signals=[KILL]", ["preemption.signals", "KILL"]),  # cannot be handled
     ("optimizer.lr=inf", ["optimizer.lr", "finite", "inf"]),  # would diverge steps later
     ("schedule.final_lr=nan", ["schedule.final_lr", "finite"]),
+    ("eval.t_samples=0", ["eval.t_samples", "> 0"]),
+    ("data.validation=[]", ["checkpoint.keep_best", "data.validation"]),  # with keep_best below
+    ("data.validation=[{name: 'a b', manifest: x}]", ["data.validation.name", "'a b'"]),
+    ("prepare.holdout=1", ["prepare"]),  # no such section
 ])
 def test_bad_override(llada, override, needles):
-    assert_one_line_error(llada(["train", DEBUG_RECIPE, override]), *needles)
+    extra = ["checkpoint.keep_best=true"] if override == "data.validation=[]" else []
+    assert_one_line_error(llada(["train", DEBUG_RECIPE, override, *extra]), *needles)
+
+
+def test_prepare_holdout_fraction_out_of_range(llada, tmp_path):
+    proc = llada(["prepare", "stdlib", "-o", str(tmp_path), "--holdout-fraction", "1.5"])
+    assert_one_line_error(proc, "prepare.holdout_fraction", "1.5")
+
+
+def test_validate_of_a_directory_without_checkpoints(llada, tmp_path):
+    assert_one_line_error(llada(["validate", str(tmp_path)]), str(tmp_path),
+                          "no complete checkpoint")
 
 
 def test_unreadable_job_deadline(llada, monkeypatch):

@@ -20,11 +20,14 @@ ALLOWED = {
     "framework.tracking": {"data_pipeline", "framework.config", "framework.parallel"},
     "framework.checkpoint": {"data_pipeline", "framework.config", "framework.parallel",
                              "framework.model"},
+    "framework.evaluation": {"data_pipeline", "framework.config", "framework.parallel",
+                             "framework.model", "framework.checkpoint"},
     "framework.training": {"data_pipeline", "kernels", "framework.config", "framework.parallel",
-                           "framework.model", "framework.checkpoint", "framework.tracking"},
+                           "framework.model", "framework.checkpoint", "framework.tracking",
+                           "framework.evaluation"},
     "framework.launch": {"data_pipeline", "framework.config", "framework.parallel",
                          "framework.model", "framework.checkpoint", "framework.tracking",
-                         "framework.training"},
+                         "framework.training", "framework.evaluation"},
     "framework": {"framework.quiet", "framework.launch"},  # the package and its __main__
 }
 OURS = ("framework", "data_pipeline", "kernels")

@@ -1,0 +1,125 @@
+"""``llada validate RUN_DIR|CHECKPOINT [--data MANIFEST ...]``: the held-out bound of a checkpoint
+of any layout, on one process, with the estimator and masks the run's own evaluations use.
+
+The checkpoint's full fp32 weights (read as ``llada export`` reads them) go into a one-process
+model; the sets are ``--data`` manifests or the run's ``data.validation``; the evaluation
+settings are the run's ``eval`` section unless given. On a CPU the model runs in fp32, so a run
+trained and evaluated in bf16 reads slightly differently here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data_pipeline.config import DataConfig, ValidationSetConfig
+from data_pipeline.datasets import check_tokenizer
+from data_pipeline.shards import load_manifest
+from framework.checkpoint.files import TOKENIZER
+from framework.checkpoint.hf_files import open_checkpoint
+from framework.checkpoint.reshard import Layout, read_weights
+from framework.config import ConfigError, EvalConfig, ParallelConfig
+from framework.evaluation.validator import HeldOutSet, Validator
+from framework.model.model import build_model, transformer_config, vocab_cross_entropy
+from framework.parallel.world import init_world
+
+
+def _eval_config(saved: Optional[dict], changes: Dict[str, object]) -> EvalConfig:
+    try:
+        base = OmegaConf.merge(OmegaConf.structured(EvalConfig), saved or {})
+        return OmegaConf.to_object(OmegaConf.merge(base, {k: v for k, v in changes.items()
+                                                          if v is not None}))
+    except OmegaConfBaseException as e:
+        if isinstance(e.__cause__, ConfigError):  # EvalConfig's own check, naming the key
+            raise ConfigError(str(e.__cause__)) from None
+        raise ConfigError(f"eval: {str(e).splitlines()[0]}") from None
+
+
+def _sets(manifests: List[str], saved_data: dict) -> List[ValidationSetConfig]:
+    if manifests:
+        return [ValidationSetConfig(name=load_manifest(m, key="--data").name, manifest=m)
+                for m in manifests]
+    try:
+        data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig),
+                                                   {"validation": saved_data.get("validation",
+                                                                                 [])}))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"data.validation: {str(e).splitlines()[0]}") from None
+    if not data.validation:
+        raise ConfigError("--data: the run names no held-out set (data.validation); pass a "
+                          "manifest, e.g. --data DIR/holdout/manifest.json")
+    return data.validation
+
+
+def validate(source: Path, manifests: List[str] = (), *, sequences: Optional[int] = None,
+             t_samples: Optional[int] = None, seed: Optional[int] = None,
+             micro_batch_size: Optional[int] = None, device: str = "cpu",
+             warn=print) -> dict:
+    """The report: the checkpoint, its step, the settings and each set's statistics."""
+    tag, meta, model_cfg = open_checkpoint(source, warn)
+    cfg = _eval_config(meta["config"].get("eval"), {
+        "sequences": sequences, "t_samples": t_samples, "seed": seed,
+        "micro_batch_size": micro_batch_size})
+    specs = _sets(list(manifests), meta["config"]["data"])
+    held = []
+    for i, v in enumerate(specs):
+        key = f"--data {v.manifest}" if manifests else f"data.validation[{i}].manifest"
+        shards = load_manifest(v.manifest, v.shards_url, key=key)
+        check_tokenizer(shards, meta["tokenizer_sha256"][0], meta["special_ids"],
+                        f"{tag / TOKENIZER}", key)
+        held.append(HeldOutSet.read(v.name, shards, cfg.sequences))
+
+    world = init_world(ParallelConfig(), device)
+    model = load_model(tag, meta, model_cfg, world.device)
+    validator = Validator(cfg, held, world, model,
+                          micro_batch_size=cfg.micro_batch_size or 32,
+                          mask_id=meta["special_ids"]["mask"], cross_entropy=vocab_cross_entropy)
+    results = {}
+    for h, v in zip(held, specs):
+        results[h.name] = {"manifest": str(v.manifest), "sequences": int(h.tokens.shape[0]),
+                           "seq_len": int(h.tokens.shape[1]), "text_bytes": h.text_bytes,
+                           **validator.evaluate_set(h)}
+    return {"checkpoint": str(tag), "step": meta["step"],
+            "eval": {"t_samples": cfg.t_samples, "seed": cfg.seed, "estimator": "stratified"},
+            "sets": results}
+
+
+def load_model(tag: Path, meta: dict, model_cfg, device: torch.device) -> torch.nn.Module:
+    """The whole model on one process (fp32), with a checkpoint's weights of any layout."""
+    mcfg = transformer_config(model_cfg, tensor_parallel=1, params_dtype=torch.float32,
+                              on_cpu=device.type == "cpu")
+    model = build_model(model_cfg, mcfg).to(device)
+    weights = read_weights(tag, Layout.saved(meta["layout"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name not in weights or weights[name].shape != p.shape:
+                raise ConfigError(f"{tag}: parameter {name} is missing or of another shape")
+            p.copy_(weights[name])
+    return model
+
+
+def table(report: dict) -> str:
+    """The report as a few aligned lines: one per set, then its bound by mask ratio."""
+    head = f"{'set':<24} {'seqs':>6} {'loss':>9} {'± mc':>8} {'± seqs':>8} {'bpb':>8}"
+    lines = [f"{report['checkpoint']} (step {report['step']}), "
+             f"{report['eval']['t_samples']} draws per sequence, seed {report['eval']['seed']}",
+             head, "-" * len(head)]
+    for name, r in report["sets"].items():
+        def cell(key: str, width: int) -> str:
+            return f"{r[key]:>{width}.4f}" if key in r else f"{'n/a':>{width}}"
+        lines.append(f"{name:<24} {r['sequences']:>6} {cell('loss', 9)} "
+                     f"{cell('loss_mc_stderr', 8)} {cell('loss_seq_stderr', 8)} {cell('bpb', 8)}")
+    for name, r in report["sets"].items():
+        by = {k.split("/")[-1]: v for k, v in r.items() if k.startswith("loss_by_ratio/")}
+        lines.append(f"{name} by mask ratio: " + "  ".join(f"{k} {v:.3f}" for k, v in by.items()))
+    return "\n".join(lines)
+
+
+def write_report(report: dict, path: Path) -> None:
+    from data_pipeline.files import atomic_write
+    atomic_write(path, (json.dumps(report, indent=1) + "\n").encode())

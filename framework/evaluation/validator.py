@@ -1,0 +1,164 @@
+"""The held-out bound of a model under any layout: the same number whatever the layout, and bit
+for bit the same on every evaluation of the same weights.
+
+Each set's ``eval.sequences`` sequences (spread evenly over it) are read once; sequence i is
+evaluated by data-parallel rank i mod dp, its K masked copies (data_pipeline/noise.py
+``eval_noise``, keyed by (eval.seed, i)) in micro-batches of ``micro_batch_size`` copies. Every rank runs the same number
+of micro-batches (the last padded with copies that mask nothing and are dropped): ZeRO-3 gathers
+and the pipeline engine's barriers need all ranks in step. The last pipeline stage's tensor rank
+0 of each replica writes its sequences' summed CE into an [n, K] table that one all-reduce over
+the world completes (every other entry is an exact zero), so every rank computes the statistics
+from the same numbers.
+
+Nothing here touches the training data stream or any random generator, and the model is back in
+training mode afterwards, so a run with evaluation trains exactly as one without.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline.noise import eval_noise
+from data_pipeline.shards import ShardSet, read_sequences
+from data_pipeline.tokenizer import load_tokenizer
+from framework.config import EvalConfig
+from framework.evaluation.bound import bound_stats
+from framework.parallel.world import World
+
+VAL = "val/"  # + <set>/loss, loss_mc_stderr, loss_seq_stderr, bpb, loss_by_ratio/<bucket>
+VAL_SECONDS = "time/val_seconds"
+
+
+@dataclass
+class HeldOutSet:
+    name: str
+    tokens: torch.Tensor  # [n, L] int64, the evaluated sequences of the set
+    text_bytes: int  # UTF-8 bytes of the text they encode
+
+    @classmethod
+    def read(cls, name: str, shards: ShardSet, count: int) -> "HeldOutSet":
+        tokens = read_sequences(shards, count)
+        piece_bytes = load_tokenizer(shards.tokenizer_path, f"{shards.manifest}").piece_bytes()
+        return cls(name, torch.from_numpy(tokens), int(piece_bytes[tokens].sum()))
+
+
+class Validator:
+    """``evaluate()``: {metric name: value} of every set, the same on every rank (collective)."""
+
+    def __init__(self, cfg: EvalConfig, sets: List[HeldOutSet], world: World, model, *,
+                 micro_batch_size: int, mask_id: int,
+                 cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 pipeline: bool = False, estimator: str = "stratified"):
+        """``model``: the DeepSpeed engine (or a plain module on one process), called as
+        ``model(noisy, select=mask)``; with ``pipeline``, DeepSpeed's pipeline engine."""
+        self.cfg, self.sets, self.world, self.model = cfg, sets, world, model
+        self.micro_batch_size, self.mask_id = micro_batch_size, mask_id
+        self.cross_entropy, self.pipeline, self.estimator = cross_entropy, pipeline, estimator
+        self.writes = world.pp_rank == world.pp - 1 and world.tp_rank == 0
+
+    def evaluate(self) -> Dict[str, float]:
+        start = time.perf_counter()
+        values: Dict[str, float] = {}
+        was_training = self.model.training
+        try:
+            for s in self.sets:
+                stats = self.evaluate_set(s)
+                values.update({f"{VAL}{s.name}/{k}": v for k, v in stats.items()})
+        finally:
+            self.model.train(was_training)  # the engine and the module under it
+        values[VAL_SECONDS] = time.perf_counter() - start
+        return values
+
+    def evaluate_set(self, s: HeldOutSet, seed: Optional[int] = None) -> Dict[str, float]:
+        """The statistics of one set (``seed``: another evaluation seed, for benchmarks)."""
+        n, seq_len = s.tokens.shape
+        k = self.cfg.t_samples
+        noise = eval_noise(torch.arange(n), seq_len, k, self.cfg.seed if seed is None else seed,
+                           self.estimator)
+        table = torch.zeros(n, k, dtype=torch.float64, device=self.world.device)
+        mine = torch.arange(self.world.dp_rank, n, self.world.dp)  # this replica's sequences
+        rows = [(int(i), d) for i in mine for d in range(k)]
+        per_rank = -(-n // self.world.dp) * k  # the most rows any replica has
+        micro = -(-per_rank // self.micro_batch_size)
+        batches = [self._batch(s.tokens, noise.mask, rows[j * self.micro_batch_size:
+                                                         (j + 1) * self.micro_batch_size])
+                   for j in range(micro)]
+        sums = self._forward(batches)
+        if self.writes:
+            for (chunk, _, _), ce in zip(batches, sums):
+                for (i, d), value in zip(chunk, ce.tolist()):
+                    table[i, d] = value
+        dist.all_reduce(table)  # one writer per entry: the sum is that entry, exactly
+        return bound_stats(table.cpu().numpy(), noise.weight.numpy(), noise.ratio.numpy(),
+                           seq_len, s.text_bytes)
+
+    def _batch(self, tokens: torch.Tensor, mask: torch.Tensor, chunk):
+        """(rows, noisy [mb, L], targets, mask) of one micro-batch; padded to full size with
+        copies that mask nothing (the head runs nowhere on them)."""
+        mb, seq_len = self.micro_batch_size, tokens.shape[1]
+        targets = torch.full((mb, seq_len), self.mask_id, dtype=torch.int64)
+        select = torch.zeros(mb, seq_len, dtype=torch.bool)
+        for r, (i, d) in enumerate(chunk):
+            targets[r], select[r] = tokens[i], mask[i, d]
+        noisy = torch.where(select, torch.full_like(targets, self.mask_id), targets)
+        return chunk, noisy, (targets, select)
+
+    def _row_sums(self, logits: torch.Tensor, labels) -> torch.Tensor:
+        """[mb] summed CE of each row at its masked positions (float64, on the device)."""
+        targets, select = labels
+        ce = self.cross_entropy(logits, targets[select]).double()
+        full = torch.zeros(select.shape, dtype=torch.float64, device=ce.device)
+        return full.masked_scatter_(select, ce).sum(1)
+
+    @torch.no_grad()
+    def _forward(self, batches) -> List[torch.Tensor]:
+        """The row sums of every micro-batch (meaningful where ``self.writes``)."""
+        device = self.world.device
+        if not self.pipeline:
+            out = []
+            self.model.eval()
+            for _, noisy, (targets, select) in batches:
+                targets, select = targets.to(device), select.to(device)
+                logits = self.model(noisy.to(device), select=select)
+                out.append(self._row_sums(logits, (targets, select)))
+            return out
+        # DeepSpeed's pipeline evaluation: our per-row sums in place of the training loss, one
+        # output per micro-batch kept on the last stage (no averaging, no broadcast), and the
+        # activation shapes re-agreed before and after (eval micro-batches differ from training's)
+        engine, module = self.model, self.model.module
+        train_loss = module.loss_fn
+        module.loss_fn = self._row_sums
+        engine.reset_activation_shape()
+        try:
+            outputs = engine.eval_batch(iter([((noisy, select), (targets, select))
+                                              for _, noisy, (targets, select) in batches]),
+                                        compute_loss=True, reduce_output=None, bcast_loss=False,
+                                        num_micro_batches=len(batches))
+        finally:
+            module.loss_fn = train_loss
+            engine.reset_activation_shape()
+        return list(outputs) if engine.is_last_stage() else [None] * len(batches)
+
+
+def held_out_sets(names: List[str], shard_sets: List[ShardSet], count: int) -> List[HeldOutSet]:
+    return [HeldOutSet.read(name, s, count) for name, s in zip(names, shard_sets)]
+
+
+def console_lines(step: int, values: Dict[str, float]) -> List[str]:
+    """``val    step 100 | stdlib loss 5.1234 ± 0.0021 (mc) ± 0.0412 (seqs) | 1.873 bpb``"""
+    names = sorted({k[len(VAL):].split("/")[0] for k in values if k.startswith(VAL)})
+    lines = []
+    for name in names:
+        def get(key, fmt, p=f"{VAL}{name}/"):
+            return format(values[p + key], fmt) if p + key in values else "n/a"
+        lines.append(f"val  step {step:>6} | {name} loss {get('loss', '.4f')} ± "
+                     f"{get('loss_mc_stderr', '.4f')} (mc) ± {get('loss_seq_stderr', '.4f')} "
+                     f"(seqs) | {get('bpb', '.4f')} bpb")
+    if lines and VAL_SECONDS in values:
+        lines[-1] += f" | {values[VAL_SECONDS]:.1f}s"
+    return lines
