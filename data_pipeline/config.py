@@ -74,8 +74,8 @@ class PrepareConfig:
         require(self.workers >= 0, "prepare.workers", "must be >= 0")
         require(self.seed >= 0, "prepare.seed", f"must be >= 0, got {self.seed}")
         holdout_fraction_ok(self.holdout_fraction, "prepare.holdout_fraction")
-        require(self.holdout_seed >= 0, "prepare.holdout_seed",
-                f"must be >= 0, got {self.holdout_seed}")
+        require(0 <= self.holdout_seed < 2**63, "prepare.holdout_seed",
+                f"must be in [0, 2^63), got {self.holdout_seed}")
 
 
 def holdout_fraction_ok(value: float, key: str) -> None:

@@ -88,8 +88,13 @@ def open_validation(cfg: DataConfig, train: ShardSet) -> List[ShardSet]:
     """The recipe's held-out sets (after ``open_datasets``: a first-run preparation has written
     them), each of the training data's tokenizer."""
     sets = []
+    training = {Path(d.manifest).resolve() for d in cfg.datasets}
     for i, v in enumerate(cfg.validation):
         key = f"data.validation[{i}].manifest"
+        if Path(v.manifest).resolve() in training:
+            raise DataConfigError(f"{key}: {v.manifest} is a training dataset (data.datasets): "
+                                  "a held-out set must be held out, e.g. llada prepare "
+                                  "--holdout-fraction's holdout/manifest.json")
         s = load_manifest(v.manifest, v.shards_url, key=key)
         check_tokenizer(s, train.tokenizer_sha256, train.special_ids,
                         f"the training data ({train.manifest})", key)

@@ -150,8 +150,9 @@ def eval_noise(sample_index: torch.Tensor, seq_len: int, draws: int, seed: int,
     masked tokens l from the k-th of K equal strata of 1..L, masks exactly l positions chosen
     uniformly (the l smallest of one uniform per position) and weighs the masked CE by L / l.
     ``plain`` (the training objective's estimator, for comparison): t ~ U(0, 1) per draw, each
-    token masked with probability t, CE weighted by 1 / t. Either way the draw's term, divided by
-    L, is an unbiased estimate of the sequence's bound per token.
+    token masked with probability t, CE weighted by 1 / t. Either way the mean of the K draws'
+    terms (weight x summed masked CE / L) is an unbiased estimate of the sequence's bound per
+    token (for ``plain`` each draw's term is too; for ``stratified`` only their mean).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator: unknown {estimator!r}")

@@ -22,6 +22,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -47,6 +48,13 @@ _worker_sp = None  # the SentencePiece model of a worker process
 
 def _init_worker(model_path: str) -> None:
     global _worker_sp
+    # a forked worker inherits the caller's Python signal handlers (``llada train`` installs
+    # its stop-and-checkpoint handler for TERM before preparing data on first run): with one,
+    # the pool's terminate() could not end a worker, and prepare would hang at its end
+    for sig in signal.valid_signals():
+        handler = signal.getsignal(sig)
+        if callable(handler) and handler is not signal.default_int_handler:
+            signal.signal(sig, signal.SIG_DFL)
     import sentencepiece as spm
     _worker_sp = spm.SentencePieceProcessor(model_file=model_path)
 
@@ -146,14 +154,17 @@ def _fingerprint(cfg: PrepareConfig, files: List[Path]) -> str:
     tc = cfg.tokenizer
     tok = (hashlib.sha256(Path(tc.model).read_bytes()).hexdigest()
            if tc.model and Path(tc.model).is_file() else [tc.vocab_size, tc.train_bytes, tc.seed])
-    h.update(json.dumps([cfg.seq_len, cfg.samples_per_shard, cfg.jsonl_text_field, cfg.seed,
-                         cfg.name, tok, cfg.holdout_fraction, cfg.holdout_seed]).encode())
+    settings = [cfg.seq_len, cfg.samples_per_shard, cfg.jsonl_text_field, cfg.seed, cfg.name, tok]
+    if cfg.holdout_fraction > 0:  # (without one: as before, so older datasets stay up to date)
+        settings += [cfg.holdout_fraction, cfg.holdout_seed]
+    h.update(json.dumps(settings).encode())
     return h.hexdigest()
 
 
 def _up_to_date(out: Path, fingerprint: str, holdout: bool) -> Optional[dict]:
     """The manifest in ``out`` when it (and the held-out split's, if one is asked for) was
     written from these inputs and settings and every shard it lists is there."""
+    found = []
     for directory in (out, out / HOLDOUT_DIR) if holdout else (out,):
         try:
             m = json.loads((directory / MANIFEST).read_text())
@@ -165,7 +176,8 @@ def _up_to_date(out: Path, fingerprint: str, holdout: bool) -> Optional[dict]:
                    and (directory / s["file"]).stat().st_size == s["bytes"]
                    for s in m.get("shards", [])):
             return None
-    return json.loads((out / MANIFEST).read_text())
+        found.append(m)
+    return found[0]
 
 
 def _manifest(cfg: PrepareConfig, name: str, packer: _Packer, tok, dtype, fingerprint: str,

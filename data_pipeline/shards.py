@@ -269,9 +269,7 @@ def read_sequences(shard_set: ShardSet, count: Optional[int] = None) -> np.ndarr
                             raise ValueError(f"sample {name!r} has shape {arr.shape}, the "
                                              f"manifest says ({shard_set.seq_len},)")
                         rows.append(arr.astype(np.int64))
-                    index += 1
-                    if index > max(need):
-                        break
+                    index += 1  # read to the end: a pipe: command closed early may fail
         except ShardError as e:
             raise DataConfigError(f"held-out set {shard_set.manifest}: {e}") from None
         except (OSError, ValueError) as e:

@@ -319,10 +319,15 @@ class Config:
                  f"ZeRO-{self.deepspeed.zero_stage} cannot be combined with pipeline parallelism "
                  f"(parallel.pp={self.parallel.pp}); use deepspeed.zero_stage=1")
         check_model_split(self.model, self.parallel)
-        _require(not self.checkpoint.keep_best or (
-            self.data.validation and (self.eval.interval > 0 or self.eval.at_end)),
-            "checkpoint.keep_best", "needs data.validation and evaluations (eval.interval > 0 "
-            "or eval.at_end)")
+        ck, ev = self.checkpoint, self.eval
+        _require(not ck.keep_best or bool(self.data.validation), "checkpoint.keep_best",
+                 "needs a held-out set (data.validation)")
+        # a checkpoint records the evaluation of its own step: both must fall on the same steps
+        _require(not ck.keep_best or (ck.interval > 0 and ev.interval > 0
+                                      and ck.interval % ev.interval == 0),
+                 "checkpoint.keep_best", f"needs checkpoint.interval (={ck.interval}) to be a "
+                 f"multiple of eval.interval (={ev.interval}), both > 0, so that checkpoints are "
+                 "evaluated")
         _require(not self.parallel.sequence_parallel or self.data.seq_len % self.parallel.tp == 0,
                  "parallel.sequence_parallel", f"data.seq_len={self.data.seq_len} is not a "
                  f"multiple of parallel.tp={self.parallel.tp}")

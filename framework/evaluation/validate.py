@@ -42,8 +42,13 @@ def _eval_config(saved: Optional[dict], changes: Dict[str, object]) -> EvalConfi
 
 def _sets(manifests: List[str], saved_data: dict) -> List[ValidationSetConfig]:
     if manifests:
-        return [ValidationSetConfig(name=load_manifest(m, key="--data").name, manifest=m)
+        sets = [ValidationSetConfig(name=load_manifest(m, key="--data").name, manifest=m)
                 for m in manifests]
+        names = [s.name for s in sets]
+        if len(set(names)) < len(names):
+            raise ConfigError(f"--data: two manifests name the same set ({names}); their "
+                              "results would overwrite one another")
+        return sets
     try:
         data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig),
                                                    {"validation": saved_data.get("validation",

@@ -1,14 +1,16 @@
-"""The held-out bound of a model under any layout: the same number whatever the layout, and bit
-for bit the same on every evaluation of the same weights.
+"""The held-out bound of a model under any layout: the same number whatever the layout (within
+rounding: exactly so in fp32 up to the kernels' own differences), and bit for bit the same on
+every evaluation of the same weights.
 
 Each set's ``eval.sequences`` sequences (spread evenly over it) are read once; sequence i is
 evaluated by data-parallel rank i mod dp, its K masked copies (data_pipeline/noise.py
-``eval_noise``, keyed by (eval.seed, i)) in micro-batches of ``micro_batch_size`` copies. Every rank runs the same number
-of micro-batches (the last padded with copies that mask nothing and are dropped): ZeRO-3 gathers
-and the pipeline engine's barriers need all ranks in step. The last pipeline stage's tensor rank
-0 of each replica writes its sequences' summed CE into an [n, K] table that one all-reduce over
-the world completes (every other entry is an exact zero), so every rank computes the statistics
-from the same numbers.
+``eval_noise``, keyed by (eval.seed, i), made one micro-batch at a time) in micro-batches of
+``micro_batch_size`` copies. Every rank runs the same number of micro-batches (the last padded
+with copies that mask nothing and are dropped): ZeRO-3 gathers and the pipeline engine's
+barriers need all ranks in step. The last pipeline stage's tensor rank 0 of each replica writes
+its draws (summed CE, weight, mask ratio) into a [3, n, K] table that one all-reduce over the
+world completes (every other entry is an exact zero), so every rank computes the statistics from
+the same numbers.
 
 Nothing here touches the training data stream or any random generator, and the model is back in
 training mode afterwards, so a run with evaluation trains exactly as one without.
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -60,15 +62,17 @@ class Validator:
         self.micro_batch_size, self.mask_id = micro_batch_size, mask_id
         self.cross_entropy, self.pipeline, self.estimator = cross_entropy, pipeline, estimator
         self.writes = world.pp_rank == world.pp - 1 and world.tp_rank == 0
+        self.results: Dict[str, Dict[str, float]] = {}  # per set: the last evaluation
 
     def evaluate(self) -> Dict[str, float]:
+        """{metric name: value} of every set; each set's statistics also in ``self.results``."""
         start = time.perf_counter()
         values: Dict[str, float] = {}
         was_training = self.model.training
         try:
             for s in self.sets:
-                stats = self.evaluate_set(s)
-                values.update({f"{VAL}{s.name}/{k}": v for k, v in stats.items()})
+                self.results[s.name] = self.evaluate_set(s)
+                values.update({f"{VAL}{s.name}/{k}": v for k, v in self.results[s.name].items()})
         finally:
             self.model.train(was_training)  # the engine and the module under it
         values[VAL_SECONDS] = time.perf_counter() - start
@@ -78,35 +82,40 @@ class Validator:
         """The statistics of one set (``seed``: another evaluation seed, for benchmarks)."""
         n, seq_len = s.tokens.shape
         k = self.cfg.t_samples
-        noise = eval_noise(torch.arange(n), seq_len, k, self.cfg.seed if seed is None else seed,
-                           self.estimator)
-        table = torch.zeros(n, k, dtype=torch.float64, device=self.world.device)
-        mine = torch.arange(self.world.dp_rank, n, self.world.dp)  # this replica's sequences
-        rows = [(int(i), d) for i in mine for d in range(k)]
-        per_rank = -(-n // self.world.dp) * k  # the most rows any replica has
-        micro = -(-per_rank // self.micro_batch_size)
-        batches = [self._batch(s.tokens, noise.mask, rows[j * self.micro_batch_size:
-                                                         (j + 1) * self.micro_batch_size])
-                   for j in range(micro)]
-        sums = self._forward(batches)
-        if self.writes:
-            for (chunk, _, _), ce in zip(batches, sums):
+        seed = self.cfg.seed if seed is None else seed
+        # per draw: summed masked CE, weight, mask ratio; each entry written by one rank
+        table = torch.zeros(3, n, k, dtype=torch.float64, device=self.world.device)
+        mine = range(self.world.dp_rank, n, self.world.dp)  # this replica's sequences
+        rows = [(i, d) for i in mine for d in range(k)]
+        mb = self.micro_batch_size
+        micro = -(-(-(-n // self.world.dp) * k) // mb)  # the most micro-batches of any replica
+        chunks = [rows[j * mb:(j + 1) * mb] for j in range(micro)]
+        batches = (self._batch(s.tokens, chunk, seed, table) for chunk in chunks)
+        for chunk, ce in zip(chunks, self._forward(batches, micro)):
+            if self.writes:
                 for (i, d), value in zip(chunk, ce.tolist()):
-                    table[i, d] = value
+                    table[0, i, d] = value
         dist.all_reduce(table)  # one writer per entry: the sum is that entry, exactly
-        return bound_stats(table.cpu().numpy(), noise.weight.numpy(), noise.ratio.numpy(),
-                           seq_len, s.text_bytes)
+        ce_sums, weight, ratio = table.cpu().numpy()
+        return bound_stats(ce_sums, weight, ratio, seq_len, s.text_bytes)
 
-    def _batch(self, tokens: torch.Tensor, mask: torch.Tensor, chunk):
-        """(rows, noisy [mb, L], targets, mask) of one micro-batch; padded to full size with
-        copies that mask nothing (the head runs nowhere on them)."""
+    def _batch(self, tokens: torch.Tensor, chunk, seed: int, table: torch.Tensor):
+        """(noisy [mb, L], (targets, select)) of one micro-batch, made when the forward needs it
+        (the masks of the chunk's sequences only), padded to full size with copies that mask
+        nothing (the head runs nowhere on them); the draws' weights and ratios into ``table``."""
         mb, seq_len = self.micro_batch_size, tokens.shape[1]
+        seqs = sorted({i for i, _ in chunk})
+        noise = eval_noise(torch.tensor(seqs, dtype=torch.int64), seq_len, self.cfg.t_samples,
+                           seed, self.estimator)
+        at = {i: r for r, i in enumerate(seqs)}
         targets = torch.full((mb, seq_len), self.mask_id, dtype=torch.int64)
         select = torch.zeros(mb, seq_len, dtype=torch.bool)
         for r, (i, d) in enumerate(chunk):
-            targets[r], select[r] = tokens[i], mask[i, d]
+            targets[r], select[r] = tokens[i], noise.mask[at[i], d]
+            if self.writes:
+                table[1, i, d], table[2, i, d] = noise.weight[at[i], d], noise.ratio[at[i], d]
         noisy = torch.where(select, torch.full_like(targets, self.mask_id), targets)
-        return chunk, noisy, (targets, select)
+        return noisy, (targets, select)
 
     def _row_sums(self, logits: torch.Tensor, labels) -> torch.Tensor:
         """[mb] summed CE of each row at its masked positions (float64, on the device)."""
@@ -116,37 +125,38 @@ class Validator:
         return full.masked_scatter_(select, ce).sum(1)
 
     @torch.no_grad()
-    def _forward(self, batches) -> List[torch.Tensor]:
-        """The row sums of every micro-batch (meaningful where ``self.writes``)."""
+    def _forward(self, batches: Iterator, micro: int) -> List[Optional[torch.Tensor]]:
+        """The row sums of each of the ``micro`` micro-batches (meaningful where
+        ``self.writes``)."""
         device = self.world.device
         if not self.pipeline:
             out = []
             self.model.eval()
-            for _, noisy, (targets, select) in batches:
+            for noisy, (targets, select) in batches:
                 targets, select = targets.to(device), select.to(device)
                 logits = self.model(noisy.to(device), select=select)
                 out.append(self._row_sums(logits, (targets, select)))
             return out
         # DeepSpeed's pipeline evaluation: our per-row sums in place of the training loss, one
-        # output per micro-batch kept on the last stage (no averaging, no broadcast), and the
-        # activation shapes re-agreed before and after (eval micro-batches differ from training's)
+        # output per micro-batch kept on the last stage (no averaging, no broadcast); the
+        # activation shapes re-agreed before and after (eval micro-batches differ from
+        # training's); and the engine's running training loss set aside, which eval_batch would
+        # add our [mb] sums to (train_batch starts it afresh)
         engine, module = self.model, self.model.module
-        train_loss = module.loss_fn
-        module.loss_fn = self._row_sums
+        train_loss_fn, total_loss = module.loss_fn, engine.total_loss
+        module.loss_fn, engine.total_loss = self._row_sums, None
         engine.reset_activation_shape()
         try:
-            outputs = engine.eval_batch(iter([((noisy, select), (targets, select))
-                                              for _, noisy, (targets, select) in batches]),
+            outputs = engine.eval_batch((((noisy, select), (targets, select))
+                                         for noisy, (targets, select) in batches),
                                         compute_loss=True, reduce_output=None, bcast_loss=False,
-                                        num_micro_batches=len(batches))
+                                        num_micro_batches=micro)
         finally:
-            module.loss_fn = train_loss
+            module.loss_fn, engine.total_loss = train_loss_fn, total_loss
             engine.reset_activation_shape()
-        return list(outputs) if engine.is_last_stage() else [None] * len(batches)
-
-
-def held_out_sets(names: List[str], shard_sets: List[ShardSet], count: int) -> List[HeldOutSet]:
-    return [HeldOutSet.read(name, s, count) for name, s in zip(names, shard_sets)]
+        if not engine.is_last_stage():
+            return [None] * micro
+        return list(outputs)
 
 
 def console_lines(step: int, values: Dict[str, float]) -> List[str]:

@@ -24,7 +24,7 @@ from framework.checkpoint.resume import (Progress, agree_on_resume, check_resuma
                                          rollback_done)
 from framework.config import (Config, ConfigError, EvalConfig, ModelConfig, check_world,
                               to_dict, to_yaml)
-from framework.evaluation.validator import Validator, held_out_sets
+from framework.evaluation.validator import HeldOutSet, Validator
 from framework.model.model import Layer, LLaDAModel, piece_specs, transformer_config
 from framework.model.model import vocab_cross_entropy
 from framework.model.params import total_params
@@ -169,7 +169,7 @@ def _validator(cfg: EvalConfig, sets: List[ShardSet], names: List[str], world: W
                train_micro_batch: int, mask_id: int, log) -> Optional[Validator]:
     if not sets or not (cfg.interval or cfg.at_start or cfg.at_end):
         return None
-    held = held_out_sets(names, sets, cfg.sequences)
+    held = [HeldOutSet.read(name, s, cfg.sequences) for name, s in zip(names, sets)]
     when = ", ".join(w for w, on in ((f"every {cfg.interval} steps", cfg.interval),
                                      ("at the start", cfg.at_start), ("at the end", cfg.at_end))
                      if on)

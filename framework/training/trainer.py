@@ -14,6 +14,7 @@ stream and the schedule index a step by the steps done before it (``self.step`` 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -27,7 +28,7 @@ from data_pipeline.loader import PretrainLoader
 from framework.checkpoint.checkpointer import Checkpointer
 from framework.checkpoint.resume import Progress, Resume
 from framework.config import EvalConfig, TrainConfig
-from framework.evaluation.validator import VAL, VAL_SECONDS, Validator
+from framework.evaluation.validator import VAL_SECONDS, Validator
 from framework.parallel.world import World
 from framework.training.metrics import (CONSUMED_TOKENS, MetricsStream, StepResult, Window,
                                         sum_over_data_parallel)
@@ -210,15 +211,13 @@ class Trainer:
         """The held-out sets on the weights after ``self.step`` steps (collective); this job's
         last and best of each set kept for summary.json and checkpoint.keep_best."""
         values = self.validator.evaluate()
-        for s in self.validator.sets:
-            point = {"step": self.step, **{k.removeprefix(f"{VAL}{s.name}/"): v
-                                           for k, v in values.items()
-                                           if k.startswith(f"{VAL}{s.name}/")
-                                           and "/loss_by_ratio/" not in k}}
-            entry = self.validations.setdefault(s.name, {"last": point, "best": point})
+        for name, stats in self.validator.results.items():
+            point = {"step": self.step, **{k: v for k, v in stats.items()
+                                           if not k.startswith("loss_by_ratio/")}}
+            entry = self.validations.setdefault(name, {"last": point, "best": point})
             entry["last"] = point
-            if point["loss"] < entry["best"]["loss"]:
-                entry["best"] = point
+            if point["loss"] < entry["best"]["loss"] or math.isnan(entry["best"]["loss"]):
+                entry["best"] = point  # a NaN never stays best
         return values
 
     # ------------------------------------------------------------------ checkpoints

@@ -1,8 +1,8 @@
 """One process of the layout runs of test_layouts.py, started by torchrun: for each layout in
 turn, build the trainer, take 3 optimizer steps, and (rank 0) save the losses and the whole
 model's weights, gathered from every tensor-parallel slice, pipeline stage and ZeRO partition.
-A layout named ``eval-*`` instead resumes the reference's checkpoint and evaluates the held-out
-set twice (rank 0 saves both results).
+A layout named ``eval-*`` instead resumes the reference's checkpoint, evaluates the held-out set
+twice, takes a step and evaluates again (rank 0 saves the results).
 
     python -m torch.distributed.run --nproc-per-node N -m tests.distributed.layout_worker \
         OUT_DIR MANIFEST LAYOUTS_JSON
@@ -71,6 +71,8 @@ def run_layout(out: Path, manifest: Path, name: str, extra: list) -> None:
     built = time.perf_counter()
     if name.startswith("eval-"):
         result = {"values": [trainer.validator.evaluate() for _ in range(2)]}
+        trainer.train_step()  # and after a step: the engine's training state does not leak in
+        result["after_a_step"] = trainer.validator.evaluate()
     else:
         losses = [trainer.train_step().loss for _ in range(STEPS)]
         weights = full_state_dict(trainer.engine.module, cfg.deepspeed.zero_stage)

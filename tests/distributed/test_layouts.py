@@ -72,7 +72,8 @@ def assert_same_evaluation(name, got, ref):
     for key, value in ref.items():
         if key.startswith("val/"):
             assert a[key] == pytest.approx(value, rel=1e-5), f"{name}: {key}"
-    assert a.keys() == ref.keys(), name
+    assert a.keys() == ref.keys() == got["after_a_step"].keys(), name
+    assert got["after_a_step"]["val/small/loss"] < a["val/small/loss"], name  # it trained
 
 
 @pytest.mark.parametrize("nproc, layouts", [(2, TWO), (4, FOUR)], ids=["2-procs", "4-procs"])

@@ -100,3 +100,20 @@ def test_cli_prepares_jsonl_gz_and_text_and_counts_bad_input(tmp_path):
     listed = (out / "skipped-inputs.txt").read_text()
     assert "a.jsonl.gz:301" in listed and "b.txt:201: not UTF-8" in listed and "c.txt" in listed
     assert "llada prepare:" in proc.stdout
+
+
+def test_tokeniser_workers_drop_the_callers_signal_handlers(small_tokenizer):
+    """``llada train`` handles TERM (checkpoint and stop) before it prepares data on first run;
+    a forked tokeniser worker that kept the handler could not be ended by the pool's terminate()
+    and prepare would hang at its end."""
+    import signal
+
+    from data_pipeline.prepare import _init_worker
+
+    saved = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        _init_worker(str(small_tokenizer))  # what each worker runs first
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, saved)

@@ -91,7 +91,13 @@ def test_keep_best_keeps_the_lowest_validation_loss(world, tmp_path, small_datas
                            "checkpoint.keep_best=true")
     losses = iter([5.0, 3.0, 4.0, 6.0])  # steps 3, 6, 9, 12: the best is step 6's
     real = trainer.validator.evaluate
-    trainer.validator.evaluate = lambda: {**real(), "val/small/loss": next(losses)}
+
+    def evaluate():  # the real evaluation, its loss replaced
+        values, loss = real(), next(losses)
+        trainer.validator.results["small"]["loss"] = loss
+        return {**values, "val/small/loss": loss}
+
+    trainer.validator.evaluate = evaluate
     trainer.fit()
     kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
     assert kept == ["step_00000006", "step_00000012"]
