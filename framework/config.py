@@ -433,6 +433,17 @@ def load_config(recipe: str | Path, overrides: List[str] = (), need_data: bool =
         raise ConfigError(str(e)) from None
 
 
+def from_data(cls, *parts, key: str):
+    """A component's config from plain data (a checkpoint's saved section, then changes), merged
+    over its schema and checked; anything wrong is one ConfigError, prefixed with ``key``."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), *parts))
+    except OmegaConfBaseException as e:
+        if isinstance(e.__cause__, (ConfigError, DataConfigError)):  # the class's own check
+            raise ConfigError(str(e.__cause__)) from None
+        raise ConfigError(f"{key}: {_one_line(e)}") from None
+
+
 def _check_finite(tree, key: str = "") -> None:
     """Every float of the config is a number: ``inf`` or ``nan`` (which YAML and OmegaConf accept
     as floats) would pass most range checks and surface steps later as a diverged run."""

@@ -21,15 +21,12 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
 from framework.checkpoint.checkpointer import read_meta, resolve_checkpoint
 from framework.checkpoint.files import TOKENIZER
 from framework.checkpoint.hf_mapping import (HFFormatError, check_hf_config, check_tensors,
                                              config_value, from_hf, hf_config, hf_shapes, to_hf)
 from framework.checkpoint.reshard import Layout, read_weights
-from framework.config import ConfigError, ModelConfig
+from framework.config import ConfigError, ModelConfig, from_data
 from framework.model.weights import shard
 
 Tensor = torch.Tensor
@@ -287,12 +284,8 @@ def open_checkpoint(source: Path, warn=print, key: str = "CHECKPOINT") -> tuple:
         source = source / "checkpoints"
     tag = resolve_checkpoint(source, warn, key)
     meta = read_meta(tag)
-    try:
-        model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
-                                                    meta["config"]["model"]))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{tag}: its model config does not fit this version's "
-                          f"({str(e).splitlines()[0]})") from None
+    model = from_data(ModelConfig, meta["config"]["model"],
+                      key=f"{tag}: its model config does not fit this version's")
     return tag, meta, model
 
 

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.config import DataConfig, ValidationSetConfig
 from data_pipeline.datasets import check_tokenizer
@@ -23,21 +21,10 @@ from data_pipeline.shards import load_manifest
 from framework.checkpoint.files import TOKENIZER
 from framework.checkpoint.hf_files import open_checkpoint
 from framework.checkpoint.reshard import Layout, read_weights
-from framework.config import ConfigError, EvalConfig, ParallelConfig
+from framework.config import ConfigError, EvalConfig, ParallelConfig, from_data
 from framework.evaluation.validator import HeldOutSet, Validator
 from framework.model.model import build_model, transformer_config, vocab_cross_entropy
 from framework.parallel.world import init_world
-
-
-def _eval_config(saved: Optional[dict], changes: Dict[str, object]) -> EvalConfig:
-    try:
-        base = OmegaConf.merge(OmegaConf.structured(EvalConfig), saved or {})
-        return OmegaConf.to_object(OmegaConf.merge(base, {k: v for k, v in changes.items()
-                                                          if v is not None}))
-    except OmegaConfBaseException as e:
-        if isinstance(e.__cause__, ConfigError):  # EvalConfig's own check, naming the key
-            raise ConfigError(str(e.__cause__)) from None
-        raise ConfigError(f"eval: {str(e).splitlines()[0]}") from None
 
 
 def _sets(manifests: List[str], saved_data: dict) -> List[ValidationSetConfig]:
@@ -49,12 +36,8 @@ def _sets(manifests: List[str], saved_data: dict) -> List[ValidationSetConfig]:
             raise ConfigError(f"--data: two manifests name the same set ({names}); their "
                               "results would overwrite one another")
         return sets
-    try:
-        data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig),
-                                                   {"validation": saved_data.get("validation",
-                                                                                 [])}))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"data.validation: {str(e).splitlines()[0]}") from None
+    data = from_data(DataConfig, {"validation": saved_data.get("validation", [])},
+                     key="data.validation")
     if not data.validation:
         raise ConfigError("--data: the run names no held-out set (data.validation); pass a "
                           "manifest, e.g. --data DIR/holdout/manifest.json")
@@ -67,9 +50,10 @@ def validate(source: Path, manifests: List[str] = (), *, sequences: Optional[int
              warn=print) -> dict:
     """The report: the checkpoint, its step, the settings and each set's statistics."""
     tag, meta, model_cfg = open_checkpoint(source, warn)
-    cfg = _eval_config(meta["config"].get("eval"), {
-        "sequences": sequences, "t_samples": t_samples, "seed": seed,
-        "micro_batch_size": micro_batch_size})
+    changes = {"sequences": sequences, "t_samples": t_samples, "seed": seed,
+               "micro_batch_size": micro_batch_size}
+    cfg = from_data(EvalConfig, meta["config"].get("eval") or {},
+                    {k: v for k, v in changes.items() if v is not None}, key="eval")
     specs = _sets(list(manifests), meta["config"]["data"])
     held = []
     for i, v in enumerate(specs):
