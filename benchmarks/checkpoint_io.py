@@ -71,7 +71,7 @@ def main() -> None:
     on_gpu = torch.cuda.is_available()
     cfg = load_config(args.recipe, [
         f"run.dir={work / 'run'}", f"data.datasets=[{{manifest: {args.data}}}]",
-        f"data.seq_len={seq_len}", "data.num_workers=0", "data.shuffle_buffer=16",
+        f"data.seq_len={seq_len}", "data.num_workers=0",
         "train.micro_batch_size=1", "train.global_batch_size=1", "train.steps=1000",
         f"run.device={'cuda' if on_gpu else 'cpu'}", f"train.precision={'bf16' if on_gpu else 'fp32'}",
         *args.overrides])

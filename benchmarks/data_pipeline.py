@@ -4,10 +4,13 @@
     per worker, against bare SentencePiece ``encode`` of the same documents split over N
     processes running at once (per process): both sides share the machine's cores alike (on the
     2-core development machine, two encoders at once get ~0.45x the speed of one each);
-(b) the streaming loader (shard read, checks, shuffle buffer, masking collator: noisy ids,
-    targets, mask, p_mask of 4096-token micro-batches) in tokens/s per worker, against a bare
+(b) the streaming loader (whole-shard read and sha256 check against the manifest, sample
+    checks, the uniform draw over 4 open shards, masking collator: noisy ids, targets, mask,
+    p_mask of 4096-token micro-batches) in tokens/s per worker, against a bare
     ``webdataset.WebDataset(shards).decode()`` read of the same shards. The loader runs in the
-    benchmark's own process (num_workers=0): one worker's work on one core.
+    benchmark's own process (num_workers=0) with one torch thread, as torch sets in each
+    DataLoader worker: one worker's work on one core. Also the loader with
+    the sha256 check left out (same run): what verification costs.
 
 Targets (issue 3): prepare >= 0.8x bare SentencePiece per core; loader >= 0.8x the bare read and
 >= 2,000,000 tokens/s per worker.
@@ -101,7 +104,10 @@ def main() -> None:
     prep_tokens = manifest["tokens"] + manifest["sources"]["dropped_tail_tokens"]
     prep_per_worker = prep_tokens / prep_s / args.workers
 
-    # (b) bare webdataset read+decode vs our loader (masked micro-batches), one process each
+    # (b) bare webdataset read+decode vs our loader (masked micro-batches), one process each;
+    # one torch thread, as in a DataLoader worker (torch sets that there)
+    import torch
+    torch.set_num_threads(1)
     ds = load_manifest(work / "shards" / "manifest.json")
     urls = [ds.url(i) for i in range(len(ds.shards))]
     start = time.perf_counter()
@@ -111,17 +117,26 @@ def main() -> None:
     wds_tps = n / (time.perf_counter() - start)
 
     dcfg = DataConfig(datasets=[DatasetConfig(manifest=str(ds.manifest))], seq_len=args.seq_len,
-                      shuffle_buffer=64, num_workers=0)
-    loader = PretrainLoader(dcfg, [ds], [1.0],
-                            MaskCollator(ObjectiveConfig(), ds.special_ids["mask"], args.seq_len),
-                            micro_batch_size=args.micro_batch, accumulation=1, dp_rank=0,
-                            dp_size=1)
+                      open_shards=4, num_workers=0)
     batches = ds.samples // args.micro_batch
-    start = time.perf_counter()
-    m = 0
-    for _ in range(batches):
-        m += next(loader).targets.numel()
-    loader_tps = m / (time.perf_counter() - start)
+
+    def loader_tokens_per_s() -> float:
+        loader = PretrainLoader(dcfg, [ds], [1.0],
+                                MaskCollator(ObjectiveConfig(), ds.special_ids["mask"],
+                                             args.seq_len),
+                                micro_batch_size=args.micro_batch, accumulation=1, dp_rank=0,
+                                dp_size=1)
+        start = time.perf_counter()
+        count = sum(next(loader).targets.numel() for _ in range(batches))
+        return count / (time.perf_counter() - start)
+
+    loader_tps = loader_tokens_per_s()
+    m = batches * args.micro_batch * args.seq_len
+    import data_pipeline.loader as loader_module
+    verified = loader_module.read_shard
+    loader_module.read_shard = lambda s, i: open(s.url(i), "rb").read()  # no size/hash check
+    unchecked_tps = loader_tokens_per_s()
+    loader_module.read_shard = verified
 
     command = "python benchmarks/data_pipeline.py " + " ".join(sys.argv[1:])
     rows = [
@@ -133,6 +148,9 @@ def main() -> None:
          f"{m / 1e6:.1f}M tokens", f"{loader_tps:,.0f} per worker",
          f"{wds_tps:,.0f} (bare webdataset read+decode)", f"{loader_tps / wds_tps:.2f}",
          f"`{command.strip()}`"],
+        [today(), machine(), "loader's sha256 check: with it vs without it",
+         f"{loader_tps:,.0f} per worker", f"{unchecked_tps:,.0f} per worker (no check)",
+         f"{loader_tps / unchecked_tps:.2f}", f"`{command.strip()}`"],
     ]
     record("Data pipeline: prepare and loader vs bare SentencePiece / WebDataset",
            "ratio = ours / reference, both in tokens/s, measured in the same run. Targets: "

@@ -58,7 +58,11 @@ class PrepareConfig:
     samples_per_shard: int = 4096
     jsonl_text_field: str = "text"
     workers: int = 0  # tokeniser processes; 0: one per CPU core
-    seed: int = 0  # the order in which input files are visited
+    seed: int = 0  # the order in which input files are visited, and the sequences' shuffle
+    # prepared as `parts` independent parts (e.g. a Slurm array), this run being `part`, then
+    # merged (data_pipeline/parts.py); 1: the whole dataset in this run
+    parts: int = 1
+    part: int = 0
     # documents held out into <output>/holdout/ (a dataset of its own): those whose seeded hash
     # falls below this fraction, so a document is in one split only, the same one on every run
     holdout_fraction: float = 0.0
@@ -73,6 +77,9 @@ class PrepareConfig:
         positive(self, "prepare", "seq_len", "samples_per_shard")
         require(self.workers >= 0, "prepare.workers", "must be >= 0")
         require(self.seed >= 0, "prepare.seed", f"must be >= 0, got {self.seed}")
+        require(self.parts >= 1, "prepare.parts", f"must be >= 1, got {self.parts}")
+        require(0 <= self.part < self.parts, "prepare.part",
+                f"must be in [0, {self.parts}) for {self.parts} parts, got {self.part}")
         holdout_fraction_ok(self.holdout_fraction, "prepare.holdout_fraction")
         require(0 <= self.holdout_seed < 2**63, "prepare.holdout_seed",
                 f"must be in [0, 2^63), got {self.holdout_seed}")
@@ -124,7 +131,9 @@ class DataConfig:
     validation: List[ValidationSetConfig] = field(default_factory=list)  # held-out sets
     seq_len: int = 4096  # must equal the manifests' sequence length
     seed: int = 0  # shard permutation per epoch, in-shard shuffle, mixture draws
-    shuffle_buffer: int = 4096  # samples; shuffled within each shard (1: no shuffle)
+    # shards each reader holds in memory at once (read whole, hash-checked) and draws samples
+    # from uniformly: memory per DataLoader worker = open_shards x a shard's bytes
+    open_shards: int = 4
     num_workers: int = 2  # DataLoader worker processes per rank (0: in the training process)
     prefetch_batches: int = 4  # per worker
     # first-run preparation of datasets that name prepare_inputs
@@ -134,7 +143,7 @@ class DataConfig:
     prepare_workers: int = 0
 
     def __post_init__(self):
-        positive(self, "data", "seq_len", "shuffle_buffer", "prefetch_batches", "samples_per_shard")
+        positive(self, "data", "seq_len", "open_shards", "prefetch_batches", "samples_per_shard")
         require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         require(self.prepare_workers >= 0, "data.prepare_workers", "must be >= 0")
         require(self.seed >= 0, "data.seed", f"must be >= 0, got {self.seed}")

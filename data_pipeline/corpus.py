@@ -16,6 +16,7 @@ import sys
 import sysconfig
 import zlib
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional
 
@@ -70,6 +71,24 @@ def _binary_lines(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+@dataclass(frozen=True)
+class Piece:
+    """An input file whole, or (an uncompressed one, which can seek) the lines that begin in
+    its bytes [start, end): a line belongs to the piece its first byte is in."""
+
+    path: Path
+    start: int = 0
+    end: Optional[int] = None  # None: to the end of the file
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.end is None
+
+    def __str__(self) -> str:
+        end = "" if self.end is None else self.end
+        return str(self.path) if self.whole else f"{self.path} (bytes {self.start}-{end})"
+
+
 # how a skipped input is reported: (kind, one line naming it); None: counted only
 Report = Optional[Callable[[str, str], None]]
 
@@ -83,40 +102,66 @@ def _skipper(counts: Counter, report: Report):
     return skip
 
 
-def read_lines(path: Path, counts: Counter, report: Report = warn) -> Iterator[tuple[int, str]]:
-    """(line number, text) of every UTF-8 line; other lines are skipped and reported."""
+def _raw_lines(piece: Piece) -> Iterator[tuple[str, bytes]]:
+    """(where, bytes) of each line of a piece; ``where`` names the file and line (for a piece
+    cut from a file: the line's byte offset)."""
+    with _binary_lines(piece.path) as f:
+        if piece.whole:
+            for lineno, raw in enumerate(f, 1):
+                yield f"{piece.path}:{lineno}", raw
+            return
+        pos = piece.start
+        if pos > 0:  # the line running into `start` belongs to the piece before
+            f.seek(pos - 1)
+            pos += len(f.readline()) - 1
+        while piece.end is None or pos < piece.end:
+            raw = f.readline()
+            if not raw:
+                return
+            yield f"{piece.path}: line at byte {pos}", raw
+            pos += len(raw)
+
+
+def read_lines(source: Path | Piece, counts: Counter, report: Report = warn
+               ) -> Iterator[tuple[str, str]]:
+    """(where, text) of every UTF-8 line; other lines are skipped and reported."""
+    piece = source if isinstance(source, Piece) else Piece(Path(source))
     skip = _skipper(counts, report)
 
     try:
-        with _binary_lines(path) as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    yield lineno, raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    skip("bad_lines", f"{path}:{lineno}: not UTF-8 ({e.reason} at byte "
-                         f"{e.start}); line skipped")
+        for where, raw in _raw_lines(piece):
+            try:
+                yield where, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                skip("bad_lines", f"{where}: not UTF-8 ({e.reason} at byte {e.start}); line "
+                     "skipped")
     except (OSError, EOFError, zlib.error) as e:  # a truncated/corrupt .gz, a file removed
-        skip("unreadable_files", f"{path}: unreadable ({type(e).__name__}: {e}); rest of file "
-             "skipped")
+        skip("unreadable_files", f"{piece.path}: unreadable ({type(e).__name__}: {e}); rest of "
+             "file skipped")
 
 
-def _whole_text(path: Path) -> str | None:
+def _whole_text(piece: Piece) -> str | None:
     try:
-        with _binary_lines(path) as f:
-            return f.read().decode("utf-8")
+        if piece.whole:
+            with _binary_lines(piece.path) as f:
+                return f.read().decode("utf-8")
+        return b"".join(raw for _, raw in _raw_lines(piece)).decode("utf-8")
     except (UnicodeDecodeError, OSError, EOFError, zlib.error):
         return None
 
 
-def read_documents(path: Path, text_field: str = "text", counts: Counter | None = None,
+def read_documents(source: Path | Piece, text_field: str = "text", counts: Counter | None = None,
                    report: Report = warn) -> Iterator[str]:
-    """The documents of one file: the whole file for text, one per line for JSONL."""
+    """The documents of one file (or piece of one): the whole text for text, one per line for
+    JSONL."""
+    piece = source if isinstance(source, Piece) else Piece(Path(source))
+    path = piece.path
     counts = Counter() if counts is None else counts
     skip = _skipper(counts, report)
 
     found = False
     if is_jsonl(path):
-        for lineno, line in read_lines(path, counts, report):
+        for where, line in read_lines(piece, counts, report):
             if not line.strip():
                 continue
             try:
@@ -124,18 +169,18 @@ def read_documents(path: Path, text_field: str = "text", counts: Counter | None 
                 if not isinstance(text, str):
                     raise TypeError
             except (json.JSONDecodeError, KeyError, TypeError, IndexError):
-                skip("bad_lines", f"{path}:{lineno}: not a JSON object with a string "
+                skip("bad_lines", f"{where}: not a JSON object with a string "
                      f"{text_field!r} field; line skipped")
                 continue
             if text.strip():
                 found = True
                 yield text
     else:
-        text = _whole_text(path)  # fast path: one decode of the whole file
+        text = _whole_text(piece)  # fast path: one decode of the whole file
         if text is None:  # not UTF-8 throughout (or unreadable): line by line, bad lines named
-            text = "".join(line for _, line in read_lines(path, counts, report))
+            text = "".join(line for _, line in read_lines(piece, counts, report))
         if text.strip():
             found = True
             yield text
     if not found:
-        skip("empty_files", f"{path}: no text (empty file); skipped")
+        skip("empty_files", f"{piece}: no text (empty file); skipped")

@@ -3,27 +3,35 @@
 Order. Every (data-parallel rank, DataLoader worker) pair is a *slot*; there are dp x workers
 slots. In epoch e each dataset's shards are permuted by (seed, dataset, e) and slot s takes every
 (dp x workers)-th shard of that permutation starting at s, so one epoch over all slots reads every
-sample exactly once. Within a shard a shuffle buffer seeded by (seed, dataset, epoch, shard)
-reorders samples. Several datasets are mixed per sample by a seeded draw with the configured
-weights. Tensor/pipeline-parallel peers share a data-parallel rank, hence identical batches.
-Split by *data-parallel* rank: webdataset's split_by_node would split by global rank.
+sample exactly once. A slot holds ``data.open_shards`` of its shards at a time, each read whole
+and checked against the sha256 its manifest recorded at prepare time before any sample of it is
+used, and draws every sample uniformly (seeded by (seed, dataset, slot)) from the samples its open
+shards have left, each shard's in an order seeded by (seed, dataset, epoch, shard); a drained
+shard is replaced by the slot's next one. An epoch's samples all come before the next epoch's.
+Since ``llada prepare`` writes a dataset's sequences in a seeded random order across all of its
+shards (across a part's, for a dataset prepared in parts), a micro-batch is a uniform draw from
+the corpus, not consecutive pieces of a few documents. Several datasets are mixed per sample by a
+seeded draw with the configured weights. Tensor/pipeline-parallel peers share a data-parallel
+rank, hence identical batches. Split by *data-parallel* rank: webdataset's split_by_node would
+split by global rank.
 
 Global sample index. Micro-batch n of data-parallel rank r is global micro-batch n x dp + r; its
 rows are global samples (n x dp + r) x micro_batch_size + row. The index seeds the sample's noise
 and n // accumulation is its optimizer step (seeding the 1% cut).
 
-Exact resume. A slot's state is (per dataset: epoch, shard cursor, samples taken from the current
-shard, raw members read from it; the mixture RNG; batches made; skip counters): a few integers.
+Exact resume. A slot's state is (per dataset: epoch, shard cursor, the open shards and how many
+samples each gave, the draw's RNG; the mixture RNG; batches made; skip counters): a few integers.
 Each batch carries its slot's state as of that batch; the loader keeps the state of the last
 batch it *handed out* per slot, so batches prefetched but not consumed are simply made again. On
-restore a slot reopens its current shard and replays the seeded shuffle up to its offset. Changing
+restore a slot reopens its open shards and continues each after the samples it gave. Changing
 the data-parallel size or the worker count between save and restore is refused unless the number
 of slots stays the same (``load_state_dicts``: slot s continues as slot s, e.g. 2 data-parallel
 ranks x 1 worker -> 1 x 2 workers); otherwise the samples would repeat or be skipped.
 
-Bad data never stops the stream: a missing shard, a truncated/corrupt tar, a sample that does not
-decode or has the wrong shape, dtype or ids (including the mask id) is skipped with a warning
-naming shard and sample key, and counted; the counters travel with the state.
+Bad data never stops the stream: a missing shard, a shard whose bytes are not those its manifest
+records (truncated, a flipped bit anywhere), a corrupt tar, a sample that does not decode or has
+the wrong shape, dtype or ids (including the mask id) is skipped with a warning naming shard and
+sample key, and counted; the counters travel with the state.
 """
 
 from __future__ import annotations
@@ -44,130 +52,163 @@ from data_pipeline.config import DataConfig
 from data_pipeline.collate import MaskCollator, TrainBatch
 from data_pipeline.corpus import warn
 from data_pipeline.errors import DataConfigError, DataError
-from data_pipeline.shards import (ShardError, ShardSet, TOKENS_EXT, decode_tokens, open_url,
+from data_pipeline.shards import (ShardError, ShardSet, TOKENS_EXT, decode_tokens, read_shard,
                                   split_key, tar_members)
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: shuffle buffer within one shard at a time
 COUNTERS = ("missing_shards", "corrupt_shards", "bad_samples")
 
 
 class ShardStream:
-    """One dataset as one slot reads it: its shards of each epoch's permutation, each shard
-    through a seeded shuffle buffer, epoch after epoch."""
+    """One dataset as one slot reads it: the slot's shards of each epoch's permutation,
+    ``open_shards`` of them at a time held whole in memory (each checked against its manifest's
+    sha256 first), every sample drawn uniformly from what the open shards have left."""
 
     def __init__(self, ds: ShardSet, ds_index: int, slot: int, num_slots: int, seed: int,
-                 buffer: int, counters: Dict[str, int], state: Optional[dict] = None):
+                 open_shards: int, counters: Dict[str, int], state: Optional[dict] = None):
         self.ds, self.ds_index, self.slot, self.num_slots = ds, ds_index, slot, num_slots
-        self.seed, self.buffer, self.counters = seed, buffer, counters
+        self.seed, self.open_shards, self.counters = seed, open_shards, counters
         state = state or {}
-        self.epoch = state.get("epoch", 0)
-        self.cursor = state.get("cursor", 0)  # position in this epoch's list of the slot's shards
-        self.offset = state.get("offset", 0)  # samples taken from the current shard
-        self.raw = state.get("raw", 0)  # members read from the current shard
-        self._counted_up_to = self.raw  # replaying a shard: its skips were counted before
+        self.epoch = state.get("epoch", 0)  # the epoch whose shards are open
+        self.cursor = state.get("cursor", 0)  # the next shard to open, in that epoch's list
+        self.window: List[List[int]] = [list(w) for w in state.get("open", [])]  # [shard, taken]
+        self.rng = np.random.Generator(np.random.PCG64([seed, 7919, ds_index, slot]))
+        if "rng" in state:
+            self.rng.bit_generator.state = state["rng"]
+        self._dtype = np.dtype(ds.dtype)
+        self._samples: Dict[int, np.ndarray] = {}  # open shard -> [n, seq_len], seeded order
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "offset": self.offset, "raw": self.raw}
+        return {"epoch": self.epoch, "cursor": self.cursor,
+                "open": [list(w) for w in self.window], "rng": self.rng.bit_generator.state}
 
     def assigned(self, epoch: int) -> np.ndarray:
         perm = np.random.default_rng([self.seed, self.ds_index, epoch]).permutation(
             len(self.ds.shards))
         return perm[self.slot::self.num_slots]
 
-    def _skip(self, counter: str, msg: str) -> None:
-        if self.raw > self._counted_up_to:
+    def _skip(self, counter: str, msg: str, count: bool = True) -> None:
+        if count:
             self.counters[counter] += 1
             warn(counter, msg)
 
-    def _check(self, arr: np.ndarray) -> Optional[str]:
+    def _form(self, arr: np.ndarray) -> Optional[str]:
         ds = self.ds
         if arr.shape != (ds.seq_len,):
             return f"shape {arr.shape}, expected ({ds.seq_len},)"
-        if arr.dtype.name != ds.dtype:
+        if arr.dtype != self._dtype:
             return f"dtype {arr.dtype.name}, expected {ds.dtype}"
-        if int(arr.max()) >= ds.vocab_size:
-            return f"token id {int(arr.max())} >= vocabulary size {ds.vocab_size}"
-        if np.any(arr == ds.special_ids["mask"]):
-            return "holds the mask token"
         return None
 
-    def _read(self, shard: int) -> Iterator[np.ndarray]:
-        """The valid samples of one shard in file order; anything unreadable skipped, counted."""
-        url = self.ds.url(shard)
-        self.raw = 0
+    def _load(self, shard: int, replay: bool = False) -> np.ndarray:
+        """The valid samples of one shard in its seeded order, as one [n, seq_len] array (the
+        shard's bytes are let go): none when it cannot be read or is not what prepare wrote.
+        ``replay``: reopened after a restore, its bad samples were counted when first opened."""
+        ds, url = self.ds, self.ds.url(shard)
+        empty = np.empty((0, ds.seq_len), dtype=ds.dtype)
         try:
-            stream = open_url(url)
+            data = read_shard(ds, shard)
         except OSError as e:
-            self.raw = 1
-            self._skip("missing_shards", f"{self.ds.name}: shard {url} unreadable "
+            self._skip("missing_shards", f"{ds.name}: shard {url} unreadable "
                        f"({type(e).__name__}: {e}); skipped")
-            return
+            return empty
+        except ShardError as e:
+            self._skip("corrupt_shards", f"{ds.name}: {e}; shard skipped")
+            return empty
+        samples: List[np.ndarray] = []
+        keys: List[str] = []
         key = None
         try:
-            with stream:
-                for name, data in tar_members(stream, url):
-                    self.raw += 1
-                    key, ext = split_key(name)
-                    try:
-                        if ext != TOKENS_EXT:
-                            raise ValueError(f"unexpected member {name!r}")
-                        arr = decode_tokens(data)
-                        problem = self._check(arr)
-                    except Exception as e:  # noqa: BLE001 - no sample may crash the stream
-                        problem = str(e).splitlines()[0] if str(e) else type(e).__name__
-                    if problem:
-                        self._skip("bad_samples", f"{self.ds.name}: shard {url} sample {key}: "
-                                   f"{problem}; skipped")
-                        continue
-                    yield arr
-        except (ShardError, OSError) as e:
-            self.raw += 1
+            for name, member in tar_members(data, url):
+                key, ext = split_key(name)
+                try:
+                    if ext != TOKENS_EXT:
+                        raise ValueError(f"unexpected member {name!r}")
+                    arr = decode_tokens(member)
+                    problem = self._form(arr)
+                except Exception as e:  # noqa: BLE001 - no sample may crash the stream
+                    problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if problem:
+                    self._skip("bad_samples", f"{ds.name}: shard {url} sample {key}: {problem}; "
+                               "skipped", count=not replay)
+                    continue
+                samples.append(arr)
+                keys.append(key)
+        except ShardError as e:  # its hash matched: a shard not written by llada prepare
             after = f" after sample {key}" if key else ""
-            self._skip("corrupt_shards", f"{self.ds.name}: {e}{after}; rest of shard skipped")
+            self._skip("corrupt_shards", f"{ds.name}: {e}{after}; rest of shard skipped",
+                       count=not replay)
+        if not samples:
+            return empty
+        # the ids of all samples at once: below the vocabulary size, never the mask id
+        block = np.stack(samples)
+        top = block.max(axis=1)
+        bad = (top >= ds.vocab_size) | (block == ds.special_ids["mask"]).any(axis=1)
+        for i in np.flatnonzero(bad).tolist():
+            problem = (f"token id {int(top[i])} >= vocabulary size {ds.vocab_size}"
+                       if top[i] >= ds.vocab_size else "holds the mask token")
+            self._skip("bad_samples", f"{ds.name}: shard {url} sample {keys[i]}: {problem}; "
+                       "skipped", count=not replay)
+        good = np.flatnonzero(~bad)
+        order = np.random.default_rng([self.seed, self.ds_index, self.epoch, shard]).permutation(
+            len(good))
+        return block[good[order]]
 
-    def _shuffled(self, shard: int, epoch: int) -> Iterator[np.ndarray]:
-        rng = np.random.default_rng([self.seed, self.ds_index, epoch, int(shard)])
-        buf: List[np.ndarray] = []
-        for arr in self._read(shard):
-            if len(buf) < self.buffer:
-                buf.append(arr)
+    def _fill(self, barren: set) -> None:
+        """Open shards of this epoch until ``open_shards`` are open or the epoch's list is done;
+        an empty window starts the next epoch (an epoch's samples all come before the next's)."""
+        while len(self.window) < self.open_shards:
+            shards = self.assigned(self.epoch)
+            if self.cursor == len(shards):
+                if self.window:
+                    return  # the epoch's last shards drain first
+                self.epoch, self.cursor = self.epoch + 1, 0
                 continue
-            i = int(rng.integers(self.buffer))
-            yield buf[i]
-            buf[i] = arr
-        for i in rng.permutation(len(buf)):
-            yield buf[i]
+            shard = int(shards[self.cursor])
+            self.cursor += 1
+            samples = self._load(shard)
+            # shards in a row that gave nothing; only when that streak has covered every shard
+            # of the dataset is the data unusable (one bad shard, however often drawn, never is)
+            if not len(samples):
+                barren.add(shard)
+                if len(barren) == len(self.ds.shards):
+                    raise DataError(f"{self.ds.name}: none of the {len(self.ds.shards)} shards "
+                                    f"of {self.ds.manifest} has a readable sample")
+                continue
+            barren.clear()
+            self._samples[shard] = samples
+            self.window.append([shard, 0])
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        # shards in a row that gave nothing; only when that streak has covered every shard of
-        # the dataset is the data unusable (one bad shard, however often drawn, never is)
+        for shard, taken in list(self.window):  # restored: reopen, continue after `taken`
+            self._samples[shard] = self._load(shard, replay=True)
+            if len(self._samples[shard]) <= taken:  # damaged since: what it had left is gone
+                self.window.remove([shard, taken])
         barren: set = set()
         while True:
-            shards = self.assigned(self.epoch)
-            while self.cursor < len(shards):
-                shard, skip, got = int(shards[self.cursor]), self.offset, 0
-                for k, arr in enumerate(self._shuffled(shard, self.epoch)):
-                    got += 1
-                    if k < skip:
-                        continue  # replaying up to where the saved state stood
-                    self.offset = k + 1
-                    yield arr
-                barren = barren | {shard} if got == 0 else set()
-                if len(barren) == len(self.ds.shards):
-                    raise DataError(f"{self.ds.name}: none of the {len(self.ds.shards)} shards of "
-                                    f"{self.ds.manifest} has a readable sample")
-                self.cursor += 1
-                self.offset = self.raw = self._counted_up_to = 0
-            self.epoch += 1
-            self.cursor = 0
+            self._fill(barren)
+            left = [len(self._samples[shard]) - taken for shard, taken in self.window]
+            r = int(self.rng.integers(sum(left)))  # uniform over the open shards' samples
+            i = 0
+            while r >= left[i]:
+                r -= left[i]
+                i += 1
+            shard, taken = self.window[i]
+            arr = self._samples[shard][taken]
+            if taken + 1 == len(self._samples[shard]):
+                del self.window[i], self._samples[shard]
+            else:
+                self.window[i][1] = taken + 1
+            yield arr
 
 
 class SlotStream:
     """The micro-batches of one slot: mixed samples, batched, collated."""
 
     def __init__(self, sets: List[ShardSet], weights: List[float], collator: MaskCollator, *,
-                 seed: int, buffer: int, micro_batch_size: int, accumulation: int, dp_rank: int,
-                 dp_size: int, workers: int, worker: int, state: Optional[dict] = None):
+                 seed: int, open_shards: int, micro_batch_size: int, accumulation: int,
+                 dp_rank: int, dp_size: int, workers: int, worker: int,
+                 state: Optional[dict] = None):
         state = state or {}
         self.mb, self.accum, self.collator = micro_batch_size, accumulation, collator
         self.dp_rank, self.dp_size, self.workers, self.worker = dp_rank, dp_size, workers, worker
@@ -175,7 +216,8 @@ class SlotStream:
         self.counters = {k: state.get("counters", {}).get(k, 0) for k in COUNTERS}
         self.batches = state.get("batches", 0)
         saved = state.get("streams", [None] * len(sets))
-        self.streams = [ShardStream(ds, i, slot, num_slots, seed, buffer, self.counters, st)
+        self.streams = [ShardStream(ds, i, slot, num_slots, seed, open_shards, self.counters,
+                                    st)
                         for i, (ds, st) in enumerate(zip(sets, saved))]
         total = float(sum(weights))
         self.cumulative = np.cumsum([w / total for w in weights]).tolist()
@@ -270,7 +312,7 @@ class PretrainLoader:
 
     def _batches(self) -> Iterator[TrainBatch]:
         slot_args = dict(sets=self.sets, weights=self.weights, collator=self.collator,
-                         seed=self.cfg.seed, buffer=self.cfg.shuffle_buffer,
+                         seed=self.cfg.seed, open_shards=self.cfg.open_shards,
                          micro_batch_size=self.mb, accumulation=self.accum, dp_rank=self.dp_rank,
                          dp_size=self.dp_size, workers=self.workers)
         source = _Workers(slot_args, list(self.slot_states), rotation=self.consumed % self.workers)
@@ -321,7 +363,7 @@ class PretrainLoader:
     def _layout(self) -> dict:
         return {"dp_rank": self.dp_rank, "dp_size": self.dp_size, "workers": self.workers,
                 "micro_batch_size": self.mb, "seed": self.cfg.seed,
-                "shuffle_buffer": self.cfg.shuffle_buffer,
+                "open_shards": self.cfg.open_shards,
                 "datasets": [[ds.name, ds.samples, ds.tokenizer_sha256] for ds in self.sets]}
 
     def state_dict(self) -> dict:
@@ -374,6 +416,11 @@ class PretrainLoader:
     def _check_saved(self, state: dict, same: dict) -> None:
         if self._it is not None:
             raise RuntimeError("load_state_dict must come before the first batch")
+        if state.get("version") == 1:
+            raise DataConfigError(
+                "data state: saved by the loader of an earlier version (one shard at a time, "
+                "through a shuffle buffer), whose stream this version cannot continue: finish "
+                "the run with the version that started it (README, Upgrading)")
         if state.get("version") != STATE_VERSION:
             raise DataConfigError(f"data state: version {state.get('version')} is not "
                                   f"{STATE_VERSION}")
@@ -384,4 +431,4 @@ class PretrainLoader:
             raise DataConfigError(
                 f"data state: saved with a different data layout ({diff}); resuming would "
                 "repeat or skip samples, so it is refused: keep the data-parallel size, "
-                "data.num_workers, micro-batch size, seed, shuffle buffer and datasets")
+                "data.num_workers, micro-batch size, seed, open shards and datasets")

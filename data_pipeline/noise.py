@@ -17,6 +17,7 @@ positions apart).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -48,22 +49,46 @@ class Corrupted(NamedTuple):
     p_mask: torch.Tensor  # [b] float32, the masking probability of each sequence
 
 
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
 def _mix64(x: np.ndarray) -> np.ndarray:
     """SplitMix64's output function (a bijection of uint64 with full avalanche)."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
+    return _mix64_(np.array(x, dtype=np.uint64))
+
+
+def _mix64_(x: np.ndarray) -> np.ndarray:
+    """_mix64 in place on a uint64 array of the caller's own (the hot path: no temporaries)."""
+    t = x >> _S30
+    x ^= t
+    x *= _M1
+    np.right_shift(x, _S27, out=t)
+    x ^= t
+    x *= _M2
+    np.right_shift(x, _S31, out=t)
+    x ^= t
+    return x
+
+
+@functools.lru_cache(maxsize=256)
+def _key_of(seed: int, stream: int) -> np.ndarray:
+    key = _mix64(_mix64(np.array([seed & (2**64 - 1)], dtype=np.uint64) ^ np.uint64(stream)))
+    key.flags.writeable = False  # shared by every caller
+    return key
 
 
 def _key(seed: int, stream: np.uint64) -> np.ndarray:
     """The key of one stream under objective.seed, as a one-element array (no scalar overflow
-    warnings: uint64 arithmetic wraps, as it should here)."""
-    return _mix64(_mix64(np.array([seed & (2**64 - 1)], dtype=np.uint64) ^ stream))
+    warnings: uint64 arithmetic wraps, as it should here); computed once per (seed, stream)."""
+    return _key_of(int(seed), int(stream))
 
 
 def _draw(key: np.ndarray, counters: np.ndarray) -> np.ndarray:
     """uint64 numbers, one per counter: SplitMix64's output for that position of the stream."""
-    return _mix64(counters.astype(np.uint64) * _GOLDEN + key)
+    x = np.multiply(counters, _GOLDEN, dtype=np.uint64)  # a new array, wrapping
+    x += key
+    return _mix64_(x)
 
 
 def _unit24(x: np.ndarray) -> np.ndarray:
@@ -109,7 +134,7 @@ def forward_process(tokens: torch.Tensor, noise: Noise, mask_id: int, eps: float
     p_mask = (1.0 - eps) * noise.t.to(tokens.device) + eps
     u = noise.u[:, :length].to(tokens.device)
     mask = u < p_mask[:, None]
-    noisy = torch.where(mask, torch.full_like(tokens, mask_id), tokens)
+    noisy = torch.where(mask, mask_id, tokens)
     return Corrupted(noisy, mask, p_mask)
 
 

@@ -4,7 +4,14 @@ special ids).
 
 Deterministic: files are visited in a seeded order, documents in file order, and tokenised by a
 pool of worker processes whose results are consumed in submission order, so the same inputs give
-byte-identical shards whatever the worker count. Each shard is written under a temporary name and
+byte-identical shards whatever the worker count.
+
+Sequence order: the packed sequences are kept in a flat temporary file (as many bytes as the
+shards, beside them) and written to the shards in a seeded random permutation of all of them, so
+every shard is a uniform sample of the dataset (of the part, for a dataset prepared in parts:
+``data_pipeline/parts.py``) and a reader holding a few shards draws batches as diverse as uniform
+sampling over the corpus. A sequence's key is its place in the packing order, so sorting by key
+gives the documents back in order. Each shard is written under a temporary name and
 renamed when complete, and the manifest (written last, atomically) is the only thing that marks a
 dataset as complete: a crashed run leaves no shard under a final name that a manifest points at,
 and a re-run redoes the dataset cleanly (or finds it up to date and returns).
@@ -17,6 +24,7 @@ written before the training manifest that marks the whole as complete.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import multiprocessing as mp
@@ -32,13 +40,15 @@ import numpy as np
 
 from data_pipeline.config import PrepareConfig
 from data_pipeline.errors import DataConfigError
-from data_pipeline.corpus import expand_inputs, read_documents, warn
+from data_pipeline.corpus import Piece, expand_inputs, read_documents, warn
 from data_pipeline.files import atomic_write
+from data_pipeline.parts import (PART_FORMAT, TOKENIZER_FILE, part_manifest, sample_key,
+                                 shard_prefix, skipped_list, split_inputs, with_part_tokenizer)
 from data_pipeline.shards import (FORMAT, MANIFEST, VERSION, ShardWriter, token_dtype,
                                   write_manifest)
-from data_pipeline.tokenizer import tokenizer_for
+from data_pipeline.tokenizer import load_tokenizer, tokenizer_for
 
-TOKENIZER_FILE = "tokenizer.model"
+SEQUENCE_ORDER = "shuffled-1"  # in the fingerprint: shards of the unshuffled order are redone
 HOLDOUT_DIR = "holdout"  # beside the manifest: the held-out split, a dataset of its own
 SKIPPED_FILE = "skipped-inputs.txt"  # beside the manifest: every input prepare skipped, and why
 CHUNK_CHARS = 1 << 20  # text per task sent to a worker: large enough to amortise the IPC
@@ -93,46 +103,62 @@ def _encode_task(task):
 
 
 class _Packer:
-    """EOS-joined token ids cut into seq_len sequences and written to shards of one split."""
+    """EOS-joined token ids cut into seq_len sequences, kept in a flat temporary file, and at
+    ``close`` written to the shards of one split in a seeded permutation of all of them."""
 
-    def __init__(self, out: Path, name: str, seq_len: int, samples_per_shard: int, dtype):
-        self.out, self.name, self.seq_len = out, name, seq_len
-        self.samples_per_shard = samples_per_shard
+    def __init__(self, out: Path, prefix: str, seq_len: int, samples_per_shard: int, dtype,
+                 order_seed: List[int], key=lambda i: f"{i:010d}"):
+        self.out, self.prefix, self.seq_len = out, prefix, seq_len
+        self.samples_per_shard, self.order_seed, self.key = samples_per_shard, order_seed, key
+        self.dtype = np.dtype(dtype)
         self.buf = np.empty(0, dtype=dtype)
         self.shards: List[dict] = []
-        self.writer: Optional[ShardWriter] = None
         self.samples = 0
+        self.tmp = out / f".{prefix}.sequences.tmp"
+        self._file = open(self.tmp, "wb")
+        self._writer: Optional[ShardWriter] = None
 
     def add(self, ids: np.ndarray) -> None:
         buf = np.concatenate((self.buf, ids)) if self.buf.size else ids
         n_seq = buf.size // self.seq_len
-        for i in range(n_seq):
-            if self.writer is None:
-                self.writer = ShardWriter(self.out / f"{self.name}-{len(self.shards):06d}.tar")
-            self.writer.add(f"{self.samples:010d}", buf[i * self.seq_len:(i + 1) * self.seq_len])
-            self.samples += 1
-            if self.writer.samples == self.samples_per_shard:
-                self.shards.append(self.writer.close())
-                self.writer = None
+        if n_seq:
+            self._file.write(buf[:n_seq * self.seq_len].tobytes())
+            self.samples += n_seq
         self.buf = buf[n_seq * self.seq_len:].copy()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.shards.append(self.writer.close())
-            self.writer = None
+        self._file.close()
+        if self.samples:
+            seqs = np.memmap(self.tmp, dtype=self.dtype, mode="r",
+                             shape=(self.samples, self.seq_len))
+            order = np.random.default_rng(self.order_seed).permutation(self.samples)
+            for j, lo in enumerate(range(0, self.samples, self.samples_per_shard)):
+                idx = order[lo:lo + self.samples_per_shard]
+                rows = np.empty((len(idx), self.seq_len), dtype=self.dtype)
+                by_place = np.argsort(idx)
+                rows[by_place] = seqs[idx[by_place]]  # read in file order, write shuffled
+                self._writer = ShardWriter(self.out / f"{self.prefix}-{j:06d}.tar")
+                for i, row in zip(idx.tolist(), rows):
+                    self._writer.add(self.key(i), row)
+                self.shards.append(self._writer.close())
+                self._writer = None
+            del seqs
+        self.tmp.unlink()
 
     def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
+        self._file.close()
+        if self._writer is not None:
+            self._writer.abort()
+        self.tmp.unlink(missing_ok=True)
 
 
-def _chunks(files: List[Path], text_field: str, counts: Counter, skipped: List[str]
+def _chunks(pieces: List[Piece], text_field: str, counts: Counter, skipped: List[str]
             ) -> Iterator[List[str]]:
     chunk: List[str] = []
     size = 0
-    for path in files:
-        counts["files"] += 1
-        for doc in read_documents(path, text_field, counts,
+    for piece in pieces:
+        counts["files"] += piece.start == 0  # a file cut between parts counts in its first
+        for doc in read_documents(piece, text_field, counts,
                                   report=lambda kind, msg: skipped.append(msg)):
             counts["documents"] += 1
             chunk.append(doc)
@@ -144,9 +170,17 @@ def _chunks(files: List[Path], text_field: str, counts: Counter, skipped: List[s
         yield chunk
 
 
-def _fingerprint(cfg: PrepareConfig, files: List[Path]) -> str:
+def input_files(cfg: PrepareConfig) -> List[Path]:
+    """The inputs in the seeded order prepare visits them."""
+    files = expand_inputs(cfg.inputs)
+    random.Random(cfg.seed).shuffle(files)
+    return files
+
+
+def fingerprint(cfg: PrepareConfig, files: List[Path], part: Optional[int] = None) -> str:
     """What the shards depend on: the inputs (path, size, mtime), the settings, the tokenizer
-    (the given model's bytes, or the settings it is trained with)."""
+    (the given model's bytes, or the settings it is trained with); with parts, their number
+    (and which part, for a part's own)."""
     h = hashlib.sha256()
     for f in files:
         st = f.stat()
@@ -155,82 +189,125 @@ def _fingerprint(cfg: PrepareConfig, files: List[Path]) -> str:
     tok = (hashlib.sha256(Path(tc.model).read_bytes()).hexdigest()
            if tc.model and Path(tc.model).is_file() else [tc.vocab_size, tc.train_bytes, tc.seed])
     settings = [cfg.seq_len, cfg.samples_per_shard, cfg.jsonl_text_field, cfg.seed, cfg.name, tok]
-    if cfg.holdout_fraction > 0:  # (without one: as before, so older datasets stay up to date)
+    if cfg.holdout_fraction > 0:
         settings += [cfg.holdout_fraction, cfg.holdout_seed]
+    settings.append(SEQUENCE_ORDER)
+    if cfg.parts > 1:
+        settings += [cfg.parts] + ([part] if part is not None else [])
     h.update(json.dumps(settings).encode())
     return h.hexdigest()
 
 
-def _up_to_date(out: Path, fingerprint: str, holdout: bool) -> Optional[dict]:
-    """The manifest in ``out`` when it (and the held-out split's, if one is asked for) was
-    written from these inputs and settings and every shard it lists is there."""
-    found = []
-    for directory in (out, out / HOLDOUT_DIR) if holdout else (out,):
-        try:
-            m = json.loads((directory / MANIFEST).read_text())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(m, dict) or m.get("fingerprint") != fingerprint:
-            return None
-        if not all((directory / s["file"]).is_file()
-                   and (directory / s["file"]).stat().st_size == s["bytes"]
-                   for s in m.get("shards", [])):
-            return None
-        found.append(m)
-    return found[0]
+def missing_shard(directory: Path, shards: List[dict]) -> Optional[str]:
+    """The first listed shard that is not in ``directory`` at its recorded size."""
+    for x in shards:
+        path = directory / x["file"]
+        if not path.is_file() or path.stat().st_size != x["bytes"]:
+            return x["file"]
+    return None
 
 
-def _manifest(cfg: PrepareConfig, name: str, packer: _Packer, tok, dtype, fingerprint: str,
-              sources: dict) -> dict:
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) else None
+
+
+def up_to_date(out: Path, where: Path, fingerprint: str, holdout: bool) -> Optional[dict]:
+    """The manifest at ``where`` (the dataset's, or a part's) when it was written from these
+    inputs and settings and every shard it lists (and its held-out split's, if one is asked
+    for) is there."""
+    m = _read_json(where)
+    if m is None or m.get("fingerprint") != fingerprint or missing_shard(out, m["shards"]):
+        return None
+    if holdout:
+        held = m.get("holdout") if m.get("format") == PART_FORMAT else _read_json(
+            out / HOLDOUT_DIR / MANIFEST)
+        if (held is None or held.get("fingerprint") != fingerprint
+                or missing_shard(out / HOLDOUT_DIR, held["shards"])):
+            return None
+    return m
+
+
+def manifest_of(cfg: PrepareConfig, name: str, shards: List[dict], dropped: int, tok,
+                fingerprint: str, sources: dict) -> dict:
+    samples = sum(x["samples"] for x in shards)
     return {
         "format": FORMAT, "version": VERSION, "name": name,
-        "seq_len": cfg.seq_len, "dtype": dtype.name,
-        "samples": packer.samples, "tokens": packer.samples * cfg.seq_len,
-        "shards": packer.shards,
+        "seq_len": cfg.seq_len, "dtype": token_dtype(tok.vocab_size).name,
+        "samples": samples, "tokens": samples * cfg.seq_len, "shards": shards,
         "tokenizer": {"file": TOKENIZER_FILE, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
                       "special_ids": tok.special_ids()},
-        "sources": {**sources, "dropped_tail_tokens": int(packer.buf.size)},
+        "sources": {**sources, "dropped_tail_tokens": dropped},
         "fingerprint": fingerprint,
+        "order": SEQUENCE_ORDER,
     }
 
 
+def prepare_tokenizer(cfg: PrepareConfig, log=print):
+    """``--tokenizer-only``: OUTPUT's tokenizer.model, trained on the inputs (or the given model
+    copied), before the parts of a dataset prepared in parts run."""
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = tokenizer_for(input_files(cfg), cfg.tokenizer, out / TOKENIZER_FILE,
+                        cfg.jsonl_text_field)
+    log(f"llada prepare: tokenizer {tok.path} ({tok.vocab_size} pieces)")
+    return tok
+
+
 def prepare(cfg: PrepareConfig, log=print) -> dict:
-    """Prepare (or find up to date) the dataset cfg describes; returns its manifest."""
-    files = expand_inputs(cfg.inputs)
-    random.Random(cfg.seed).shuffle(files)
+    """Prepare (or find up to date) the dataset cfg describes, or with ``cfg.parts > 1`` part
+    ``cfg.part`` of it (then merged by ``merge``); returns the manifest (the part's)."""
+    in_parts = cfg.parts > 1
+    if in_parts:
+        cfg = with_part_tokenizer(cfg)
+    files = input_files(cfg)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    fingerprint = _fingerprint(cfg, files)
+    fp = fingerprint(cfg, files, cfg.part if in_parts else None)
     holdout = cfg.holdout_fraction > 0
-    done = _up_to_date(out, fingerprint, holdout)
-    if done is not None:
-        log(f"llada prepare: {out / MANIFEST} is up to date ({done['samples']} samples)")
-        return done
-    # from here on the dataset is being rewritten: no manifest may point at a half of it
     held_dir = out / HOLDOUT_DIR
-    (out / MANIFEST).unlink(missing_ok=True)
-    (held_dir / MANIFEST).unlink(missing_ok=True)
-    for stale in [*out.glob(f"{cfg.name}-*.tar*"), *held_dir.glob(f"{cfg.name}-*.tar*")]:
+    where = part_manifest(out, cfg.part, cfg.parts) if in_parts else out / MANIFEST
+    done = up_to_date(out, where, fp, holdout)
+    if done is not None:
+        log(f"llada prepare: {where} is up to date ({done['samples']} samples)")
+        return done
+    # from here on this output is being rewritten: no manifest may point at a half of it
+    prefix = shard_prefix(cfg.name, cfg.part, cfg.parts)
+    where.unlink(missing_ok=True)
+    if not in_parts:
+        (held_dir / MANIFEST).unlink(missing_ok=True)
+    for stale in [*out.glob(f"{prefix}-*.tar*"), *held_dir.glob(f"{prefix}-holdout-*.tar*")]:
         stale.unlink()
-    tok = tokenizer_for(files, cfg.tokenizer, out / TOKENIZER_FILE, cfg.jsonl_text_field)
+    if in_parts:  # read, never written: the parts share it and may run at once
+        tok = load_tokenizer(Path(cfg.tokenizer.model), "prepare.tokenizer.model")
+    else:
+        tok = tokenizer_for(files, cfg.tokenizer, out / TOKENIZER_FILE, cfg.jsonl_text_field)
     if holdout:
         held_dir.mkdir(exist_ok=True)
-        atomic_write(held_dir / TOKENIZER_FILE, tok.path.read_bytes())
+        if not in_parts:
+            atomic_write(held_dir / TOKENIZER_FILE, tok.path.read_bytes())
+    pieces = split_inputs(files, cfg.parts)[cfg.part] if in_parts else [Piece(f) for f in files]
 
-    workers = cfg.workers or os.cpu_count() or 1
+    workers = cfg.workers or len(os.sched_getaffinity(0))  # the CPUs this process may use
     dtype = token_dtype(tok.vocab_size)
     counts: Counter = Counter()
     skipped: List[str] = []  # one line per skipped input, written to SKIPPED_FILE
-    train = _Packer(out, cfg.name, cfg.seq_len, cfg.samples_per_shard, dtype)
-    held = _Packer(held_dir, f"{cfg.name}-holdout", cfg.seq_len, cfg.samples_per_shard, dtype)
+    key = functools.partial(sample_key, part=cfg.part, parts=cfg.parts)
+    train = _Packer(out, prefix, cfg.seq_len, cfg.samples_per_shard, dtype,
+                    [cfg.seed, cfg.part, 0], key)
+    held = _Packer(held_dir if holdout else out, f"{prefix}-holdout", cfg.seq_len,
+                   cfg.samples_per_shard, dtype, [cfg.seed, cfg.part, 1], key)
     # fork: workers run only SentencePiece and numpy (never torch), so threads the caller may
     # hold are not needed in them; spawn would re-import the caller's main module
     ctx = mp.get_context("fork")
     try:
         with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok.path),)) as pool:
             tasks = ((docs, tok.eos_id, dtype.str, cfg.holdout_fraction, cfg.holdout_seed)
-                     for docs in _chunks(files, cfg.jsonl_text_field, counts, skipped))
+                     for docs in _chunks(pieces, cfg.jsonl_text_field, counts, skipped))
             for kept, out_ids, held_docs in pool.imap(_encode_task, tasks):
                 counts["tokens"] += int(kept.size)
                 counts["held_tokens"] += int(out_ids.size)
@@ -242,41 +319,54 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     finally:
         train.abort()
         held.abort()
-    if not train.shards:
+    if not train.shards and not in_parts:  # (a part may be small; the merge checks the whole)
         raise DataConfigError(f"prepare.inputs: {counts['tokens']} tokens in {len(files)} files, "
                               f"fewer than one sequence of prepare.seq_len={cfg.seq_len}")
-    if holdout and not held.shards:
+    if holdout and not held.shards and not in_parts:
         raise DataConfigError(
             f"prepare.holdout_fraction: {cfg.holdout_fraction} held out "
             f"{counts['held_documents']} documents ({counts['held_tokens']} tokens), fewer than "
             f"one sequence of prepare.seq_len={cfg.seq_len}; hold out more")
-    sources = {"files": counts["files"],
-               "documents": counts["documents"] - counts["held_documents"],
-               "empty_files": counts["empty_files"], "bad_lines": counts["bad_lines"],
-               "unreadable_files": counts["unreadable_files"]}
-    manifest = _manifest(cfg, cfg.name, train, tok, dtype, fingerprint, sources)
-    if holdout:  # written first: the training manifest marks the whole dataset complete
-        split = {"fraction": cfg.holdout_fraction, "seed": cfg.holdout_seed}
-        held_manifest = _manifest(cfg, f"{cfg.name}-holdout", held, tok, dtype, fingerprint,
-                                  {"documents": counts["held_documents"]})
-        write_manifest(held_dir, {**held_manifest, "split": {"holdout_of": cfg.name, **split}})
-        manifest["holdout"] = {"manifest": f"{HOLDOUT_DIR}/{MANIFEST}", **split,
-                               "documents": counts["held_documents"], "samples": held.samples}
-    # the list of skips before the manifest: a complete dataset always has the one that fits it
-    atomic_write(out / SKIPPED_FILE, "".join(f"{line}\n" for line in skipped).encode())
-    path = write_manifest(out, manifest)
-    elapsed = time.perf_counter() - t0
+    sources = {k: counts[k] for k in SOURCE_COUNTS}
+    sources["documents"] -= counts["held_documents"]
+    manifest = manifest_of(cfg, cfg.name, train.shards, int(train.buf.size), tok, fp,
+                           sources)
+    held_manifest = manifest_of(cfg, f"{cfg.name}-holdout", held.shards, int(held.buf.size), tok,
+                                fp, {"documents": counts["held_documents"]})
+    split = {"fraction": cfg.holdout_fraction, "seed": cfg.holdout_seed}
+    if in_parts:  # the part's manifest, the merge's input: it marks the part complete
+        atomic_write(skipped_list(out, cfg.part, cfg.parts),
+                     "".join(f"{line}\n" for line in skipped).encode())
+        manifest.update(format=PART_FORMAT, part={"index": cfg.part, "of": cfg.parts},
+                        holdout={**held_manifest, **split} if holdout else None)
+        atomic_write(where, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    else:
+        if holdout:  # written first: the training manifest marks the whole dataset complete
+            write_manifest(held_dir, {**held_manifest, "split": {"holdout_of": cfg.name, **split}})
+            manifest["holdout"] = {"manifest": f"{HOLDOUT_DIR}/{MANIFEST}", **split,
+                                   "documents": counts["held_documents"],
+                                   "samples": held.samples}
+        # the list of skips before the manifest: a complete dataset always has the one that fits
+        atomic_write(out / SKIPPED_FILE, "".join(f"{line}\n" for line in skipped).encode())
+        write_manifest(out, manifest)
     if skipped:  # one line on the first screen; each input is named in the list
-        kinds = ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in
-                          ("empty_files", "bad_lines", "unreadable_files") if counts[k])
-        warn("skipped_inputs", f"prepare skipped {len(skipped)} inputs ({kinds}), each named "
-             f"in {out / SKIPPED_FILE}")
+        listed = skipped_list(out, cfg.part, cfg.parts) if in_parts else out / SKIPPED_FILE
+        warn("skipped_inputs", f"prepare skipped {len(skipped)} inputs ({_kinds(counts)}), each "
+             f"named in {listed}")
     log(f"llada prepare: {train.samples} sequences of {cfg.seq_len} tokens in "
-        f"{len(train.shards)} shards from "
-        f"{sources['documents']} documents in {counts['files']} files ({len(skipped)} skipped "
-        f"inputs), {elapsed:.1f}s; {path}")
+        f"{len(train.shards)} shards from {sources['documents']} documents in "
+        f"{sources['files']} files ({len(skipped)} skipped inputs), "
+        f"{time.perf_counter() - t0:.1f}s; {where}")
     if holdout:
         log(f"llada prepare: held out {counts['held_documents']} documents "
             f"({cfg.holdout_fraction:g} by hash): {held.samples} sequences in "
-            f"{len(held.shards)} shards; {held_dir / MANIFEST}")
+            f"{len(held.shards)} shards" + ("" if in_parts else f"; {held_dir / MANIFEST}"))
     return manifest
+
+
+SOURCE_COUNTS = ("files", "documents", "empty_files", "bad_lines", "unreadable_files")
+
+
+def _kinds(counts) -> str:
+    return ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in
+                     ("empty_files", "bad_lines", "unreadable_files") if counts[k])

@@ -86,19 +86,19 @@ def read_sft_jsonl(path: Path, tok: Tokenizer, max_len: Optional[int] = None,
 
     fmt = ChatFormat(tok)
     counts = Counter() if counts is None else counts
-    for lineno, line in read_lines(path, counts):
+    for where, line in read_lines(path, counts):
         if not line.strip():
             continue
         try:
             pairs = fmt.pairs(_messages(json.loads(line)))
         except ValueError as e:  # json.JSONDecodeError included
             counts["bad_lines"] += 1
-            warn("bad_lines", f"{path}:{lineno}: not a conversation ({e}); line skipped")
+            warn("bad_lines", f"{where}: not a conversation ({e}); line skipped")
             continue
         for k, ex in enumerate(pairs):
             if max_len is not None and len(ex.tokens) > max_len:
                 counts["too_long"] += 1
-                warn("too_long", f"{path}:{lineno}: turn {k + 1} has {len(ex.tokens)} tokens, "
+                warn("too_long", f"{where}: turn {k + 1} has {len(ex.tokens)} tokens, "
                      f"more than {max_len}; skipped")
                 continue
             yield ex

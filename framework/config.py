@@ -390,6 +390,22 @@ def _keyword_keys(cfg, to_field: bool):
     return cfg
 
 
+# keys earlier versions read, and what took their place: one line naming both, not "not in schema"
+REMOVED_KEYS = {
+    "data.shuffle_buffer": "removed: a reader now holds data.open_shards whole shards and draws "
+                           "from all of them (README, Data); delete the key",
+}
+
+
+def _refuse_removed(recipe_cfg, path: Path, overrides: List[str]) -> None:
+    given = {item.split("=", 1)[0].strip().lstrip("+~") for item in overrides}
+    for key, why in REMOVED_KEYS.items():
+        if OmegaConf.select(recipe_cfg, key, default=None) is not None:
+            raise ConfigError(f"{path}: {key}: {why}")
+        if key in given:
+            raise ConfigError(f"override {key}: {why}")
+
+
 def load_config(recipe: str | Path, overrides: List[str] = (), need_data: bool = True) -> Config:
     """Merge the recipe YAML, then ``key=value`` overrides, over the schema and validate.
     ``need_data=False`` (``llada plan``): unset dataset keys are tolerated."""
@@ -406,6 +422,7 @@ def load_config(recipe: str | Path, overrides: List[str] = (), need_data: bool =
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
+    _refuse_removed(recipe_cfg, path, overrides)
     try:
         merged = OmegaConf.merge(schema, _keyword_keys(recipe_cfg, to_field=True))
     except OmegaConfBaseException as e:

@@ -81,7 +81,7 @@ def quick_overrides(run_dir: Path, manifest: Path, steps: int = 30) -> List[str]
     dataset: a few dozen steps in seconds."""
     return [
         f"run.dir={run_dir}", f"data.datasets=[{{manifest: {manifest}}}]", f"train.steps={steps}",
-        "data.seq_len=64", "data.shuffle_buffer=128", "train.micro_batch_size=8",
+        "data.seq_len=64", "train.micro_batch_size=8",
         "train.global_batch_size=16", "optimizer.lr=3e-3", "schedule.warmup_steps=5",
         "tracking.log_interval=10",
         # MLflow's store costs seconds per run; the tests of tracking turn it on (mlflow_server)

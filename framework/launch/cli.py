@@ -2,6 +2,7 @@
 ``llada plan RECIPE [key=value ...]``, ``llada prepare INPUT... -o DIR [options]``,
 ``llada export CHECKPOINT OUT_DIR``, ``llada validate RUN_DIR|CHECKPOINT [--data MANIFEST]``,
 ``llada slurm submit RECIPE --nodes N --gpus-per-node G --time T [key=value ...]``,
+``llada slurm prepare INPUT... -o DIR --array N --time T [options]``,
 ``llada tracking sync RUN_DIR``.
 
 Bad input (a missing recipe, an unknown key, a wrong type, sizes that do not divide) prints one
@@ -149,20 +150,70 @@ def cmd_tracking_sync(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prepare(args: argparse.Namespace) -> int:
+def _prepare_config(args: argparse.Namespace, parts: Optional[int] = None):
     from data_pipeline.config import PrepareConfig, TokenizerConfig
-    from data_pipeline.prepare import prepare
+    return PrepareConfig(
+        inputs=args.inputs, output=args.output, name=args.name, seq_len=args.seq_len,
+        samples_per_shard=args.samples_per_shard, jsonl_text_field=args.text_field,
+        workers=args.workers, seed=args.seed, holdout_fraction=args.holdout_fraction,
+        holdout_seed=args.holdout_seed, parts=parts or args.parts,
+        part=getattr(args, "part", 0),
+        tokenizer=TokenizerConfig(model=args.tokenizer, vocab_size=args.vocab_size,
+                                  train_bytes=args.tokenizer_train_bytes))
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from data_pipeline.merge import merge
+    from data_pipeline.prepare import prepare, prepare_tokenizer
 
     try:
-        prepare(PrepareConfig(
-            inputs=args.inputs, output=args.output, name=args.name, seq_len=args.seq_len,
-            samples_per_shard=args.samples_per_shard, jsonl_text_field=args.text_field,
-            workers=args.workers, seed=args.seed, holdout_fraction=args.holdout_fraction,
-            holdout_seed=args.holdout_seed,
-            tokenizer=TokenizerConfig(model=args.tokenizer, vocab_size=args.vocab_size,
-                                      train_bytes=args.tokenizer_train_bytes)))
+        cfg = _prepare_config(args)
+        if args.tokenizer_only:
+            prepare_tokenizer(cfg)
+        elif args.merge:
+            merge(cfg)
+        else:
+            prepare(cfg)
     except BAD_INPUT as e:
         return _error(str(e), EXIT_BAD_INPUT)
+    return 0
+
+
+def cmd_slurm_prepare(args: argparse.Namespace) -> int:
+    """The tokenizer (unless given), an array of parts and the merge, as dependent jobs."""
+    from data_pipeline.corpus import expand_inputs
+    from data_pipeline.tokenizer import load_tokenizer
+    from framework.launch.slurm_prepare import ArrayOptions, render, submit
+
+    try:
+        opts = ArrayOptions(parts=args.array, time=args.time, cpus_per_task=args.cpus_per_task,
+                            mem=args.mem, account=args.account, partition=args.partition,
+                            job_name=args.job_name)
+        cfg = _prepare_config(args, parts=args.array)  # bad input fails here, not in the jobs
+        expand_inputs(cfg.inputs)
+        if cfg.tokenizer.model:
+            load_tokenizer(Path(cfg.tokenizer.model), "--tokenizer")
+        output = Path(cfg.output).resolve()
+        argv = [*cfg.inputs, "--output", str(output)]
+        for flag, dest in _PREPARE_FLAGS:
+            value = getattr(args, dest)
+            if dest == "workers" and not value:
+                value = opts.cpus_per_task  # a job's CPUs, not the node's
+            if value is not None:
+                argv += [flag, str(value)]
+        jobs = render(argv, output, cfg.name, opts, train_tokenizer=cfg.tokenizer.model is None)
+        if args.dry_run:
+            for name, text in jobs:
+                print(f"# --- {name}\n{text}", end="")
+            return 0
+        done = submit(jobs, output, opts.parts)
+    except BAD_INPUT as e:
+        return _error(str(e), EXIT_BAD_INPUT)
+    except (RuntimeError, OSError) as e:
+        return _error(str(e), EXIT_FAILED)
+    ids = ", ".join(f"{name.rsplit('-', 1)[1]} {job}" for name, job, _ in done)
+    print(f"llada: submitted {ids} (parts: array 0-{opts.parts - 1}); scripts and logs in "
+          f"{output / 'slurm'}\nllada: follow them: squeue -j {','.join(j for _, j, _ in done)}")
     return 0
 
 
@@ -197,6 +248,43 @@ def _default(name: str):
     from data_pipeline.config import PrepareConfig, TokenizerConfig
     cls = TokenizerConfig if name in ("vocab_size", "train_bytes") else PrepareConfig
     return cls.__dataclass_fields__[name].default
+
+
+# llada prepare's options that llada slurm prepare hands on to its jobs: (flag, dest)
+_PREPARE_FLAGS = [("--name", "name"), ("--seq-len", "seq_len"),
+                  ("--samples-per-shard", "samples_per_shard"), ("--text-field", "text_field"),
+                  ("--workers", "workers"), ("--seed", "seed"), ("--tokenizer", "tokenizer"),
+                  ("--vocab-size", "vocab_size"),
+                  ("--tokenizer-train-bytes", "tokenizer_train_bytes"),
+                  ("--holdout-fraction", "holdout_fraction"), ("--holdout-seed", "holdout_seed")]
+
+
+def _prepare_arguments(prep: argparse.ArgumentParser) -> None:
+    """The options of llada prepare, shared with llada slurm prepare (_PREPARE_FLAGS)."""
+    prep.add_argument("inputs", nargs="+", help="input globs, e.g. 'data/**/*.jsonl.gz', or stdlib")
+    prep.add_argument("-o", "--output", required=True, help="output directory")
+    prep.add_argument("--name", default=_default("name"), help="shard name prefix")
+    prep.add_argument("--seq-len", type=int, default=_default("seq_len"),
+                      help="tokens per sequence")
+    prep.add_argument("--samples-per-shard", type=int, default=_default("samples_per_shard"))
+    prep.add_argument("--text-field", default=_default("jsonl_text_field"),
+                      help="JSONL field holding the text")
+    prep.add_argument("--workers", type=int, default=_default("workers"),
+                      help="tokeniser processes (0: one per CPU this process may use)")
+    prep.add_argument("--seed", type=int, default=_default("seed"),
+                      help="seeds the order of input files and of the sequences")
+    prep.add_argument("--tokenizer", default=None,
+                      help="an existing SentencePiece .model (must hold <|mdm_mask|>); "
+                      "default: train one on the inputs")
+    prep.add_argument("--vocab-size", type=int, default=_default("vocab_size"),
+                      help="when training one")
+    prep.add_argument("--tokenizer-train-bytes", type=int, default=_default("train_bytes"),
+                      help="text sampled to train it")
+    prep.add_argument("--holdout-fraction", type=float, default=_default("holdout_fraction"),
+                      help="hold out this fraction of the documents (by a seeded hash of each) "
+                      "into OUTPUT/holdout/, a dataset of its own for data.validation")
+    prep.add_argument("--holdout-seed", type=int, default=_default("holdout_seed"),
+                      help="seeds the hash that chooses the held-out documents")
 
 
 def _recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -276,6 +364,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub_submit.add_argument("--dry-run", action="store_true",
                             help="print the rendered script instead of submitting it")
     sub_submit.set_defaults(func=cmd_slurm_submit)
+    sub_prep = slurm_sub.add_parser(
+        "prepare", help="llada prepare as a Slurm array of parts plus a merge",
+        description="Submit llada prepare as dependent Slurm jobs: the tokenizer (unless "
+        "--tokenizer is given), an array of --array parts, each tokenising its share of the "
+        "inputs, and the merge that writes the manifest. The scripts and logs go to "
+        "OUTPUT/slurm. Takes llada prepare's options.")
+    _prepare_arguments(sub_prep)
+    sub_prep.add_argument("--array", type=int, required=True, help="number of parts (>= 2)")
+    sub_prep.add_argument("--time", required=True, help="time limit of each job, e.g. 4:00:00")
+    sub_prep.add_argument("--cpus-per-task", type=int, default=4,
+                          help="CPUs of each job (its tokeniser processes unless --workers)")
+    sub_prep.add_argument("--mem", help="memory of each job, e.g. 16G")
+    sub_prep.add_argument("--account")
+    sub_prep.add_argument("--partition")
+    sub_prep.add_argument("--job-name", help="default: prepare-NAME")
+    sub_prep.add_argument("--dry-run", action="store_true",
+                          help="print the scripts instead of submitting them")
+    sub_prep.set_defaults(func=cmd_slurm_prepare)
 
     tracking = sub.add_parser("tracking", help="MLflow tracking",
                               description="The MLflow run of a training run (framework/tracking/).")
@@ -291,33 +397,20 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser(
         "prepare", help="tokenise text/JSONL into WebDataset tar shards",
         description="Tokenise .txt/.jsonl(.gz) files (globs; 'stdlib' for the embedded corpus) "
-        "in parallel, join documents with EOS, cut fixed-length sequences and write "
-        "NAME-000000.tar ... plus manifest.json and tokenizer.model to OUTPUT. Deterministic; "
-        "an up-to-date OUTPUT is left as is.")
-    prep.add_argument("inputs", nargs="+", help="input globs, e.g. 'data/**/*.jsonl.gz', or stdlib")
-    prep.add_argument("-o", "--output", required=True, help="output directory")
-    prep.add_argument("--name", default=_default("name"), help="shard name prefix")
-    prep.add_argument("--seq-len", type=int, default=_default("seq_len"),
-                      help="tokens per sequence")
-    prep.add_argument("--samples-per-shard", type=int, default=_default("samples_per_shard"))
-    prep.add_argument("--text-field", default=_default("jsonl_text_field"),
-                      help="JSONL field holding the text")
-    prep.add_argument("--workers", type=int, default=_default("workers"),
-                      help="tokeniser processes (0: one per core)")
-    prep.add_argument("--seed", type=int, default=_default("seed"),
-                      help="seeds the order of input files")
-    prep.add_argument("--tokenizer", default=None,
-                      help="an existing SentencePiece .model (must hold <|mdm_mask|>); "
-                      "default: train one on the inputs")
-    prep.add_argument("--vocab-size", type=int, default=_default("vocab_size"),
-                      help="when training one")
-    prep.add_argument("--tokenizer-train-bytes", type=int, default=_default("train_bytes"),
-                      help="text sampled to train it")
-    prep.add_argument("--holdout-fraction", type=float, default=_default("holdout_fraction"),
-                      help="hold out this fraction of the documents (by a seeded hash of each) "
-                      "into OUTPUT/holdout/, a dataset of its own for data.validation")
-    prep.add_argument("--holdout-seed", type=int, default=_default("holdout_seed"),
-                      help="seeds the hash that chooses the held-out documents")
+        "in parallel, join documents with EOS, cut fixed-length sequences and write them in a "
+        "seeded random order to NAME-000000.tar ... plus manifest.json and tokenizer.model in "
+        "OUTPUT. Deterministic; an up-to-date OUTPUT is left as is. In parts: --tokenizer-only "
+        "once (unless --tokenizer), then --parts N --part P for each P (on any machines), then "
+        "--merge --parts N; llada slurm prepare submits that as Slurm jobs.")
+    _prepare_arguments(prep)
+    prep.add_argument("--parts", type=int, default=_default("parts"),
+                      help="the dataset is prepared as this many independent parts")
+    prep.add_argument("--part", type=int, default=_default("part"),
+                      help="the part this run prepares, 0 .. parts-1")
+    prep.add_argument("--merge", action="store_true",
+                      help="write the dataset's manifest from its --parts parts' manifests")
+    prep.add_argument("--tokenizer-only", action="store_true",
+                      help="only train (or copy) OUTPUT/tokenizer.model, for the parts to share")
     prep.set_defaults(func=cmd_prepare)
 
     val = sub.add_parser(

@@ -113,7 +113,7 @@ def directives(cfg: Config, opts: SubmitOptions, run_dir: Path) -> Dict[str, Opt
     }
 
 
-def _directive(name: str, value: str) -> str:
+def directive(name: str, value: str) -> str:
     """``#SBATCH --name=value``; sbatch splits values at blanks and ends them at ``#`` unless
     they are double-quoted."""
     if re.search(r'[\s#"\\]', value):
@@ -141,8 +141,8 @@ def render(recipe: Path, overrides: List[str], cfg: Config, opts: SubmitOptions,
         elif name not in placed:  # the first line of a name takes the value; repeats go
             placed.add(name)
             if wanted[name] is not None:
-                kept.append(_directive(name, wanted[name]))
-    kept += [_directive(k, v) for k, v in wanted.items() if v is not None and k not in placed]
+                kept.append(directive(name, wanted[name]))
+    kept += [directive(k, v) for k, v in wanted.items() if v is not None and k not in placed]
     body = lines[header[-1] + 1:]
     if SETTINGS_MARKER not in body:
         raise ConfigError(f"{TEMPLATE}: the line {SETTINGS_MARKER!r} is missing")
@@ -177,19 +177,30 @@ def prepare_submission(recipe: str, overrides: List[str], opts: SubmitOptions,
     return cfg, render(Path(recipe), overrides, cfg, opts)
 
 
+def sbatch_path() -> str:
+    exe = shutil.which("sbatch")
+    if exe is None:
+        raise ConfigError("sbatch: not found on PATH (run on a Slurm login node, or use "
+                          "--dry-run to print the script)")
+    return exe
+
+
+def sbatch(path: Path, *flags: str) -> str:
+    """``sbatch --parsable [flags] PATH``; the job id. RuntimeError: sbatch's own last line."""
+    proc = subprocess.run([sbatch_path(), "--parsable", *flags, str(path)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines() or [f"exit {proc.returncode}"]
+        raise RuntimeError(f"sbatch {path}: {lines[-1]}")
+    return proc.stdout.strip().split(";")[0]
+
+
 def submit(script: str, run_dir: Path) -> Tuple[str, Path]:
     """Write the rendered script under ``run.dir/slurm`` (kept: what ran) and sbatch it;
     returns (job id, script path)."""
-    sbatch = shutil.which("sbatch")
-    if sbatch is None:
-        raise ConfigError("sbatch: not found on PATH (run llada slurm submit on a Slurm login "
-                          "node, or use --dry-run to print the script)")
+    sbatch_path()  # before anything is written
     out = run_dir.resolve() / "slurm"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"submit-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
     path.write_text(script)
-    proc = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = (proc.stderr or proc.stdout).strip().splitlines() or [f"exit {proc.returncode}"]
-        raise RuntimeError(f"sbatch {path}: {lines[-1]}")
-    return proc.stdout.strip().split(";")[0], path
+    return sbatch(path), path

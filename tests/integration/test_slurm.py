@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 import signal
 import subprocess
 import time
@@ -21,8 +22,9 @@ import pytest
 from framework.checkpoint.checkpointer import complete_checkpoints
 from framework.checkpoint.files import tag_for
 from framework.launch.cli import main
-from tests.conftest import DEBUG_RECIPE, REPO, quick_overrides
+from tests.conftest import DEBUG_RECIPE, REPO, quick_overrides, stdlib_glob
 from tests.integration.slurm_cluster import SlurmCluster, why_not_available
+from tests.unit.data_helpers import documents_in, packed_stream
 
 pytestmark = pytest.mark.slow
 
@@ -181,3 +183,75 @@ def test_8b_script_is_accepted_by_sbatch_test_only(slurm_env, capsys, tmp_path, 
     assert refused.returncode != 0 and "node configuration is not available" in refused.stderr
     # the rendered script is itself clean shell
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+PREPARE = ["--seq-len", "64", "--samples-per-shard", "40", "--vocab-size", "512",
+           "--tokenizer-train-bytes", "300000", "--holdout-fraction", "0.1", "--name", "small"]
+
+
+def prepare_array(cluster: SlurmCluster, capsys, output: Path, *extra: str) -> dict:
+    """`llada slurm prepare` of two stdlib packages as 3 parts; waits for the merge."""
+    code = main(["slurm", "prepare", stdlib_glob("json"), stdlib_glob("email"), "-o",
+                 str(output), "--array", "3", "--time", "10:00", "--cpus-per-task", "1",
+                 *PREPARE, *extra])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    merge = out.out.split("merge ")[1].split()[0].strip(" (,")
+    logs = lambda: "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}"  # noqa: E731
+                             for p in sorted((output / "slurm").glob("*.out")))
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        state = cluster.job(merge).get("JobState")
+        if state == "COMPLETED":
+            return json.loads((output / "manifest.json").read_text())
+        if state in ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY"):
+            break
+        time.sleep(0.5)
+    pytest.fail(f"merge job {merge}: {cluster.job(merge)}\n{logs()}\n{cluster.logs()}")
+
+
+def part_documents(manifest: Path, eos: int) -> Counter:
+    """The documents of each part's sequences in packing order (keys PART-INDEX), together."""
+    keys, tokens = packed_stream(manifest)
+    seq_len = len(tokens) // len(keys)
+    parts = sorted({k.split("-")[0] for k in keys})
+    docs: Counter = Counter()
+    for part in parts:
+        rows = [i for i, k in enumerate(keys) if k.startswith(part + "-")]
+        docs.update(documents_in(tokens.reshape(len(keys), seq_len)[rows].reshape(-1), eos))
+    return docs
+
+
+def test_prepare_as_a_slurm_array_of_parts_then_a_merge(slurm_env, capsys, tmp_path):
+    from data_pipeline.config import PrepareConfig, TokenizerConfig
+    from data_pipeline.prepare import prepare
+    from data_pipeline.tokenizer import load_tokenizer
+
+    first = prepare_array(slurm_env, capsys, tmp_path / "a")  # the tokenizer, 3 parts, the merge
+    assert first["parts"] == 3 and len({s["file"][:11] for s in first["shards"]}) == 3
+    assert sorted(p.name.split("-")[2] for p in (tmp_path / "a" / "slurm").glob("*.sbatch")) \
+        == ["merge", "part", "tokenizer"]
+    tok = tmp_path / "a" / "tokenizer.model"
+    # a one-process prepare of the same inputs with the same tokenizer: the same documents,
+    # except at most one cut by each part's end (a part drops its last partial sequence)
+    one = prepare(PrepareConfig(inputs=[stdlib_glob("json"), stdlib_glob("email")],
+                                output=str(tmp_path / "one"), name="small", seq_len=64,
+                                samples_per_shard=40, holdout_fraction=0.1,
+                                tokenizer=TokenizerConfig(model=str(tok))), log=lambda _: None)
+    eos = load_tokenizer(tok).eos_id
+    single = Counter(documents_in(packed_stream(tmp_path / "one" / "manifest.json")[1], eos))
+    parts = part_documents(tmp_path / "a" / "manifest.json", eos)
+    assert not parts - single and sum((single - parts).values()) <= 2
+    assert first["sources"]["documents"] == one["sources"]["documents"]
+    assert abs(first["samples"] - one["samples"]) <= 2
+    held = json.loads((tmp_path / "a" / "holdout" / "manifest.json").read_text())
+    assert held["samples"] == first["holdout"]["samples"] > 0
+
+    # a second array run with that tokenizer given (no tokenizer job): byte-identical shards
+    second = prepare_array(slurm_env, capsys, tmp_path / "b", "--tokenizer", str(tok))
+    assert len(list((tmp_path / "b" / "slurm").glob("*.sbatch"))) == 2
+    assert [(s["file"], s["sha256"]) for s in second["shards"]] == \
+        [(s["file"], s["sha256"]) for s in first["shards"]]
+    for s in second["shards"]:
+        assert (tmp_path / "b" / s["file"]).read_bytes() == \
+            (tmp_path / "a" / s["file"]).read_bytes()

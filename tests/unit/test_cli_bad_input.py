@@ -59,6 +59,8 @@ def test_missing_recipe():
     ("data.validation=[]", ["checkpoint.keep_best", "data.validation"]),  # with keep_best below
     ("data.validation=[{name: 'a b', manifest: x}]", ["data.validation.name", "'a b'"]),
     ("prepare.holdout=1", ["prepare"]),  # no such section
+    ("data.shuffle_buffer=64", ["data.shuffle_buffer", "removed", "data.open_shards"]),
+    ("data.open_shards=0", ["data.open_shards", "> 0"]),
 ])
 def test_bad_override(llada, override, needles):
     extra = ["checkpoint.keep_best=true"] if override == "data.validation=[]" else []
@@ -68,6 +70,29 @@ def test_bad_override(llada, override, needles):
 def test_prepare_holdout_fraction_out_of_range(llada, tmp_path):
     proc = llada(["prepare", "stdlib", "-o", str(tmp_path), "--holdout-fraction", "1.5"])
     assert_one_line_error(proc, "prepare.holdout_fraction", "1.5")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--parts", "3", "--part", "3"], ["prepare.part", "[0, 3)", "3"]),
+    (["--merge", "--parts", "1"], ["prepare.parts", "--merge", "(>= 2)"]),
+    (["--parts", "2", "--merge"], ["part 0 of 2 is missing", "--parts 2 --part 0"]),
+])
+def test_prepare_in_parts_bad_input(llada, tmp_path, small_tokenizer, args, needles):
+    proc = llada(["prepare", "stdlib", "-o", str(tmp_path), "--tokenizer", small_tokenizer, *args])
+    assert_one_line_error(proc, *needles)
+    assert not (tmp_path / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--array", "1"], ["--array", ">= 2"]),
+    (["--array", "4", "--cpus-per-task", "0"], ["--cpus-per-task", ">= 1"]),
+    (["--array", "4", "--time", "soon"], ["--time", "soon"]),
+    (["--array", "4", "--tokenizer", "/no/such.model"], ["--tokenizer", "/no/such.model"]),
+])
+def test_slurm_prepare_bad_input_fails_before_any_job(llada, tmp_path, args, needles):
+    argv = ["slurm", "prepare", "stdlib", "-o", str(tmp_path / "d"), "--time", "1:00:00", *args]
+    assert_one_line_error(llada(argv), *needles)
+    assert not (tmp_path / "d").exists()
 
 
 def test_validate_of_a_directory_without_checkpoints(llada, tmp_path):

@@ -1,14 +1,20 @@
-"""Bad shards never stop the stream: a missing shard, a truncated tar, a corrupt header and a
-garbage sample are skipped with a warning naming shard and key, counted, and the run completes."""
+"""Bad shards never stop the stream: a missing shard, a shard that is not what prepare wrote (cut
+short, one flipped byte in a sample's data), a corrupt header and a garbage sample are skipped with
+a warning naming shard and key, counted, and the run completes; damaged data never reaches a
+batch."""
 
 import contextlib
+import hashlib
 import io
 import json
+import re
 import shutil
 import signal
 import tarfile
 
+import numpy as np
 import pytest
+import torch
 
 from collections import Counter
 
@@ -18,9 +24,34 @@ from tests.conftest import DEBUG_RECIPE, prepare_small, quick_overrides, run_cli
 from tests.unit.data_helpers import make_loader, take
 
 
+def rehash(manifest, *indices):
+    """Record shards' current size and sha256 in the manifest: shards some other writer made
+    with bad content under a matching hash, so that the checks after the hash are reached."""
+    m = json.loads(manifest.read_text())
+    for i in indices:
+        data = (manifest.parent / m["shards"][i]["file"]).read_bytes()
+        m["shards"][i].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    manifest.write_text(json.dumps(m))
+
+
+MEMBER = 1024  # one 64-token uint16 sample: 512-byte header + 128-byte npy header + 128, padded
+
+
+def flip_sample_byte(shard, member: int) -> tuple:
+    """One byte inside the token data of a member flipped, every tar header intact; (the
+    sample's tokens before, after)."""
+    raw = bytearray(shard.read_bytes())
+    start = member * MEMBER + 512 + 128
+    before = np.frombuffer(bytes(raw[start:start + 128]), dtype=np.uint16).copy()
+    raw[start + 37] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    return before, np.frombuffer(bytes(raw[start:start + 128]), dtype=np.uint16).copy()
+
+
 def corrupt_copy(src_manifest, dst):
     """A copy of the dataset with shard 1 truncated, shard 2 holding a garbage sample and a sample
-    with an id outside the vocabulary, shard 3 with a corrupt header, shard 4 missing."""
+    with an id outside the vocabulary, shard 3 with a corrupt header (both under hashes that
+    match), shard 4 missing, shard 5 with one flipped byte inside a sample's data."""
     shutil.copytree(src_manifest.parent, dst)
     m = json.loads((dst / "manifest.json").read_text())
     files = [dst / s["file"] for s in m["shards"]]
@@ -41,34 +72,59 @@ def corrupt_copy(src_manifest, dst):
     raw[512 * 6 + 10] ^= 0xFF  # inside the 4th member's header: checksum no longer matches
     files[3].write_bytes(bytes(raw))
     files[4].unlink()
+    flip_sample_byte(files[5], 7)
+    rehash(dst / "manifest.json", 2, 3)
     return dst / "manifest.json"
+
+
+DAMAGED = {1, 2, 3, 4, 5}
 
 
 def test_bad_shards_and_samples_are_skipped_counted_and_named(small_dataset, tmp_path, capfd):
     bad = corrupt_copy(small_dataset, tmp_path / "bad")
-    loader = make_loader([bad], mb=16, buffer=8, seed=1)
-    # exactly one epoch (every damaged shard once): until the stream has entered epoch 1,
-    # whose first shard (seeded) is an intact one
-    assert ShardStream(load_manifest(bad), 0, 0, 1, 1, 8, Counter()).assigned(1)[0] > 4
+    ds = load_manifest(bad)
+    # exactly one epoch (every damaged shard once): until the stream has entered epoch 1, whose
+    # first open shards (seeded) are intact ones
+    seed = next(s for s in range(100) if not DAMAGED & set(
+        ShardStream(ds, 0, 0, 1, s, 3, Counter()).assigned(1)[:3].tolist()))
+    loader = make_loader([bad], mb=16, open_shards=3, seed=seed)
     while loader.consumed == 0 or loader.slot_states[0]["streams"][0]["epoch"] == 0:
         next(loader)
-    assert loader.counters == {"missing_shards": 1, "corrupt_shards": 2, "bad_samples": 2}
+    assert loader.counters == {"missing_shards": 1, "corrupt_shards": 3, "bad_samples": 2}
     err = capfd.readouterr().err
     assert "small-000004.tar unreadable" in err
-    assert "small-000001.tar: truncated" in err
-    assert "small-000003.tar: corrupt tar header (checksum mismatch) after sample 0000000386" in err
+    assert "small-000001.tar: 3000 bytes, the manifest records" in err
+    assert "small-000005.tar: content does not match the sha256 its manifest records" in err
+    assert re.search(r"small-000003.tar: corrupt tar header \(checksum mismatch\) after sample "
+                     r"\d{10}; rest of shard skipped", err)
     assert "small-000002.tar sample garbage" in err
     assert "sample outofvocab: token id 65535 >= vocabulary size 512" in err
+
+
+def test_a_flipped_byte_in_a_samples_data_never_reaches_a_batch(small_dataset, tmp_path):
+    shutil.copytree(small_dataset.parent, tmp_path / "flip")
+    manifest = tmp_path / "flip" / "manifest.json"
+    ds = load_manifest(manifest)
+    shard = tmp_path / "flip" / ds.shards[0]["file"]
+    before, after = flip_sample_byte(shard, 3)
+    assert not np.array_equal(before, after)
+    with tarfile.open(shard) as t:  # the tar itself is intact: tarfile reads every member
+        assert len(t.getmembers()) == ds.shards[0]["samples"]
+    intact = ds.samples - ds.shards[0]["samples"]
+    loader = make_loader([manifest], mb=16, open_shards=3)
+    rows = torch.cat([b["targets"] for b in take(loader, intact // 16)]).numpy()
+    assert loader.counters == {"missing_shards": 0, "corrupt_shards": 1, "bad_samples": 0}
+    assert not any(np.array_equal(r, after) for r in rows)  # a whole epoch of the others
 
 
 def test_counters_survive_a_resume_without_double_counting(small_dataset, tmp_path):
     bad = corrupt_copy(small_dataset, tmp_path / "bad")
     total = json.loads(bad.read_text())["samples"]
-    straight = make_loader([bad], mb=16, buffer=8)
+    straight = make_loader([bad], mb=16)
     take(straight, total // 16)
-    first = make_loader([bad], mb=16, buffer=8)
+    first = make_loader([bad], mb=16)
     take(first, 40)
-    second = make_loader([bad], mb=16, buffer=8, state=first.state_dict())
+    second = make_loader([bad], mb=16, state=first.state_dict())
     take(second, total // 16 - 40)
     assert second.counters == straight.counters
 
@@ -76,13 +132,16 @@ def test_counters_survive_a_resume_without_double_counting(small_dataset, tmp_pa
 def test_shards_cut_at_a_member_boundary_or_empty_are_truncated_not_short(small_dataset,
                                                                           tmp_path):
     shutil.copytree(small_dataset.parent, tmp_path / "cut")
-    m = json.loads((tmp_path / "cut" / "manifest.json").read_text())
+    manifest = tmp_path / "cut" / "manifest.json"
+    m = json.loads(manifest.read_text())
     first, second = (tmp_path / "cut" / m["shards"][i]["file"] for i in (0, 1))
     first.write_bytes(first.read_bytes()[:1024 * 50])  # exactly 50 whole members, no end marker
     second.write_bytes(b"")
-    stream = ShardStream(load_manifest(tmp_path / "cut" / "manifest.json"), 0, 0, 1, 0, 8,
-                         Counter())
-    assert len(list(stream._read(0))) == 50 and list(stream._read(1)) == []
+    stream = ShardStream(load_manifest(manifest), 0, 0, 1, 0, 8, Counter())
+    assert len(stream._load(0)) == len(stream._load(1)) == 0  # not what prepare wrote: none
+    rehash(manifest, 0, 1)  # under matching hashes the tar reader still tells them truncated
+    stream = ShardStream(load_manifest(manifest), 0, 0, 1, 0, 8, Counter())
+    assert len(stream._load(0)) == 50 and len(stream._load(1)) == 0
     assert stream.counters == {"corrupt_shards": 2}
 
 

@@ -5,16 +5,16 @@ its own."""
 import json
 from collections import Counter
 
-import numpy as np
 import pytest
 
 from data_pipeline.config import PrepareConfig, TokenizerConfig
 from data_pipeline.corpus import expand_inputs, read_documents
 from data_pipeline.errors import DataConfigError
 from data_pipeline.prepare import HOLDOUT_DIR, held_out, prepare
-from data_pipeline.shards import load_manifest, read_sequences
+from data_pipeline.shards import load_manifest
 from data_pipeline.tokenizer import load_tokenizer
 from tests.conftest import SMALL_CORPUS
+from tests.unit.data_helpers import documents_in, packed_stream
 
 FRACTION = 0.15
 
@@ -28,12 +28,8 @@ def make(out, tokenizer, workers=2, fraction=FRACTION, seed=0):
 
 
 def documents_of(manifest_path, eos: int) -> Counter:
-    """The EOS-separated token runs of a dataset's sequences, in order (documents, the last one
-    possibly cut at the dataset's end, and none cut anywhere else: sequences are consecutive)."""
-    stream = read_sequences(load_manifest(manifest_path)).reshape(-1)
-    cuts = np.flatnonzero(stream == eos)
-    runs = np.split(stream, cuts + 1)[:-1]  # the tail after the last EOS may be a cut document
-    return Counter(tuple(r[:-1].tolist()) for r in runs)
+    """The documents of a dataset (sequences in packing order, split at EOS)."""
+    return Counter(documents_in(packed_stream(manifest_path)[1], eos))
 
 
 @pytest.fixture(scope="module")

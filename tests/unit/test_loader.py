@@ -55,20 +55,20 @@ def check_resume(tmp_path, manifests, n, **kwargs):
 
 
 def test_resume_in_a_new_process_continues_exactly(tmp_path, tiny):
-    # 130 batches of 4 cross several shards and stop mid-shard, inside a 16-sample buffer
-    check_resume(tmp_path, [tiny], 130, buffer=16)
+    # 130 batches of 4 drain and replace several of the 3 open shards and stop with 3 half-read
+    check_resume(tmp_path, [tiny], 130, open_shards=3)
 
 
 @pytest.mark.parametrize("dp_rank", [0, 1])
 def test_resume_with_two_data_parallel_ranks_and_two_workers(tmp_path, tiny, other, dp_rank):
     # a two-dataset mixture: the mixture RNG is part of the state too
     check_resume(tmp_path, [tiny, other], 61, dp_rank=dp_rank, dp_size=2, workers=2,
-                 weights=[0.7, 0.3], buffer=16)
+                 weights=[0.7, 0.3], open_shards=2)
 
 
 def test_resume_past_an_epoch_boundary(tmp_path, tiny):
     # one slot holds every shard: ~480 batches of 4 make an epoch
-    check_resume(tmp_path, [tiny], 300, buffer=40)
+    check_resume(tmp_path, [tiny], 300, open_shards=5)
 
 
 def _samples(manifest):
@@ -83,17 +83,14 @@ def test_one_epoch_over_all_ranks_and_workers_reads_every_sample_once(tiny):
     seen = Counter()
     num_slots = 2 * 3  # 2 data-parallel ranks x 3 workers
     for slot in range(num_slots):
-        stream = ShardStream(ds, 0, slot, num_slots, seed=5, buffer=16, counters=Counter())
-        for arr in stream:
-            if stream.epoch > 0:
-                break
-            seen[arr.tobytes()] += 1
-            if stream.cursor == len(stream.assigned(0)) - 1 and stream.offset == \
-                    ds.shards[stream.assigned(0)[-1]]["samples"]:
-                break
+        stream = ShardStream(ds, 0, slot, num_slots, seed=5, open_shards=3, counters=Counter())
+        samples = iter(stream)
+        for _ in range(sum(ds.shards[s]["samples"] for s in stream.assigned(0))):
+            seen[next(samples).tobytes()] += 1
+        assert stream.epoch == 0 and not stream.window  # drained before epoch 1 began
     assert seen == expected
     # a new epoch is another permutation of the shards
-    s = ShardStream(ds, 0, 0, 1, seed=5, buffer=16, counters=Counter())
+    s = ShardStream(ds, 0, 0, 1, seed=5, open_shards=3, counters=Counter())
     assert not np.array_equal(s.assigned(0), s.assigned(1))
 
 
@@ -102,7 +99,7 @@ def test_loader_deals_each_slot_stream_to_its_rank_and_worker(tiny):
     for dp_rank in (0, 1):
         batches = take(make_loader([tiny], dp_rank=dp_rank, dp_size=2, workers=2, mb=4), 12)
         for worker in (0, 1):
-            stream = iter(ShardStream(ds, 0, dp_rank * 2 + worker, 4, seed=0, buffer=16,
+            stream = iter(ShardStream(ds, 0, dp_rank * 2 + worker, 4, seed=0, open_shards=3,
                                       counters=Counter()))
             rows = [torch.from_numpy(next(stream).astype(np.int64)) for _ in range(6 * 4)]
             got = torch.cat([b["targets"] for b in batches[worker::2]])
@@ -119,7 +116,7 @@ def test_global_sample_indices_partition_over_ranks_and_step_counts_accumulation
 
 def test_mixture_follows_the_weights(tiny, other):
     tiny_rows = {a.tobytes() for a in _samples(tiny)}
-    batches = take(make_loader([tiny, other], weights=[3, 1], mb=8, buffer=4), 80)
+    batches = take(make_loader([tiny, other], weights=[3, 1], mb=8, open_shards=2), 80)
     rows = torch.cat([b["targets"] for b in batches]).numpy().astype(np.uint16)
     share = np.mean([r.tobytes() in tiny_rows for r in rows])
     assert abs(share - 0.75) < 0.05
@@ -157,8 +154,8 @@ def test_restoring_into_another_layout_is_refused(tiny):
         make_loader([tiny], dp_rank=0, dp_size=4, workers=2, state=state)
     with pytest.raises(DataConfigError, match=r"workers 2 -> 1"):
         make_loader([tiny], dp_rank=0, dp_size=2, workers=1, state=state)
-    with pytest.raises(DataConfigError, match=r"shuffle_buffer 16 -> 8"):  # replay needs the same
-        make_loader([tiny], dp_rank=0, dp_size=2, workers=2, buffer=8, state=state)
+    with pytest.raises(DataConfigError, match=r"open_shards 3 -> 2"):  # replay needs the same
+        make_loader([tiny], dp_rank=0, dp_size=2, workers=2, open_shards=2, state=state)
 
 
 def test_fewer_shards_than_readers_is_a_clear_error(tiny):

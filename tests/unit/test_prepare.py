@@ -10,6 +10,7 @@ import webdataset as wds
 from data_pipeline.shards import load_manifest
 from data_pipeline.tokenizer import load_tokenizer
 from tests.conftest import prepare_small, run_cli, stdlib_glob
+from tests.unit.data_helpers import packed_stream
 
 
 def shard_bytes(manifest):
@@ -42,15 +43,21 @@ def test_manifest_describes_the_shards(small_dataset, small_tokenizer):
 
 def test_shards_hold_the_documents_joined_by_eos(small_dataset, small_tokenizer):
     tok = load_tokenizer(small_tokenizer)
-    ds = load_manifest(small_dataset)
-    # a plain webdataset reader decodes our shards too
-    samples = list(wds.WebDataset(ds.url(0), shardshuffle=False).decode())
-    assert [s["__key__"] for s in samples[:2]] == ["0000000000", "0000000001"]
-    stream = np.concatenate([s["tokens.npy"] for s in samples])
+    keys, stream = packed_stream(small_dataset)  # a plain webdataset reader decodes ours too
+    assert keys == [f"{i:010d}" for i in range(len(keys))]
     assert stream.dtype == np.uint16 and 3 not in stream
     first_doc = stream[:int(np.argmax(stream == tok.eos_id))].tolist()
     text = tok.decode(first_doc)
     assert len(text) > 100 and text in "".join(open(f).read() for f in _small_files())
+
+
+def test_sequences_are_spread_over_the_shards_in_a_seeded_order(small_dataset):
+    ds = load_manifest(small_dataset)
+    n = ds.samples
+    first = [int(s["__key__"]) for s in wds.WebDataset(ds.url(0), shardshuffle=False)]
+    # a uniform sample of the whole dataset, not a run of neighbours: its keys cover the range
+    assert len(first) == 128 and min(first) < n // 10 and max(first) > n - n // 10
+    assert np.mean(np.diff(sorted(first))) > n / 256
 
 
 def _small_files():
