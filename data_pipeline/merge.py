@@ -62,12 +62,12 @@ def merge(cfg: PrepareConfig, log=print) -> dict:
         log(f"llada prepare: {out / MANIFEST} is up to date ({done['samples']} samples)")
         return done
     parts = [_part(cfg, files, p) for p in range(cfg.parts)]  # every refusal before any write
-    (out / MANIFEST).unlink(missing_ok=True)
     tok = tokenizer_for(files, cfg.tokenizer, out / TOKENIZER_FILE, cfg.jsonl_text_field)
     for p, m in enumerate(parts):
         if m["tokenizer"]["sha256"] != tok.sha256:
             raise DataConfigError(f"prepare --merge: part {p} of {cfg.parts} was tokenised with "
                                   f"another tokenizer than {cfg.tokenizer.model}")
+    (out / MANIFEST).unlink(missing_ok=True)
     sources = {k: sum(m["sources"][k] for m in parts) for k in SOURCE_COUNTS}
     manifest = manifest_of(cfg, cfg.name, [s for m in parts for s in m["shards"]],
                            sum(m["sources"]["dropped_tail_tokens"] for m in parts), tok, fp,

@@ -51,6 +51,7 @@ from data_pipeline.tokenizer import load_tokenizer, tokenizer_for
 SEQUENCE_ORDER = "shuffled-1"  # in the fingerprint: shards of the unshuffled order are redone
 HOLDOUT_DIR = "holdout"  # beside the manifest: the held-out split, a dataset of its own
 SKIPPED_FILE = "skipped-inputs.txt"  # beside the manifest: every input prepare skipped, and why
+SOURCE_COUNTS = ("files", "documents", "empty_files", "bad_lines", "unreadable_files")  # manifest
 CHUNK_CHARS = 1 << 20  # text per task sent to a worker: large enough to amortise the IPC
 
 _worker_sp = None  # the SentencePiece model of a worker process
@@ -363,8 +364,6 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
             f"{len(held.shards)} shards" + ("" if in_parts else f"; {held_dir / MANIFEST}"))
     return manifest
 
-
-SOURCE_COUNTS = ("files", "documents", "empty_files", "bad_lines", "unreadable_files")
 
 
 def _kinds(counts) -> str:
