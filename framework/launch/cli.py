@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from data_pipeline.errors import DataConfigError
 from framework.config import ConfigError
@@ -250,17 +250,16 @@ def _default(name: str):
     return cls.__dataclass_fields__[name].default
 
 
-# llada prepare's options that llada slurm prepare hands on to its jobs: (flag, dest)
-_PREPARE_FLAGS = [("--name", "name"), ("--seq-len", "seq_len"),
-                  ("--samples-per-shard", "samples_per_shard"), ("--text-field", "text_field"),
-                  ("--workers", "workers"), ("--seed", "seed"), ("--tokenizer", "tokenizer"),
-                  ("--vocab-size", "vocab_size"),
-                  ("--tokenizer-train-bytes", "tokenizer_train_bytes"),
-                  ("--holdout-fraction", "holdout_fraction"), ("--holdout-seed", "holdout_seed")]
+def _prepare_arguments(parser: argparse.ArgumentParser) -> List[Tuple[str, str]]:
+    """The options of llada prepare, shared with llada slurm prepare; returns (flag, dest) of
+    each option but the output, which llada slurm prepare hands on to its jobs."""
+    added = []
 
+    class _Recorder:  # records what it adds: the one list of these options
+        def add_argument(self, *args, **kwargs):
+            added.append(parser.add_argument(*args, **kwargs))
 
-def _prepare_arguments(prep: argparse.ArgumentParser) -> None:
-    """The options of llada prepare, shared with llada slurm prepare (_PREPARE_FLAGS)."""
+    prep = _Recorder()
     prep.add_argument("inputs", nargs="+", help="input globs, e.g. 'data/**/*.jsonl.gz', or stdlib")
     prep.add_argument("-o", "--output", required=True, help="output directory")
     prep.add_argument("--name", default=_default("name"), help="shard name prefix")
@@ -285,6 +284,12 @@ def _prepare_arguments(prep: argparse.ArgumentParser) -> None:
                       "into OUTPUT/holdout/, a dataset of its own for data.validation")
     prep.add_argument("--holdout-seed", type=int, default=_default("holdout_seed"),
                       help="seeds the hash that chooses the held-out documents")
+    return [(a.option_strings[-1], a.dest) for a in added
+            if a.option_strings and a.dest != "output"]
+
+
+# llada prepare's options that llada slurm prepare hands on to its jobs: (flag, dest)
+_PREPARE_FLAGS = _prepare_arguments(argparse.ArgumentParser(add_help=False))
 
 
 def _recipe_arguments(parser: argparse.ArgumentParser) -> None:
