@@ -6,13 +6,17 @@
 #   bash install.sh                 the Python stack
 #   bash install.sh --with-slurm    also Debian's Slurm, munge and shellcheck (as root or with
 #                                   sudo), which the tests' real single-node Slurm cluster needs
+#   bash install.sh --with-eval     also the eval extra (the lm-evaluation-harness, for
+#                                   llada lm-eval; the test command installs it)
 set -euo pipefail
 cd "$(dirname "$0")"
 with_slurm=0
+extras=test
 for arg in "$@"; do
   case "$arg" in
     --with-slurm) with_slurm=1 ;;
-    *) echo "install.sh: unknown option $arg (known: --with-slurm)" >&2; exit 2 ;;
+    --with-eval) extras=test,eval ;;
+    *) echo "install.sh: unknown option $arg (known: --with-slurm, --with-eval)" >&2; exit 2 ;;
   esac
 done
 
@@ -35,4 +39,4 @@ TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 DEEPSPEED_VERSION=${DEEPSPEED_VERSION:-0.19.8}
 python -m pip install -q "torch==${TORCH_VERSION}"
 python -m pip install -q --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}"
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[${extras}]"

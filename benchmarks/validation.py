@@ -38,12 +38,14 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=32)
     args = parser.parse_args()
 
+    import torch
+
     from benchmarks.results import machine, record, today
     from data_pipeline.shards import load_manifest
     from framework.checkpoint.hf_files import open_checkpoint
     from framework.config import EvalConfig, ParallelConfig
-    from framework.evaluation.validate import load_model
     from framework.evaluation.validator import HeldOutSet, Validator
+    from framework.inference.model import load
     from framework.model.model import vocab_cross_entropy
     from framework.parallel.world import init_world
 
@@ -51,7 +53,7 @@ def main() -> None:
     manifest = args.data or meta["config"]["data"]["validation"][0]["manifest"]
     held = HeldOutSet.read("heldout", load_manifest(manifest), args.sequences)
     world = init_world(ParallelConfig(), "auto")
-    model = load_model(tag, meta, model_cfg, world.device)
+    model = load(tag, "auto", dtype=torch.float32).model
     cfg = EvalConfig(sequences=args.sequences, t_samples=args.t_samples)
     n, seq_len = held.tokens.shape
     rows, spreads, means = [], {}, {}

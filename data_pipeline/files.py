@@ -17,3 +17,23 @@ def atomic_write(path: Path, data: bytes, durable: bool = False) -> None:
             f.flush()
             os.fsync(f.fileno())
     tmp.replace(path)
+
+
+def jsonl_records(path: Path, key: str):
+    """(line number, record) of every non-blank line of a JSONL file; a missing file or a line
+    that is not JSON is a DataConfigError naming ``key``, the file and the line."""
+    import json
+
+    from data_pipeline.errors import DataConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataConfigError(f"{key}: file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataConfigError(f"{key}: {path}:{n}: not JSON ({e.msg})") from None

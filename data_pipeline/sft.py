@@ -47,6 +47,14 @@ class ChatFormat:
     def turn(self, role: str, content: str) -> List[int]:
         return self.header(role) + self.tok.encode(content) + [self.ids["eot"]]
 
+    def prompt(self, messages: List[dict]) -> List[int]:
+        """The prompt for the next assistant turn after ``messages`` (what generation with the
+        chat template starts from): the conversation so far, then the assistant's header."""
+        context = [self.ids["bos"]]
+        for m in messages:
+            context = context + self.turn(m["role"], m["content"])
+        return context + self.header("assistant")
+
     def pairs(self, messages: List[dict]) -> List[SFTExample]:
         out: List[SFTExample] = []
         context = [self.ids["bos"]]

@@ -306,3 +306,34 @@ def check_hf_config(config: Mapping[str, Any], cfg: ModelConfig,
         fail("vocab_size", vocab, f"must fit the {padded} embedding rows")
 
 
+
+
+def model_config_from_hf(config: Mapping[str, Any], where: str = "config.json") -> ModelConfig:
+    """The ModelConfig a release-layout config.json describes (the inverse of ``hf_config``;
+    the vocabulary padding is the config's embedding rows themselves), checked by
+    ``check_hf_config``. HFFormatError naming the key otherwise."""
+    def size(key: str) -> int:
+        value = config_value(config, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise HFFormatError(f"{where}: {key} is {json.dumps(value)}, not a positive integer")
+        return value
+
+    if config.get("model_type") != MODEL_TYPE:
+        raise HFFormatError(f"{where}: model_type is {json.dumps(config.get('model_type'))} but "
+                            f"a LLaDA checkpoint has {MODEL_TYPE!r}")
+    d_model, heads = size("d_model"), size("n_heads")
+    mqa = config_value(config, "multi_query_attention")
+    kv = config_value(config, "n_kv_heads") or (1 if mqa else heads)
+    mlp = config_value(config, "mlp_hidden_size") or size("mlp_ratio") * d_model
+    vocab = size("vocab_size")
+    embedding = config_value(config, "embedding_size") or vocab
+    try:
+        cfg = ModelConfig(num_layers=size("n_layers"), hidden_size=d_model,
+                          num_attention_heads=heads, num_kv_heads=kv, ffn_hidden_size=mlp,
+                          vocab_size=vocab, pad_vocab_to_multiple_of=embedding,
+                          rope_theta=float(config_value(config, "rope_theta")),
+                          norm_eps=float(config_value(config, "rms_norm_eps")))
+    except (TypeError, ValueError) as e:
+        raise HFFormatError(f"{where}: {e}") from None
+    check_hf_config(config, cfg, where)
+    return cfg

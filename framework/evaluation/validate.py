@@ -1,8 +1,8 @@
 """``llada validate RUN_DIR|CHECKPOINT [--data MANIFEST ...]``: the held-out bound of a checkpoint
 of any layout, on one process, with the estimator and masks the run's own evaluations use.
 
-The checkpoint's full fp32 weights (read as ``llada export`` reads them) go into a one-process
-model; the sets are ``--data`` manifests or the run's ``data.validation``; the evaluation
+The checkpoint's full fp32 weights (read as ``llada export`` reads them; or an export
+directory's, framework/inference/model.py) go into a one-process model; the sets are ``--data`` manifests or the run's ``data.validation``; the evaluation
 settings are the run's ``eval`` section unless given. On a CPU the model runs in fp32, so a run
 trained and evaluated in bf16 reads slightly differently here.
 """
@@ -18,12 +18,9 @@ import torch
 from data_pipeline.config import DataConfig, ValidationSetConfig
 from data_pipeline.datasets import check_tokenizer
 from data_pipeline.shards import load_manifest
-from framework.checkpoint.files import TOKENIZER
-from framework.checkpoint.hf_files import open_checkpoint
-from framework.checkpoint.reshard import Layout, read_weights
 from framework.config import ConfigError, EvalConfig, ParallelConfig, from_data
 from framework.evaluation.validator import HeldOutSet, Validator
-from framework.model.model import build_model, transformer_config, vocab_cross_entropy
+from framework.model.model import vocab_cross_entropy
 from framework.parallel.world import init_world
 
 
@@ -47,55 +44,46 @@ def _sets(manifests: List[str], saved_data: dict) -> List[ValidationSetConfig]:
 def validate(source: Path, manifests: List[str] = (), *, sequences: Optional[int] = None,
              t_samples: Optional[int] = None, seed: Optional[int] = None,
              micro_batch_size: Optional[int] = None, device: str = "cpu",
-             warn=print) -> dict:
-    """The report: the checkpoint, its step, the settings and each set's statistics."""
-    tag, meta, model_cfg = open_checkpoint(source, warn)
+             warn=print, key: str = "CHECKPOINT") -> dict:
+    """The report: the model, its step, the settings and each set's statistics. ``source``: a
+    checkpoint (its run's eval settings and held-out sets are the defaults) or an ``llada
+    export`` directory (the defaults of ``EvalConfig``; ``manifests`` needed)."""
+    from framework.checkpoint.checkpointer import read_meta
+    from framework.inference.model import load
+
+    im = load(source, device, dtype=torch.float32, warn=warn, key=key)
+    saved = read_meta(Path(im.source))["config"] if im.step is not None else {}
     changes = {"sequences": sequences, "t_samples": t_samples, "seed": seed,
                "micro_batch_size": micro_batch_size}
-    cfg = from_data(EvalConfig, meta["config"].get("eval") or {},
+    cfg = from_data(EvalConfig, saved.get("eval") or {},
                     {k: v for k, v in changes.items() if v is not None}, key="eval")
-    specs = _sets(list(manifests), meta["config"]["data"])
+    specs = _sets(list(manifests), saved.get("data") or {})
     held = []
     for i, v in enumerate(specs):
-        key = f"--data {v.manifest}" if manifests else f"data.validation[{i}].manifest"
-        shards = load_manifest(v.manifest, v.shards_url, key=key)
-        check_tokenizer(shards, meta["tokenizer_sha256"][0], meta["special_ids"],
-                        f"{tag / TOKENIZER}", key)
+        where = f"--data {v.manifest}" if manifests else f"data.validation[{i}].manifest"
+        shards = load_manifest(v.manifest, v.shards_url, key=where)
+        check_tokenizer(shards, im.tokenizer.sha256, im.special, f"{im.tokenizer.path}", where)
         held.append(HeldOutSet.read(v.name, shards, cfg.sequences))
 
-    world = init_world(ParallelConfig(), device)
-    model = load_model(tag, meta, model_cfg, world.device)
-    validator = Validator(cfg, held, world, model,
+    world = init_world(ParallelConfig(), device)  # the one load set up
+    validator = Validator(cfg, held, world, im.model,
                           micro_batch_size=cfg.micro_batch_size or 32,
-                          mask_id=meta["special_ids"]["mask"], cross_entropy=vocab_cross_entropy)
+                          mask_id=im.mask_id, cross_entropy=vocab_cross_entropy)
     results = {}
     for h, v in zip(held, specs):
         results[h.name] = {"manifest": str(v.manifest), "sequences": int(h.tokens.shape[0]),
                            "seq_len": int(h.tokens.shape[1]), "text_bytes": h.text_bytes,
                            **validator.evaluate_set(h)}
-    return {"checkpoint": str(tag), "step": meta["step"],
+    return {"checkpoint": im.source, "step": im.step,
             "eval": {"t_samples": cfg.t_samples, "seed": cfg.seed, "estimator": "stratified"},
             "sets": results}
-
-
-def load_model(tag: Path, meta: dict, model_cfg, device: torch.device) -> torch.nn.Module:
-    """The whole model on one process (fp32), with a checkpoint's weights of any layout."""
-    mcfg = transformer_config(model_cfg, tensor_parallel=1, params_dtype=torch.float32,
-                              on_cpu=device.type == "cpu")
-    model = build_model(model_cfg, mcfg).to(device)
-    weights = read_weights(tag, Layout.saved(meta["layout"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name not in weights or weights[name].shape != p.shape:
-                raise ConfigError(f"{tag}: parameter {name} is missing or of another shape")
-            p.copy_(weights[name])
-    return model
 
 
 def table(report: dict) -> str:
     """The report as a few aligned lines: one per set, then its bound by mask ratio."""
     head = f"{'set':<24} {'seqs':>6} {'loss':>9} {'± mc':>8} {'± seqs':>8} {'bpb':>8}"
-    lines = [f"{report['checkpoint']} (step {report['step']}), "
+    step = f"step {report['step']}" if report["step"] is not None else "an export"
+    lines = [f"{report['checkpoint']} ({step}), "
              f"{report['eval']['t_samples']} draws per sequence, seed {report['eval']['seed']}",
              head, "-" * len(head)]
     for name, r in report["sets"].items():

@@ -3,16 +3,41 @@
 megatron-core's own ``DotProductAttention`` assumes CUDA and a causal/padding mask; LLaDA needs
 every token to attend to every token. SDPA picks the flash backend on CUDA (bf16/fp16) and runs
 on CPU; ``enable_gqa`` lets it read grouped key/value heads without materialising copies.
+
+Training passes no mask. Inference (framework/inference/) passes an ``Attend`` in megatron's
+``attention_mask`` argument, which megatron hands through unchanged: which keys are real (padding
+of a batch of prompts is attended by nobody) and a key/value cache, so that a forward of a span
+of the sequence (the current block of the sampler) reads the other positions' keys and values
+from a forward of the whole sequence. The same layer code runs in both; only the keys and
+values attended differ.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+@dataclass
+class Attend:
+    """What inference hands every layer's attention in place of a mask.
+
+    ``key_mask`` [b, S] bool: True where a position holds a real token (S: the whole sequence);
+    False positions are attended by nobody. ``start``: where this forward's tokens begin in the
+    whole sequence (its RoPE positions follow). ``cache``: with ``store``, this forward covers the
+    whole sequence and each layer keeps its keys and values [b, kv heads, S, d]; without, this
+    forward covers positions [start, start + s) and attends to the cached keys and values with
+    that span's replaced by its fresh ones."""
+
+    key_mask: Optional[torch.Tensor] = None
+    start: int = 0
+    cache: Optional[Dict[int, tuple]] = field(default=None)
+    store: bool = False
 
 
 class BidirectionalSDPA(MegatronModule):
@@ -28,19 +53,39 @@ class BidirectionalSDPA(MegatronModule):
         # them (no mask type, no dropout in LLaDA, default 1/sqrt(d) scale, no context parallel).
         if config.context_parallel_size != 1:
             raise ValueError("BidirectionalSDPA does not support context parallelism")
+        self.layer_number = layer_number  # the key of this layer's entry in an Attend's cache
         self.softmax_scale = softmax_scale
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor], attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None) -> torch.Tensor:
-        if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
+        attend = attention_mask
+        if (attend is not None and not isinstance(attend, Attend)) or attention_bias is not None \
+                or packed_seq_params is not None:
             raise ValueError("LLaDA attention is bidirectional: no mask, bias or packing")
         s, b, heads, d = query.shape
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # -> [b, h, s, d]
+        mask = None
+        if attend is not None:
+            k, v = self._cached(attend, k, v)
+            if attend.key_mask is not None:
+                mask = attend.key_mask[:, None, None, :].to(q.device)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None, is_causal=False, scale=self.softmax_scale,
+            q, k, v, attn_mask=mask, is_causal=False, scale=self.softmax_scale,
             dropout_p=self.dropout_p if self.training else 0.0,
             enable_gqa=k.shape[1] != heads,
         )
         return out.permute(2, 0, 1, 3).reshape(s, b, heads * d)
+
+    def _cached(self, attend: Attend, k: torch.Tensor, v: torch.Tensor):
+        """This forward's keys and values, completed from (or stored into) the cache."""
+        if attend.cache is None:
+            return k, v
+        if attend.store:
+            attend.cache[self.layer_number] = (k, v)
+            return k, v
+        ck, cv = attend.cache[self.layer_number]
+        lo, hi = attend.start, attend.start + k.shape[2]
+        return (torch.cat([ck[:, :, :lo], k, ck[:, :, hi:]], dim=2),
+                torch.cat([cv[:, :, :lo], v, cv[:, :, hi:]], dim=2))

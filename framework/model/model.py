@@ -28,6 +28,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.utils.checkpoint import checkpoint
 
 from framework.config import ModelConfig
+from framework.model.attention import Attend
 from framework.model.params import padded_vocab_size
 from framework.model.spec import RMSNorm, llada_layer_spec
 from framework.parallel.layout import recompute_flags, stage_bounds
@@ -82,8 +83,9 @@ class RotaryAngles(torch.nn.Module):
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, seq_len: int) -> torch.Tensor:
-        pos = torch.arange(seq_len, device=self.inv_freq.device, dtype=torch.float32)
+    def forward(self, seq_len: int, start: int = 0) -> torch.Tensor:
+        pos = torch.arange(start, start + seq_len, device=self.inv_freq.device,
+                           dtype=torch.float32)
         freqs = torch.outer(pos, self.inv_freq)
         return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
 
@@ -122,19 +124,21 @@ class Layer(MegatronModule):
         self.rotary = RotaryAngles(config.kv_channels, cfg.rope_theta)
         self.recompute = recompute
 
-    def _run(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _run(self, hidden: torch.Tensor, attend: Optional[Attend] = None) -> torch.Tensor:
         seq_len = hidden.shape[0] * (self.config.tensor_model_parallel_size
                                      if self.config.sequence_parallel else 1)
-        out, _ = self.layer(hidden, attention_mask=None, rotary_pos_emb=self.rotary(seq_len))
+        angles = self.rotary(seq_len, attend.start if attend is not None else 0)
+        out, _ = self.layer(hidden, attention_mask=attend, rotary_pos_emb=angles)
         return out
 
-    def forward(self, inputs: Flow) -> Flow:
+    def forward(self, inputs: Flow, attend: Optional[Attend] = None) -> Flow:
+        """``attend``: inference only (padding mask, key/value cache: model/attention.py)."""
         hidden, select = inputs
         if self.recompute and torch.is_grad_enabled():
             # no dropout in LLaDA: the recomputed forward is the same computation exactly
             hidden = checkpoint(self._run, hidden, use_reentrant=False)
         else:
-            hidden = self._run(hidden)
+            hidden = self._run(hidden, attend)
         return hidden, select
 
 
@@ -174,18 +178,21 @@ def piece_specs(cfg: ModelConfig, config: TransformerConfig,
 
 class LLaDAModel(torch.nn.Module):
     """All pieces in one process: ``model(input_ids [b, s], select [b, s] bool)`` -> logits
-    [N, V/tp] at the selected positions; without ``select``, [b, s, V/tp] at all of them."""
+    [N, V/tp] at the selected positions; without ``select``, [b, s, V/tp] at all of them.
+    ``attend`` (inference): a padding mask and a key/value cache for every layer."""
 
     def __init__(self, pieces: Sequence[torch.nn.Module]):
         super().__init__()
         for i, piece in enumerate(pieces):
             self.add_module(str(i), piece)
 
-    def forward(self, input_ids: torch.Tensor, select: Optional[torch.Tensor] = None):
+    def forward(self, input_ids: torch.Tensor, select: Optional[torch.Tensor] = None,
+                attend: Optional[Attend] = None):
         flow = (input_ids, torch.ones_like(input_ids, dtype=torch.bool) if select is None
                 else select)
         for piece in self.children():
-            flow = piece(flow)
+            flow = piece(flow, attend) if attend is not None and isinstance(piece, Layer) \
+                else piece(flow)
         return flow if select is not None else flow.view(*input_ids.shape, -1)
 
 

@@ -1,0 +1,265 @@
+"""The reverse process (../shared/LLADA.md, sampling): prompt + G masks, N steps, each
+predicting the masked tokens of the current block and committing some of them.
+
+Plain mode is the release's ``generate``: blocks of B tokens generated left to right, N·B/G steps
+each, the linear schedule of commits per step (B / steps, the remainder over the first steps),
+low-confidence remasking (commit the predictions whose probability is highest) or random, Gumbel-
+max sampling in float64 at temperature > 0, classifier-free guidance ``u + (w + 1)(c - u)`` with
+the unconditional row's prompt masked. Ties in confidence go to the lower position (a stable
+sort; the release's ``topk`` leaves them unspecified). Only the current block's positions are
+predicted (the head runs there alone), so nothing after it can be committed.
+
+Fast mode (Fast-dLLM's two ideas): ``cache`` keeps every layer's keys and values from a forward
+of the whole sequence at the start of a block and, for the block's other steps, runs only the
+block (``dual``: the committed prefix and the masked suffix from the cache) or the block and
+everything after it (``prefix``); ``threshold`` commits every masked position of the block whose
+confidence exceeds it (at least the most confident one), so a block takes as many steps as it
+needs. With ``refresh: step`` and no threshold the cache is rebuilt every step and fast mode
+gives plain mode's tokens exactly (tested).
+
+Randomness (temperature > 0, random remasking) comes from one generator per prompt, seeded by
+(seed, the prompt's index): a prompt's tokens do not depend on the batch it ran in.
+``stop_at_eos``: a row is finished once a stop token (EOS, <|eot_id|>) is committed with nothing
+masked before it; what follows could not change its completion, so it is left as it is.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from framework.config import ConfigError
+from framework.inference.model import InferenceModel
+from framework.model.attention import Attend
+
+REMASKING = ("low_confidence", "random")
+CACHE = ("none", "prefix", "dual")
+REFRESH = ("block", "step")
+
+
+@dataclass
+class SamplerConfig:
+    gen_length: int = 128  # G: tokens generated after the prompt
+    steps: int = 128  # N: forward passes in all (plain mode)
+    block_length: int = 128  # B: semi-autoregressive blocks (B = G: one block)
+    remasking: str = "low_confidence"
+    temperature: float = 0.0
+    cfg_scale: float = 0.0  # classifier-free guidance weight w (0: off)
+    stop_at_eos: bool = True
+    seed: int = 0
+    cache: str = "none"  # fast mode: none | prefix | dual
+    refresh: str = "block"  # when the cache is rebuilt: block (fast) | step (exact)
+    threshold: Optional[float] = None  # fast mode: commit every position above this confidence
+    batch_size: int = 8  # prompts per forward
+
+    def __post_init__(self):
+        def need(cond: bool, flag: str, msg: str):
+            if not cond:
+                raise ConfigError(f"{flag}: {msg}")
+        for flag, value in (("--gen-length", self.gen_length), ("--steps", self.steps),
+                            ("--block-length", self.block_length),
+                            ("--batch-size", self.batch_size)):
+            need(isinstance(value, int) and value > 0, flag, f"must be a positive integer, got "
+                 f"{value!r}")
+        need(self.gen_length % self.block_length == 0, "--block-length",
+             f"{self.block_length} does not divide --gen-length {self.gen_length}")
+        blocks = self.gen_length // self.block_length
+        need(self.steps % blocks == 0, "--steps",
+             f"{self.steps} is not a multiple of the {blocks} blocks (--gen-length "
+             f"{self.gen_length} / --block-length {self.block_length})")
+        need(self.remasking in REMASKING, "--remasking", f"one of {', '.join(REMASKING)}, got "
+             f"{self.remasking!r}")
+        need(self.temperature >= 0, "--temperature", f"must be >= 0, got {self.temperature}")
+        need(self.cfg_scale >= 0, "--cfg-scale", f"must be >= 0, got {self.cfg_scale}")
+        need(self.cache in CACHE, "--cache", f"one of {', '.join(CACHE)}, got {self.cache!r}")
+        need(self.refresh in REFRESH, "--refresh", f"one of {', '.join(REFRESH)}, got "
+             f"{self.refresh!r}")
+        need(self.threshold is None or 0 < self.threshold < 1, "--threshold",
+             f"must be in (0, 1), got {self.threshold}")
+
+    @property
+    def blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.blocks
+
+
+@dataclass
+class Completion:
+    tokens: List[int]  # the completion, up to (not including) its stop token
+    steps: int  # forward passes this prompt's row took part in
+    generated: int  # positions committed (the completion, its stop token and any after it)
+    seconds: float  # wall time of the batch it ran in
+    batch_generated: int  # positions committed by the whole batch (tokens/s of the batch)
+
+
+def commit_schedule(masked: int, steps: int) -> List[int]:
+    """How many of ``masked`` positions each of ``steps`` steps commits: the linear schedule,
+    ``masked // steps`` each and one more in the first ``masked % steps`` steps."""
+    base, extra = divmod(masked, steps)
+    return [base + (1 if i < extra else 0) for i in range(steps)]
+
+
+def _row_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + index) & (2**63 - 1))
+
+
+class _Batch:
+    """One batch of prompts being generated: its tokens, masks and cache."""
+
+    def __init__(self, im: InferenceModel, prompts: Sequence[Sequence[int]], cfg: SamplerConfig,
+                 first_index: int):
+        self.im, self.cfg = im, cfg
+        self.plen = max(len(p) for p in prompts)
+        total = self.plen + cfg.gen_length
+        ids, self.real = im.pad_left([list(p) + [im.mask_id] * cfg.gen_length for p in prompts],
+                                     pad_to=total)
+        self.x = ids
+        self.prompt = self.real.clone()
+        self.prompt[:, self.plen:] = False
+        self.gens = [_row_generator(cfg.seed, first_index + i, im.device)
+                     for i in range(len(prompts))]
+        self.cache: Optional[dict] = None
+        self.done = torch.zeros(len(prompts), dtype=torch.bool, device=im.device)
+        self.steps = torch.zeros(len(prompts), dtype=torch.long)
+
+    def _inputs(self, x: torch.Tensor):
+        """The rows to run: with guidance, each row and its unconditional twin."""
+        if self.cfg.cfg_scale == 0:
+            return x, self.real
+        uncond = x.masked_fill(self.prompt, self.im.mask_id)
+        return torch.cat([x, uncond]), torch.cat([self.real, self.real])
+
+    def _guided(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.cfg.cfg_scale == 0:
+            return logits
+        cond, uncond = logits.chunk(2)
+        return uncond + (self.cfg.cfg_scale + 1) * (cond - uncond)
+
+    def block_logits(self, lo: int, hi: int, fresh: bool) -> torch.Tensor:
+        """[b, B, vocab] float32 logits of the block [lo, hi). ``fresh``: the cache (if any) is
+        rebuilt by a forward of the whole sequence; otherwise only the span runs."""
+        x, real = self._inputs(self.x)
+        b, total = x.shape
+        cfg = self.cfg
+        if cfg.cache == "none" or fresh or self.cache is None:
+            select = torch.zeros_like(real)
+            select[:, lo:hi] = True
+            self.cache = {} if cfg.cache != "none" else None
+            attend = Attend(key_mask=real, cache=self.cache, store=self.cache is not None)
+            logits = self.im.logits(x, select, attend)
+        else:
+            end = hi if cfg.cache == "dual" else total
+            select = torch.zeros(b, end - lo, dtype=torch.bool, device=x.device)
+            select[:, :hi - lo] = True
+            logits = self.im.logits(x[:, lo:end], select,
+                                    Attend(key_mask=real, start=lo, cache=self.cache))
+        return self._guided(logits.view(b, hi - lo, -1))
+
+    def step(self, lo: int, hi: int, count: Optional[int], fresh: bool) -> None:
+        """One step: predict the block, commit ``count`` positions per row (None: by the
+        threshold) among its masked ones."""
+        cfg, im = self.cfg, self.im
+        logits = self.block_logits(lo, hi, fresh)
+        block = self.x[:, lo:hi]
+        active = ~self.done
+        self.steps += active.cpu().long()
+        for r in torch.nonzero(active).flatten().tolist():
+            masked = block[r] == im.mask_id
+            if not masked.any():
+                continue
+            lg = logits[r].double()
+            if cfg.temperature > 0:  # Gumbel-max, float64: argmax of logits - T log(-log u)
+                u = torch.rand(lg.shape, generator=self.gens[r], device=lg.device,
+                               dtype=torch.float64)
+                pred = torch.argmax(lg - cfg.temperature * torch.log(-torch.log(u)), dim=-1)
+            else:
+                pred = torch.argmax(lg, dim=-1)
+            if cfg.remasking == "low_confidence":
+                conf = F.softmax(lg, dim=-1).gather(-1, pred[:, None]).squeeze(-1)
+            else:
+                conf = torch.rand(pred.shape, generator=self.gens[r], device=lg.device,
+                                  dtype=torch.float64)
+            conf = torch.where(masked, conf, torch.full_like(conf, -float("inf")))
+            k = count
+            if k is None:
+                k = max(1, int((conf > cfg.threshold).sum()))
+            k = min(k, int(masked.sum()))
+            order = torch.sort(conf, descending=True, stable=True).indices[:k]
+            block[r, order] = pred[order]
+        self.x[:, lo:hi] = block
+        if cfg.stop_at_eos:
+            self._finish_rows()
+
+    def _finish_rows(self) -> None:
+        gen = self.x[:, self.plen:]
+        stop = torch.zeros_like(gen, dtype=torch.bool)
+        for s in self.im.stop_ids:
+            stop |= gen == s
+        before = torch.cumsum((gen == self.im.mask_id).long(), dim=1)  # masks up to here
+        self.done |= (stop & (before == 0)).any(dim=1)
+
+    def block_done(self, lo: int, hi: int) -> bool:
+        pending = (self.x[:, lo:hi] == self.im.mask_id).any(dim=1) & ~self.done
+        return not bool(pending.any())
+
+
+def _completion(gen: List[int], stop_ids: Sequence[int], mask_id: int) -> List[int]:
+    for i, t in enumerate(gen):
+        if t in stop_ids or t == mask_id:
+            return gen[:i]
+    return gen
+
+
+def generate(im: InferenceModel, prompts: Sequence[Sequence[int]], cfg: SamplerConfig,
+             trace: Optional[Callable[[torch.Tensor, int, int, int], None]] = None
+             ) -> List[Completion]:
+    """Completions of token prompts, ``cfg.batch_size`` at a time. ``trace(x, plen, lo, hi)``
+    is called after every step with the batch's tokens (tests check the invariants on it)."""
+    too_long = [i for i, p in enumerate(prompts) if len(p) + cfg.gen_length > im.max_length]
+    if too_long:
+        i = too_long[0]
+        raise ConfigError(f"prompt {i + 1}: {len(prompts[i])} tokens + --gen-length "
+                          f"{cfg.gen_length} exceed the model's maximum length {im.max_length} "
+                          f"(the sequence length it was trained at)")
+    if any(len(p) == 0 for p in prompts):
+        raise ConfigError("a prompt is empty")
+    out: List[Completion] = []
+    for first in range(0, len(prompts), cfg.batch_size):
+        out += _generate_batch(im, prompts[first:first + cfg.batch_size], cfg, first, trace)
+    return out
+
+
+@torch.no_grad()
+def _generate_batch(im, prompts, cfg: SamplerConfig, first: int, trace) -> List[Completion]:
+    start = time.perf_counter()
+    batch = _Batch(im, prompts, cfg, first)
+    for blk in range(cfg.blocks):
+        lo = batch.plen + blk * cfg.block_length
+        hi = lo + cfg.block_length
+        schedule = commit_schedule(cfg.block_length, cfg.steps_per_block)
+        step = 0
+        while not batch.block_done(lo, hi):
+            if cfg.threshold is None and step >= len(schedule):
+                raise RuntimeError("the schedule ended with masks left")  # cannot happen
+            count = None if cfg.threshold is not None else schedule[step]
+            batch.step(lo, hi, count, fresh=step == 0 or cfg.refresh == "step")
+            step += 1
+            if trace is not None:
+                trace(batch.x.clone(), batch.plen, lo, hi)
+        if bool(batch.done.all()):
+            break
+    if im.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    gen = batch.x[:, batch.plen:].tolist()
+    committed = [sum(t != im.mask_id for t in row) for row in gen]
+    return [Completion(_completion(row, im.stop_ids, im.mask_id), int(batch.steps[i]),
+                       committed[i], seconds, sum(committed))
+            for i, row in enumerate(gen)]
