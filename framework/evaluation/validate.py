@@ -2,8 +2,9 @@
 of any layout, on one process, with the estimator and masks the run's own evaluations use.
 
 The checkpoint's full fp32 weights (read as ``llada export`` reads them; or an export
-directory's, framework/inference/model.py) go into a one-process model; the sets are ``--data`` manifests or the run's ``data.validation``; the evaluation
-settings are the run's ``eval`` section unless given. On a CPU the model runs in fp32, so a run
+directory's: framework/inference/model.py) go into a one-process model; the sets are ``--data``
+manifests or the run's ``data.validation``; the evaluation settings are the run's ``eval``
+section unless given (``llada eval --data`` of an export: EvalConfig's defaults). On a CPU the model runs in fp32, so a run
 trained and evaluated in bf16 reads slightly differently here.
 """
 

@@ -1,2 +1,3 @@
-"""Using a trained model: loading it for inference, the sampler (``llada generate``), the Monte
-Carlo likelihood (``llada eval``) and the lm-evaluation-harness model ``llada``."""
+"""Using a trained model: loading it for inference (``model.py``), the sampler (``sampler.py``,
+``llada generate``) and the Monte Carlo conditional likelihood (``likelihood.py``, which ``llada
+eval`` and the harness model of framework/evaluation/harness.py score with)."""

@@ -116,12 +116,14 @@ def _score(im: InferenceModel, chunk, cfg_scale: float):
         prompt[r, pad:pad + offset] = True  # what precedes the continuation
     targets = ids[select]
     noisy = ids.masked_fill(select, im.mask_id)
+    real = None if all(len(row[2]) == width for row in chunk) else real  # unmasked kernels
     if cfg_scale == 0:
         logits = im.logits(noisy, select, Attend(key_mask=real))
     else:
         both = torch.cat([noisy, noisy.masked_fill(prompt, im.mask_id)])
         cond, uncond = im.logits(both, torch.cat([select, select]),
-                                 Attend(key_mask=torch.cat([real, real]))).chunk(2)
+                                 Attend(key_mask=None if real is None else
+                                        torch.cat([real, real]))).chunk(2)
         logits = uncond + (cfg_scale + 1) * (cond - uncond)
     ce = F.cross_entropy(logits.double(), targets, reduction="none")
     hit = (logits.argmax(-1) == targets).double()

@@ -93,7 +93,7 @@ class SamplerConfig:
 @dataclass
 class Completion:
     tokens: List[int]  # the completion, up to (not including) its stop token
-    steps: int  # forward passes this prompt's row took part in
+    steps: int  # steps that committed something of this prompt
     generated: int  # positions committed (the completion, its stop token and any after it)
     seconds: float  # wall time of the batch it ran in
     batch_generated: int  # positions committed by the whole batch (tokens/s of the batch)
@@ -121,6 +121,7 @@ class _Batch:
         ids, self.real = im.pad_left([list(p) + [im.mask_id] * cfg.gen_length for p in prompts],
                                      pad_to=total)
         self.x = ids
+        self.unpadded = len({len(p) for p in prompts}) == 1
         self.prompt = self.real.clone()
         self.prompt[:, self.plen:] = False
         self.gens = [_row_generator(cfg.seed, first_index + i, im.device)
@@ -130,11 +131,13 @@ class _Batch:
         self.steps = torch.zeros(len(prompts), dtype=torch.long)
 
     def _inputs(self, x: torch.Tensor):
-        """The rows to run: with guidance, each row and its unconditional twin."""
+        """The rows to run and their key mask (None without padding: SDPA's unmasked kernels);
+        with guidance, each row and its unconditional twin."""
+        real = None if self.unpadded else self.real
         if self.cfg.cfg_scale == 0:
-            return x, self.real
+            return x, real
         uncond = x.masked_fill(self.prompt, self.im.mask_id)
-        return torch.cat([x, uncond]), torch.cat([self.real, self.real])
+        return torch.cat([x, uncond]), None if real is None else torch.cat([real, real])
 
     def _guided(self, logits: torch.Tensor) -> torch.Tensor:
         if self.cfg.cfg_scale == 0:
@@ -149,7 +152,7 @@ class _Batch:
         b, total = x.shape
         cfg = self.cfg
         if cfg.cache == "none" or fresh or self.cache is None:
-            select = torch.zeros_like(real)
+            select = torch.zeros(b, total, dtype=torch.bool, device=x.device)
             select[:, lo:hi] = True
             self.cache = {} if cfg.cache != "none" else None
             attend = Attend(key_mask=real, cache=self.cache, store=self.cache is not None)
@@ -162,38 +165,38 @@ class _Batch:
                                     Attend(key_mask=real, start=lo, cache=self.cache))
         return self._guided(logits.view(b, hi - lo, -1))
 
+    def _draw(self, shape) -> torch.Tensor:
+        """float64 uniforms of ``shape`` for every row, each from the row's own generator."""
+        return torch.stack([torch.rand(shape, generator=g, device=self.im.device,
+                                       dtype=torch.float64) for g in self.gens])
+
     def step(self, lo: int, hi: int, count: Optional[int], fresh: bool) -> None:
         """One step: predict the block, commit ``count`` positions per row (None: by the
         threshold) among its masked ones."""
         cfg, im = self.cfg, self.im
-        logits = self.block_logits(lo, hi, fresh)
+        lg = self.block_logits(lo, hi, fresh).double()  # [b, B, vocab]
         block = self.x[:, lo:hi]
-        active = ~self.done
-        self.steps += active.cpu().long()
-        for r in torch.nonzero(active).flatten().tolist():
-            masked = block[r] == im.mask_id
-            if not masked.any():
-                continue
-            lg = logits[r].double()
-            if cfg.temperature > 0:  # Gumbel-max, float64: argmax of logits - T log(-log u)
-                u = torch.rand(lg.shape, generator=self.gens[r], device=lg.device,
-                               dtype=torch.float64)
-                pred = torch.argmax(lg - cfg.temperature * torch.log(-torch.log(u)), dim=-1)
-            else:
-                pred = torch.argmax(lg, dim=-1)
-            if cfg.remasking == "low_confidence":
-                conf = F.softmax(lg, dim=-1).gather(-1, pred[:, None]).squeeze(-1)
-            else:
-                conf = torch.rand(pred.shape, generator=self.gens[r], device=lg.device,
-                                  dtype=torch.float64)
-            conf = torch.where(masked, conf, torch.full_like(conf, -float("inf")))
-            k = count
-            if k is None:
-                k = max(1, int((conf > cfg.threshold).sum()))
-            k = min(k, int(masked.sum()))
-            order = torch.sort(conf, descending=True, stable=True).indices[:k]
-            block[r, order] = pred[order]
-        self.x[:, lo:hi] = block
+        if cfg.temperature > 0:  # Gumbel-max, float64: argmax of logits - T log(-log u)
+            pred = torch.argmax(lg - cfg.temperature * torch.log(-torch.log(
+                self._draw(lg.shape[1:]))), dim=-1)
+        else:
+            pred = torch.argmax(lg, dim=-1)
+        if cfg.remasking == "low_confidence":
+            conf = F.softmax(lg, dim=-1).gather(-1, pred[..., None]).squeeze(-1)
+        else:
+            conf = self._draw(pred.shape[1:])
+        masked = (block == im.mask_id) & ~self.done[:, None]  # a finished row stays as it is
+        self.steps += masked.any(1).cpu().long()  # the steps that commit something of the row
+        conf = conf.masked_fill(~masked, -float("inf"))
+        if count is None:
+            k = (conf > cfg.threshold).sum(1).clamp(min=1)
+        else:
+            k = torch.full((block.shape[0],), count, device=block.device)
+        k = torch.minimum(k, masked.sum(1))
+        order = torch.sort(conf, dim=1, descending=True, stable=True).indices
+        take = torch.zeros_like(masked).scatter_(
+            1, order, torch.arange(block.shape[1], device=block.device)[None, :] < k[:, None])
+        self.x[:, lo:hi] = torch.where(take, pred, block)
         if cfg.stop_at_eos:
             self._finish_rows()
 

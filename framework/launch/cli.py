@@ -4,7 +4,7 @@
 ``llada slurm submit RECIPE --nodes N --gpus-per-node G --time T [key=value ...]``,
 ``llada slurm prepare INPUT... -o DIR --array N --time T [options]``,
 ``llada tracking sync RUN_DIR``, ``llada generate MODEL``, ``llada eval MODEL``,
-``llada lm-eval ...`` (framework/inference/cli.py).
+``llada lm-eval ...`` (framework/launch/inference_cli.py).
 
 Bad input (a missing recipe, an unknown key, a wrong type, sizes that do not divide) prints one
 line naming the key or file and exits 2, without a traceback. A failed run exits 1; a run stopped
@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--output", help="the JSON report (default: CHECKPOINT/validation.json)")
     val.set_defaults(func=cmd_validate)
 
-    from framework.inference.cli import add_parsers
+    from framework.launch.inference_cli import add_parsers
     add_parsers(sub)
     return parser
 
@@ -447,7 +447,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["lm-eval"]:  # every argument is the harness's
-        from framework.inference.cli import cmd_lm_eval
+        from framework.launch.inference_cli import cmd_lm_eval
         return cmd_lm_eval(argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

@@ -20,14 +20,16 @@ ALLOWED = {
     "framework.tracking": {"data_pipeline", "framework.config", "framework.parallel"},
     "framework.checkpoint": {"data_pipeline", "framework.config", "framework.parallel",
                              "framework.model"},
+    "framework.inference": {"data_pipeline", "framework.config", "framework.parallel",
+                            "framework.model", "framework.checkpoint"},
     "framework.evaluation": {"data_pipeline", "framework.config", "framework.parallel",
-                             "framework.model", "framework.checkpoint"},
+                             "framework.model", "framework.checkpoint", "framework.inference"},
     "framework.training": {"data_pipeline", "kernels", "framework.config", "framework.parallel",
                            "framework.model", "framework.checkpoint", "framework.tracking",
                            "framework.evaluation"},
     "framework.launch": {"data_pipeline", "framework.config", "framework.parallel",
                          "framework.model", "framework.checkpoint", "framework.tracking",
-                         "framework.training", "framework.evaluation"},
+                         "framework.training", "framework.evaluation", "framework.inference"},
     "framework": {"framework.quiet", "framework.launch"},  # the package and its __main__
 }
 OURS = ("framework", "data_pipeline", "kernels")

@@ -1,5 +1,5 @@
 """``llada generate MODEL``, ``llada eval MODEL`` and ``llada lm-eval ...`` (the harness's CLI
-with our model registered). MODEL: a checkpoint of any layout or an ``llada export`` directory.
+with our model registered: framework/evaluation/harness.py). MODEL: a checkpoint of any layout or an ``llada export`` directory.
 Bad input: one line naming the flag, file or line, exit 2."""
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_lm_eval(argv: List[str]) -> int:
     """The harness's own CLI, with ``llada`` registered as a model."""
     try:
-        import framework.inference.harness  # noqa: F401 - registers the model
+        import framework.evaluation.harness  # noqa: F401 - registers the model
         from lm_eval.__main__ import cli_evaluate
     except ImportError as e:
         return _error(f"llada lm-eval needs the lm-evaluation-harness ({e.name} is missing): "
