@@ -16,9 +16,13 @@ launch``): every process loads the model on its own device, the harness gives ea
 the requests and gathers the results through ``all_gather`` / ``gather_object`` / ``barrier``
 below (torch.distributed). Estimates are keyed by their tokens, so they do not depend on how the
 requests were shared out. ``model_args``: ``pretrained`` (a checkpoint or an export directory),
-``device``, ``dtype``, ``mc_samples``, ``cfg_scale``, ``seed``, ``batch_size`` and the sampler's
-keys (``gen_length``, ``steps``, ``block_length``, ``remasking``, ``temperature``, ``cache``,
-``refresh``, ``threshold``).
+``dtype``, ``mc_samples``, ``cfg_scale``, ``seed`` and the sampler's keys (``gen_length``,
+``steps``, ``block_length``, ``remasking``, ``temperature``, ``cache``, ``refresh``,
+``threshold``); the device and the batch size are the harness's own ``--device`` and
+``--batch_size`` (rows per forward for the likelihood, prompts per batch for generation; the
+harness's default is 1, so give one, e.g. 32). ``--device cuda:N`` or ``cuda`` is this process's
+GPU (under torchrun its LOCAL_RANK's); the harness's default ``cuda:0`` on a machine without a GPU
+means the CPU, as for its Hugging Face model.
 """
 
 from __future__ import annotations
@@ -51,17 +55,22 @@ class LLaDAHarnessModel(LM):
             raise ConfigError(f"--model_args: unknown key(s) {', '.join(unknown)} (known: "
                               f"pretrained, device, dtype, mc_samples, cfg_scale, seed, "
                               f"batch_size, {', '.join(sorted(_SAMPLER_KEYS))})")
-        self.im = load(pretrained, device or "auto",
-                       getattr(torch, dtype) if dtype else None, key="pretrained")
+        if dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ConfigError(f"--model_args dtype: float32, bfloat16 or float16, got {dtype!r}")
         self.mc_samples, self.cfg_scale, self.seed = int(mc_samples), float(cfg_scale), int(seed)
-        self.batch_size = 32 if batch_size in (None, "auto") or str(batch_size).startswith(
-            "auto") else int(batch_size)
+        auto = batch_size is None or str(batch_size).startswith("auto")
+        self.batch_size = 32 if auto else int(batch_size)
+        if self.batch_size < 1 or self.mc_samples < 1:
+            raise ConfigError(f"--batch_size {batch_size} / mc_samples {mc_samples}: must be >= 1")
         self.sampler = dict(sampler)
+        self._sampler_for({})  # bad sampler keys fail here, before any request runs
+        self.im = load(pretrained, _device_choice(device),
+                       getattr(torch, dtype) if dtype else None, key="pretrained")
         self._rank = dist.get_rank() if dist.is_initialized() else 0
         self._world_size = dist.get_world_size() if dist.is_initialized() else 1
 
     @property
-    def device(self) -> torch.device:
+    def device(self) -> torch.device:  # the harness puts its gather tensors here
         return self.im.device
 
     @property
@@ -106,8 +115,12 @@ class LLaDAHarnessModel(LM):
             window = max(1, room // 2) if len(ids) > room else room
             pairs = [(ids[max(0, s + window - room):s], ids[s:s + window])
                      for s in range(0, len(ids), window)]
-            est = loglikelihoods(self.im, pairs, self.mc_samples, self.batch_size,
+            # the document start precedes the text once, not every window
+            est = loglikelihoods(self.im, pairs[:1], self.mc_samples, self.batch_size,
                                  self.cfg_scale, self.seed)
+            if pairs[1:]:
+                est += loglikelihoods(self.im, pairs[1:], self.mc_samples, self.batch_size,
+                                      self.cfg_scale, self.seed, start=[])
             out.append(sum(e.loglik for e in est))
         return out
 
@@ -137,21 +150,33 @@ class LLaDAHarnessModel(LM):
             cfg = self._sampler_for(kwargs)
             prompt = self.im.document_start() + self.im.tokenizer.encode(ctx)
             prompt = prompt[max(0, len(prompt) + cfg.gen_length - self.im.max_length):]
-            jobs.append((ctx, until, cfg, prompt))
+            wanted = int(kwargs.get("max_gen_toks", cfg.gen_length))
+            jobs.append((ctx, until, cfg, prompt, wanted))
         texts: List[Optional[str]] = [None] * len(jobs)
         groups: dict = {}
-        for j, (_, _, cfg, _) in enumerate(jobs):
+        for j, (_, _, cfg, _, _) in enumerate(jobs):
             groups.setdefault(dataclasses.astuple(cfg), []).append(j)
         for members in groups.values():
             cfg = jobs[members[0]][2]
             done = generate(self.im, [jobs[j][3] for j in members], cfg)
             for j, c in zip(members, done):
-                texts[j] = self.im.tokenizer.decode(c.tokens)
+                texts[j] = self.im.tokenizer.decode(c.tokens[:jobs[j][4]])  # whole blocks ran
         out = []
-        for (ctx, until, _, _), text in zip(jobs, texts):
+        for (ctx, until, _, _, _), text in zip(jobs, texts):
             for stop in until:
                 if stop and stop in text:
                     text = text[:text.index(stop)]
             out.append(text)
             self.cache_hook.add_partial("generate_until", (ctx, {"until": until}), text)
         return out
+
+
+def _device_choice(device: Optional[str]) -> str:
+    """The harness's --device as ours: cpu, cuda (this process's GPU) or auto."""
+    if device in (None, "", "auto"):
+        return "auto"
+    if device == "cpu":
+        return "cpu"
+    if str(device).startswith("cuda"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    raise ConfigError(f"--device: {device!r} is not cpu, cuda, cuda:N or auto")

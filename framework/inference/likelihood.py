@@ -21,7 +21,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -63,13 +63,17 @@ def pair_key(context: Sequence[int], continuation: Sequence[int]) -> int:
 
 @torch.no_grad()
 def loglikelihoods(im: InferenceModel, pairs: Sequence[Pair], samples: int = 128,
-                   batch_size: int = 32, cfg_scale: float = 0.0, seed: int = 0
-                   ) -> List[Estimate]:
-    """One Estimate per (context, continuation) pair. A context too long for the model is cut
-    from the left (the harness's rule); a continuation that alone does not fit is an error."""
+                   batch_size: int = 32, cfg_scale: float = 0.0, seed: int = 0,
+                   start: Optional[List[int]] = None) -> List[Estimate]:
+    """One Estimate per (context, continuation) pair, each after ``start`` (default: the
+    document start). A context too long for the model is cut from the left (the harness's
+    rule); a continuation that alone does not fit is an error. Memory: a forward holds the
+    float32 logits of its rows' masked positions, about batch_size x |r| / 2 x vocab."""
     if samples < 1:
         raise ConfigError(f"--samples: must be >= 1, got {samples}")
-    start = im.document_start()
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
+    start = im.document_start() if start is None else list(start)
     # (pair, draw or -1 for the greedy row, tokens, masked positions, weight, continuation start)
     rows = []
     for i, (ctx, cont) in enumerate(pairs):
@@ -125,7 +129,7 @@ def _score(im: InferenceModel, chunk, cfg_scale: float):
                                  Attend(key_mask=None if real is None else
                                         torch.cat([real, real]))).chunk(2)
         logits = uncond + (cfg_scale + 1) * (cond - uncond)
-    ce = F.cross_entropy(logits.double(), targets, reduction="none")
+    ce = F.cross_entropy(logits, targets, reduction="none").double()  # float32 logits
     hit = (logits.argmax(-1) == targets).double()
     row = torch.repeat_interleave(torch.arange(len(chunk), device=ce.device),
                                   select.sum(1).to(ce.device))

@@ -128,7 +128,7 @@ class _Batch:
                      for i in range(len(prompts))]
         self.cache: Optional[dict] = None
         self.done = torch.zeros(len(prompts), dtype=torch.bool, device=im.device)
-        self.steps = torch.zeros(len(prompts), dtype=torch.long)
+        self.steps = torch.zeros(len(prompts), dtype=torch.long, device=im.device)
 
     def _inputs(self, x: torch.Tensor):
         """The rows to run and their key mask (None without padding: SDPA's unmasked kernels);
@@ -186,7 +186,7 @@ class _Batch:
         else:
             conf = self._draw(pred.shape[1:])
         masked = (block == im.mask_id) & ~self.done[:, None]  # a finished row stays as it is
-        self.steps += masked.any(1).cpu().long()  # the steps that commit something of the row
+        self.steps += masked.any(1).long()  # the steps that commit something of the row
         conf = conf.masked_fill(~masked, -float("inf"))
         if count is None:
             k = (conf > cfg.threshold).sum(1).clamp(min=1)
@@ -246,13 +246,14 @@ def _generate_batch(im, prompts, cfg: SamplerConfig, first: int, trace) -> List[
     for blk in range(cfg.blocks):
         lo = batch.plen + blk * cfg.block_length
         hi = lo + cfg.block_length
-        schedule = commit_schedule(cfg.block_length, cfg.steps_per_block)
+        # the fixed schedule runs its steps without asking the device (no host sync per step:
+        # finished rows are frozen on the device); threshold decoding runs until the block is full
+        counts = commit_schedule(cfg.block_length, cfg.steps_per_block) \
+            if cfg.threshold is None else None
         step = 0
-        while not batch.block_done(lo, hi):
-            if cfg.threshold is None and step >= len(schedule):
-                raise RuntimeError("the schedule ended with masks left")  # cannot happen
-            count = None if cfg.threshold is not None else schedule[step]
-            batch.step(lo, hi, count, fresh=step == 0 or cfg.refresh == "step")
+        while (step < len(counts)) if counts is not None else not batch.block_done(lo, hi):
+            batch.step(lo, hi, counts[step] if counts is not None else None,
+                       fresh=step == 0 or cfg.refresh == "step")
             step += 1
             if trace is not None:
                 trace(batch.x.clone(), batch.plen, lo, hi)
@@ -263,6 +264,7 @@ def _generate_batch(im, prompts, cfg: SamplerConfig, first: int, trace) -> List[
     seconds = time.perf_counter() - start
     gen = batch.x[:, batch.plen:].tolist()
     committed = [sum(t != im.mask_id for t in row) for row in gen]
-    return [Completion(_completion(row, im.stop_ids, im.mask_id), int(batch.steps[i]),
+    steps = batch.steps.tolist()
+    return [Completion(_completion(row, im.stop_ids, im.mask_id), steps[i],
                        committed[i], seconds, sum(committed))
             for i, row in enumerate(gen)]

@@ -99,3 +99,28 @@ def test_the_harness_cli_runs_local_tasks_through_llada(export, tmp_path):
     two = _harness(export, tasks, tmp_path / "two", nproc=2)
     assert two["llada_local_mc"]["acc,none"] == one["llada_local_mc"]["acc,none"]
     assert two["llada_local_gen"]["exact_match,none"] == one["llada_local_gen"]["exact_match,none"]
+
+
+def test_the_harness_model_in_process(export):
+    """loglikelihood_rolling is the bound of the text (the document start once, then windows of
+    the model's length); model_args the sampler refuses fail before any request runs."""
+    pytest.importorskip("lm_eval")
+    from types import SimpleNamespace
+
+    from framework.config import ConfigError
+    from framework.evaluation.harness import LLaDAHarnessModel
+    from framework.inference.likelihood import loglikelihoods
+
+    lm = LLaDAHarnessModel(pretrained=str(export), device="cpu", mc_samples=4, batch_size=16)
+    short = "import os\n"
+    ids = lm.im.tokenizer.encode(short)
+    got = lm.loglikelihood_rolling([SimpleNamespace(args=(short,))])[0]
+    assert got == pytest.approx(loglikelihoods(lm.im, [([], ids)], 4, 16)[0].loglik, rel=1e-6)
+    long = "def f(x):\n    return x + 1\n" * 30  # past the 128 tokens of the model
+    assert len(lm.im.tokenizer.encode(long)) > 128
+    value = lm.loglikelihood_rolling([SimpleNamespace(args=(long,))])[0]
+    assert value < 0 and value == value
+    with pytest.raises(ConfigError, match="--threshold"):
+        LLaDAHarnessModel(pretrained=str(export), device="cpu", threshold=2.0)
+    with pytest.raises(ConfigError, match="--device"):
+        LLaDAHarnessModel(pretrained=str(export), device="tpu")

@@ -46,7 +46,8 @@ def release_generate(logits_fn, prompt: torch.Tensor, steps: int, gen_length: in
     prompt [1, P], written from the release's algorithm: full-sequence logits every step,
     confidences beyond the block set to -inf, the release's transfer-count schedule. Its
     ``topk`` is replaced by a stable descending order (ties to the lower position)."""
-    x = torch.full((1, prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
+    x = torch.full((1, prompt.shape[1] + gen_length), mask_id, dtype=torch.long,
+                   device=prompt.device)
     x[:, :prompt.shape[1]] = prompt.clone()
     prompt_index = x != mask_id
     num_blocks = gen_length // block_length
@@ -72,7 +73,8 @@ def release_generate(logits_fn, prompt: torch.Tensor, steps: int, gen_length: in
             x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)
             x0_p[:, lo + block_length:] = -np.inf
             x0 = torch.where(mask_index, x0, x)
-            confidence = torch.where(mask_index, x0_p, torch.tensor(-np.inf, dtype=x0_p.dtype))
-            order = np.argsort(-confidence[0].numpy(), kind="stable")[:int(transfer[0, i])]
-            x[0, torch.as_tensor(order)] = x0[0, torch.as_tensor(order)]
+            confidence = torch.where(mask_index, x0_p, torch.full_like(x0_p, -np.inf))
+            order = np.argsort(-confidence[0].cpu().numpy(), kind="stable")[:int(transfer[0, i])]
+            order = torch.as_tensor(order, device=x.device)
+            x[0, order] = x0[0, order]
     return x
