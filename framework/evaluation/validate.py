@@ -45,14 +45,15 @@ def _sets(manifests: List[str], saved_data: dict) -> List[ValidationSetConfig]:
 def validate(source: Path, manifests: List[str] = (), *, sequences: Optional[int] = None,
              t_samples: Optional[int] = None, seed: Optional[int] = None,
              micro_batch_size: Optional[int] = None, device: str = "cpu",
-             warn=print, key: str = "CHECKPOINT") -> dict:
+             warn=print, key: str = "CHECKPOINT", model=None) -> dict:
     """The report: the model, its step, the settings and each set's statistics. ``source``: a
     checkpoint (its run's eval settings and held-out sets are the defaults) or an ``llada
-    export`` directory (the defaults of ``EvalConfig``; ``manifests`` needed)."""
+    export`` directory (the defaults of ``EvalConfig``; ``manifests`` needed). ``model``: the
+    fp32 InferenceModel of ``source`` when the caller has loaded it already."""
     from framework.checkpoint.checkpointer import read_meta
     from framework.inference.model import load
 
-    im = load(source, device, dtype=torch.float32, warn=warn, key=key)
+    im = model or load(source, device, dtype=torch.float32, warn=warn, key=key)
     saved = read_meta(Path(im.source))["config"] if im.step is not None else {}
     changes = {"sequences": sequences, "t_samples": t_samples, "seed": seed,
                "micro_batch_size": micro_batch_size}

@@ -1,6 +1,7 @@
 """``llada generate MODEL``, ``llada eval MODEL`` and ``llada lm-eval ...`` (the harness's CLI
-with our model registered: framework/evaluation/harness.py). MODEL: a checkpoint of any layout or an ``llada export`` directory.
-Bad input: one line naming the flag, file or line, exit 2."""
+with our model registered: framework/evaluation/harness.py). MODEL: a checkpoint of any layout
+or an ``llada export`` directory. Bad input: one line naming the flag, file or line, exit 2
+(framework/launch/cli.py's ``_error``)."""
 
 from __future__ import annotations
 
@@ -10,20 +11,14 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-EXIT_BAD_INPUT = 2
-
-
-def _error(msg: str) -> int:
-    print(f"llada: error: {msg}", file=sys.stderr, flush=True)
-    return EXIT_BAD_INPUT
+from framework.launch.cli import BAD_INPUT, EXIT_BAD_INPUT, _error
 
 
 def _bad_input():
-    from data_pipeline.errors import DataConfigError
+    """What a model that cannot be read raises, beside the bad input of every package."""
     from framework.checkpoint.hf_mapping import HFFormatError
     from framework.checkpoint.reshard import ReshardError
-    from framework.config import ConfigError
-    return ConfigError, DataConfigError, HFFormatError, ReshardError
+    return (*BAD_INPUT, HFFormatError, ReshardError)
 
 
 def _warn(msg: str) -> None:
@@ -85,12 +80,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts = list(args.prompt or []) + (read_prompts(args.prompts_file)
                                              if args.prompts_file else [])
         if not prompts:
-            return _error("give --prompt TEXT or --prompts-file FILE.jsonl")
+            return _error("give --prompt TEXT or --prompts-file FILE.jsonl", EXIT_BAD_INPUT)
         im = load(args.model, args.device, _dtype(args.dtype), warn=_warn)
         ids = [_encode(im, p, args.chat) for p in prompts]
         done = generate(im, ids, cfg)
     except _bad_input() as e:
-        return _error(str(e))
+        return _error(str(e), EXIT_BAD_INPUT)
     finally:
         shutdown_world()
     records = []
@@ -110,27 +105,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
     from framework.evaluation.validate import table, validate
     from framework.inference.likelihood import multiple_choice, read_choices
     from framework.inference.model import load
     from framework.parallel.world import shutdown_world
 
     if not args.data and not args.choices:
-        return _error("give --data MANIFEST (the held-out bound) and/or --choices FILE.jsonl")
+        return _error("give --data MANIFEST (the held-out bound) and/or --choices FILE.jsonl",
+                      EXIT_BAD_INPUT)
     report: dict = {"model": str(args.model)}
     try:
         questions = read_choices(Path(args.choices)) if args.choices else None
+        im = load(args.model, args.device, _dtype(args.dtype), warn=_warn) \
+            if questions is not None else None
         if args.data:
+            # the bound is evaluated in fp32 (llada validate's rule): the model loaded for the
+            # choices serves when it is fp32 too, else validate loads its own
+            same = im if im is not None and im.dtype == torch.float32 else None
             held = validate(Path(args.model), args.data, sequences=args.sequences,
                             t_samples=args.t_samples, seed=args.seed, device=args.device,
-                            warn=_warn, key="MODEL")
+                            warn=_warn, key="MODEL", model=same)
             report.update(step=held["step"], heldout=held)
         if questions is not None:
-            im = load(args.model, args.device, _dtype(args.dtype), warn=_warn)
             report.update(step=im.step, choices=multiple_choice(
                 im, questions, args.samples, args.batch_size, args.cfg_scale, args.seed or 0))
     except _bad_input() as e:
-        return _error(str(e))
+        return _error(str(e), EXIT_BAD_INPUT)
     finally:
         shutdown_world()
     if "heldout" in report:
@@ -155,13 +157,13 @@ def cmd_lm_eval(argv: List[str]) -> int:
         from lm_eval.__main__ import cli_evaluate
     except ImportError as e:
         return _error(f"llada lm-eval needs the lm-evaluation-harness ({e.name} is missing): "
-                      f"pip install -e '.[eval]'")
+                      f"pip install -e '.[eval]'", EXIT_BAD_INPUT)
     saved = sys.argv
     sys.argv = ["lm-eval", *argv]
     try:
         cli_evaluate()
     except _bad_input() as e:
-        return _error(str(e))
+        return _error(str(e), EXIT_BAD_INPUT)
     finally:
         sys.argv = saved
         from framework.parallel.world import shutdown_world
