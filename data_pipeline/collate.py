@@ -1,5 +1,10 @@
-"""The pretraining collator: token sequences -> what the loss needs (noisy ids, targets, the
-mask, p_mask), with LLaDA's per-sequence mask ratio and 1% variable length.
+"""The collators of the objectives: token sequences -> what the loss needs (inputs, targets, the
+positions that enter the loss, p_mask, each sequence's divisor), one ``TrainBatch`` for all.
+
+``MaskCollator`` (pretraining, LLaDA): a per-sequence mask ratio and the 1% variable length.
+``NextTokenCollator`` (the autoregressive baseline): the same sequences and the same 1% cut, the
+input unmasked, the target at position i the token at i + 1. The SFT collator (prompt never
+masked) is data_pipeline/sft.py's.
 
 The noise of a sample is a pure function of (objective.seed, its global index), so tensor- and
 pipeline-parallel peers (which receive the same samples) and a resumed run corrupt it alike. The
@@ -18,10 +23,13 @@ from data_pipeline.noise import batch_length, forward_process, sample_noise
 
 
 class TrainBatch(NamedTuple):
-    noisy: torch.Tensor  # [b, l] int64, masked positions hold the mask id
-    targets: torch.Tensor  # [b, l] int64, the clean tokens
-    mask: torch.Tensor  # [b, l] bool, the positions that enter the loss
-    p_mask: torch.Tensor  # [b] float32
+    noisy: torch.Tensor  # [b, l] int64, the model's input (masked positions hold the mask id)
+    targets: torch.Tensor  # [b, l] int64, what each position is trained to predict
+    mask: torch.Tensor  # [b, l] bool, the positions that enter the loss (where the head runs)
+    p_mask: torch.Tensor  # [b] float32, the mask ratio of each sequence (1 when nothing is masked)
+    # [b] float32, what each sequence's summed loss is divided by: its length (pretraining), its
+    # predicted tokens (autoregressive), its response length with padding (SFT)
+    norm: torch.Tensor
     index: torch.Tensor  # [b] int64, global sample indices (the noise seeds)
     step: int  # the index of the optimizer step it belongs to (the steps done before that one)
 
@@ -39,5 +47,33 @@ class MaskCollator:
                               self.length_multiple)
         if length < tokens.shape[1]:  # masks drawn at full length, then the whole batch is cut
             noisy, tokens, mask = noisy[:, :length], tokens[:, :length], mask[:, :length]
+        norm = torch.full(p_mask.shape, float(length))  # the paper divides by b x L
         return TrainBatch(noisy.contiguous(), tokens.contiguous(), mask.contiguous(), p_mask,
-                          index, step)
+                          norm, index, step)
+
+
+class NextTokenCollator:
+    """Autoregressive: position i predicts token i + 1, so every position but the last enters
+    the loss (a sequence's first token is never predicted), and the loss is the mean over them."""
+
+    def __init__(self, cfg: ObjectiveConfig, seq_len: int, length_multiple: int = 1):
+        self.cfg, self.seq_len, self.length_multiple = cfg, seq_len, length_multiple
+
+    def __call__(self, tokens: torch.Tensor, index: torch.Tensor, step: int) -> TrainBatch:
+        cfg = self.cfg
+        length = batch_length(step, self.seq_len, cfg.variable_length_prob, cfg.seed,
+                              self.length_multiple)
+        tokens = tokens[:, :length].contiguous()
+        targets, predicted = next_token_targets(tokens)
+        b = tokens.shape[0]
+        return TrainBatch(tokens, targets, predicted, torch.ones(b),
+                          torch.full((b,), float(max(length - 1, 1))), index, step)
+
+
+def next_token_targets(tokens: torch.Tensor):
+    """(targets, predicted) of sequences [b, l]: the target at i is the token at i + 1; every
+    position but the last is predicted (the last one's target is a placeholder, never used)."""
+    targets = torch.roll(tokens, -1, dims=1)
+    predicted = torch.ones_like(tokens, dtype=torch.bool)
+    predicted[:, -1] = False
+    return targets, predicted

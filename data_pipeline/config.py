@@ -47,11 +47,17 @@ class TokenizerConfig:
         require(self.seed >= 0, "tokenizer.seed", f"must be >= 0, got {self.seed}")
 
 
+SFT_OVERFLOW = ("skip", "truncate")  # what prepare --sft does with a pair longer than seq_len
+
+
 @dataclass
 class PrepareConfig:
-    """``llada prepare``: text/JSONL files -> tokenised fixed-length sequences in tar shards."""
+    """``llada prepare``: text/JSONL files -> tokenised fixed-length sequences in tar shards;
+    with ``sft``, JSONL conversations -> (prompt, response) pairs, one per sample."""
 
-    inputs: List[str] = field(default_factory=list)  # globs of .txt/.jsonl(.gz); "stdlib": the embedded corpus
+    # globs of .txt/.jsonl(.gz); "stdlib": the embedded corpus (with sft: JSONL conversations;
+    # "stdlib-sft": pairs derived from the embedded corpus)
+    inputs: List[str] = field(default_factory=list)
     output: str = ""  # directory: NAME-000000.tar ..., manifest.json, tokenizer.model
     name: str = "data"
     seq_len: int = 4096
@@ -68,6 +74,11 @@ class PrepareConfig:
     holdout_fraction: float = 0.0
     holdout_seed: int = 0
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # SFT shards (data_pipeline/prepare_sft.py): the inputs are conversations (JSONL, or
+    # stdlib-sft); a pair longer than seq_len is dropped (skip) or loses its response's end
+    # (truncate), counted either way
+    sft: bool = False
+    sft_overflow: str = "skip"
 
     def __post_init__(self):
         require(len(self.inputs) > 0, "prepare.inputs", "at least one glob (or stdlib) is needed")
@@ -83,10 +94,23 @@ class PrepareConfig:
         holdout_fraction_ok(self.holdout_fraction, "prepare.holdout_fraction")
         require(0 <= self.holdout_seed < 2**63, "prepare.holdout_seed",
                 f"must be in [0, 2^63), got {self.holdout_seed}")
+        sft_overflow_ok(self.sft_overflow, "prepare.sft_overflow")
+        if self.sft:
+            require(self.parts == 1, "prepare.parts",
+                    f"--sft prepares in one run (SFT sets are small), not in {self.parts} parts")
+            # the pairs' ids must mean the fine-tuned model's tokens: never a tokenizer of their own
+            require(bool(self.tokenizer.model), "prepare.tokenizer.model",
+                    "--sft needs an existing tokenizer (--tokenizer MODEL): SFT fine-tunes a "
+                    "model, and its tokenizer must be that model's")
+
 
 
 def holdout_fraction_ok(value: float, key: str) -> None:
     require(0.0 <= value < 1.0, key, f"must be in [0, 1), got {value}")
+
+
+def sft_overflow_ok(value: str, key: str) -> None:
+    require(value in SFT_OVERFLOW, key, f"must be one of {', '.join(SFT_OVERFLOW)}; got {value!r}")
 
 
 @dataclass
@@ -98,11 +122,15 @@ class DatasetConfig:
     shards_url: Optional[str] = None  # e.g. "pipe:aws s3 cp s3://bucket/ds/{shard} -"; None: beside the manifest
     prepare_inputs: List[str] = field(default_factory=list)  # prepared from these on first run if the manifest is missing
     holdout_fraction: float = 0.0  # on first run: documents held out into <dir>/holdout/
+    # on first run, as SFT shards (objective.kind=sft): a pair longer than data.seq_len is
+    # dropped (skip) or cut (truncate), as llada prepare --sft-overflow
+    sft_overflow: str = "skip"
 
     def __post_init__(self):
         if self.manifest != MISSING:
             require(bool(self.manifest), "data.datasets.manifest", "must be set")
         holdout_fraction_ok(self.holdout_fraction, "data.datasets.holdout_fraction")
+        sft_overflow_ok(self.sft_overflow, "data.datasets.sft_overflow")
         require(self.weight > 0, "data.datasets.weight", f"must be > 0, got {self.weight}")
         require(self.shards_url is None or "{shard}" in self.shards_url, "data.datasets.shards_url",
                 f"{self.shards_url!r} lacks {{shard}}, where each shard's file name goes")
@@ -153,13 +181,20 @@ class DataConfig:
 
 
 T_SAMPLING = ("uniform", "stratified", "antithetic")
+# pretrain: LLaDA's masked diffusion on pretraining shards; sft: its SFT on SFT shards (llada
+# prepare --sft); ar: the autoregressive baseline (causal attention, next-token CE) on
+# pretraining shards
+OBJECTIVES = ("pretrain", "sft", "ar")
 
 
 @dataclass
 class ObjectiveConfig:
     """The forward process of the objective (the ``objective`` section): how t and the masks are
-    drawn and how often a batch is cut. The collator applies it; the loss has no settings."""
+    drawn and how often a batch is cut. The collator applies it; the loss has no settings.
+    ``ar`` masks nothing (eps, t_sampling and mask_id unused) but cuts alike; ``sft`` never cuts
+    (variable_length_prob unused: a cut would drop responses)."""
 
+    kind: str = "pretrain"  # one of OBJECTIVES
     mask_id: Optional[int] = None  # None: the datasets' manifest; set: must match it
     eps: float = 1e-3  # p_mask = (1 - eps) t + eps
     variable_length_prob: float = 0.01  # the paper's 1% of batches cut to a random length
@@ -167,6 +202,8 @@ class ObjectiveConfig:
     seed: int = 0  # noise: t and masks are seeded by (seed, the sample's global index)
 
     def __post_init__(self):
+        require(self.kind in OBJECTIVES, "objective.kind",
+                f"must be one of {', '.join(OBJECTIVES)}; got {self.kind!r}")
         require(self.mask_id is None or self.mask_id >= 0, "objective.mask_id",
                 f"must be >= 0, got {self.mask_id}")
         require(0.0 < self.eps < 1.0, "objective.eps", f"must be in (0, 1), got {self.eps}")

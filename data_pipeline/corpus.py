@@ -23,6 +23,7 @@ from typing import Callable, Iterator, List, Optional
 from data_pipeline.errors import DataConfigError
 
 STDLIB = "stdlib"  # the input name of the embedded default corpus
+STDLIB_SFT = "stdlib-sft"  # with --sft: pairs made from its functions (prepare_sft.py)
 
 
 WARNINGS_PER_KIND = 20  # per process; the counters keep counting after that
@@ -49,16 +50,27 @@ def stdlib_files() -> List[Path]:
     return sorted(files)
 
 
-def expand_inputs(patterns: List[str], key: str = "prepare.inputs") -> List[Path]:
-    """Globs (recursive ``**`` allowed) and the word ``stdlib`` -> files, sorted per pattern."""
+def expand_inputs(patterns: List[str], key: str = "prepare.inputs", sft: bool = False
+                  ) -> List[Path]:
+    """Globs (recursive ``**`` allowed) and the word ``stdlib`` -> files, sorted per pattern.
+    ``sft``: the inputs of SFT shards: JSONL files only (conversations), and ``stdlib-sft`` for
+    the standard library's .py files, whose functions prepare turns into pairs."""
     files: List[Path] = []
     for pattern in patterns:
-        if pattern == STDLIB:
+        if pattern == (STDLIB_SFT if sft else STDLIB):
             files.extend(stdlib_files())
             continue
+        if pattern in (STDLIB, STDLIB_SFT):
+            raise DataConfigError(f"{key}: {pattern} is an input of " + (
+                "pretraining shards; SFT shards are made from stdlib-sft" if sft else
+                "SFT shards (--sft); pretraining shards are made from stdlib"))
         matched = [Path(m) for m in sorted(glob.glob(pattern, recursive=True)) if Path(m).is_file()]
         if not matched:
             raise DataConfigError(f"{key}: {pattern!r} matches no file")
+        other = [m for m in matched if sft and not is_jsonl(m)]
+        if other:
+            raise DataConfigError(f"{key}: {other[0]}: SFT shards are made from JSONL "
+                                  "conversations (.jsonl, .jsonl.gz)")
         files.extend(matched)
     return list(dict.fromkeys(files))  # a file named by two globs is read once
 
@@ -93,7 +105,7 @@ class Piece:
 Report = Optional[Callable[[str, str], None]]
 
 
-def _skipper(counts: Counter, report: Report):
+def skipper(counts: Counter, report: Report):
     """Count a skipped input of some kind and report it."""
     def skip(kind: str, msg: str) -> None:
         counts[kind] += 1
@@ -126,7 +138,7 @@ def read_lines(source: Path | Piece, counts: Counter, report: Report = warn
                ) -> Iterator[tuple[str, str]]:
     """(where, text) of every UTF-8 line; other lines are skipped and reported."""
     piece = source if isinstance(source, Piece) else Piece(Path(source))
-    skip = _skipper(counts, report)
+    skip = skipper(counts, report)
 
     try:
         for where, raw in _raw_lines(piece):
@@ -157,7 +169,7 @@ def read_documents(source: Path | Piece, text_field: str = "text", counts: Count
     piece = source if isinstance(source, Piece) else Piece(Path(source))
     path = piece.path
     counts = Counter() if counts is None else counts
-    skip = _skipper(counts, report)
+    skip = skipper(counts, report)
 
     found = False
     if is_jsonl(path):

@@ -1,5 +1,7 @@
 """The training mixture: the recipe's datasets, prepared on first run where the recipe says how,
-checked against one another, and opened as a loader for one data-parallel rank."""
+checked against one another and against the objective (SFT trains on SFT shards, pretraining and
+the autoregressive baseline on pretraining shards), and opened as a loader for one data-parallel
+rank."""
 
 from __future__ import annotations
 
@@ -14,9 +16,15 @@ from data_pipeline.errors import DataConfigError
 from data_pipeline.shards import MANIFEST, ShardSet, load_manifest
 
 
-def prepare_config(cfg: DataConfig, index: int, tokenizer: Optional[str] = None) -> PrepareConfig:
+# the kind of shards (shards.KINDS) each objective (config.OBJECTIVES) trains on
+DATA_KIND = {"pretrain": "pretrain", "ar": "pretrain", "sft": "sft"}
+
+
+def prepare_config(cfg: DataConfig, index: int, tokenizer: Optional[str] = None,
+                   sft: bool = False) -> PrepareConfig:
     """How ``llada train`` prepares dataset ``index`` when its manifest is missing; with
-    ``tokenizer``, that model instead of data.tokenizer's (one tokenizer for a whole mixture)."""
+    ``tokenizer``, that model instead of data.tokenizer's (one tokenizer for a whole mixture);
+    ``sft``: as SFT shards."""
     ds = cfg.datasets[index]
     manifest = Path(ds.manifest)
     if manifest.name != MANIFEST:
@@ -27,23 +35,31 @@ def prepare_config(cfg: DataConfig, index: int, tokenizer: Optional[str] = None)
     return PrepareConfig(inputs=list(ds.prepare_inputs), output=str(manifest.parent), name=name,
                          seq_len=cfg.seq_len, samples_per_shard=cfg.samples_per_shard,
                          jsonl_text_field=cfg.jsonl_text_field, workers=cfg.prepare_workers,
-                         seed=cfg.seed, holdout_fraction=ds.holdout_fraction, tokenizer=tok)
+                         seed=cfg.seed, holdout_fraction=ds.holdout_fraction, tokenizer=tok,
+                         sft=sft, sft_overflow=ds.sft_overflow)
 
 
-def prepare_missing(cfg: DataConfig) -> None:
-    """Prepare every dataset whose manifest is missing and that names prepare_inputs. Without
-    data.tokenizer.model the mixture shares one tokenizer: an already prepared dataset's, or the
-    one trained for the first dataset prepared here."""
+def prepare_missing(cfg: DataConfig, kind: str = "pretrain") -> None:
+    """Prepare every dataset whose manifest is missing and that names prepare_inputs, as shards
+    of the objective ``kind``'s. Without data.tokenizer.model the mixture shares one tokenizer:
+    an already prepared dataset's, or the one trained for the first dataset prepared here; SFT
+    shards need the fine-tuned model's, data.tokenizer.model."""
     from data_pipeline.prepare import TOKENIZER_FILE, prepare
 
+    sft = DATA_KIND[kind] == "sft"
+    missing = [i for i, ds in enumerate(cfg.datasets)
+               if ds.prepare_inputs and not Path(ds.manifest).is_file()]
+    if sft and missing and not cfg.tokenizer.model:
+        raise DataConfigError(
+            f"data.tokenizer.model: data.datasets[{missing[0]}] is prepared from prepare_inputs "
+            "as SFT shards, which need the tokenizer of the model they fine-tune; set it")
     shared = cfg.tokenizer.model
     if shared is None:
         ready = [Path(d.manifest) for d in cfg.datasets if Path(d.manifest).is_file()]
         shared = str(ready[0].parent / TOKENIZER_FILE) if ready else None
-    for i, ds in enumerate(cfg.datasets):
-        if ds.prepare_inputs and not Path(ds.manifest).is_file():
-            prepare(prepare_config(cfg, i, shared))
-            shared = shared or str(Path(ds.manifest).parent / TOKENIZER_FILE)
+    for i in missing:
+        prepare(prepare_config(cfg, i, shared, sft=sft))
+        shared = shared or str(Path(cfg.datasets[i].manifest).parent / TOKENIZER_FILE)
 
 
 def _wait_for_manifests(cfg: DataConfig, poll_s: float = 2.0) -> None:
@@ -55,12 +71,14 @@ def _wait_for_manifests(cfg: DataConfig, poll_s: float = 2.0) -> None:
         time.sleep(poll_s)
 
 
-def open_datasets(cfg: DataConfig, is_main: bool, barrier: Callable[[], None]) -> List[ShardSet]:
-    """The recipe's datasets, checked: one tokenizer for all, the configured sequence length.
+def open_datasets(cfg: DataConfig, is_main: bool, barrier: Callable[[], None],
+                  kind: str = "pretrain") -> List[ShardSet]:
+    """The recipe's datasets, checked: one tokenizer for all, the configured sequence length,
+    the shards the objective ``kind`` (config.OBJECTIVES) trains on.
 
     Rank 0 prepares what is missing (and can be prepared) while the other ranks wait."""
     if is_main:
-        prepare_missing(cfg)
+        prepare_missing(cfg, kind)
     else:
         _wait_for_manifests(cfg)
     barrier()
@@ -68,6 +86,7 @@ def open_datasets(cfg: DataConfig, is_main: bool, barrier: Callable[[], None]) -
             for i, ds in enumerate(cfg.datasets)]
     first = sets[0]
     for i, s in enumerate(sets):
+        check_kind(s, kind, f"data.datasets[{i}].manifest")
         if s.seq_len != cfg.seq_len:
             raise DataConfigError(f"data.seq_len: {cfg.seq_len}, but {s.manifest} holds "
                                   f"sequences of {s.seq_len} tokens")
@@ -84,9 +103,18 @@ def check_tokenizer(s: ShardSet, sha256: str, special_ids: dict, of: str, key: s
                               f"{of}")
 
 
-def open_validation(cfg: DataConfig, train: ShardSet) -> List[ShardSet]:
+def check_kind(s: ShardSet, kind: str, key: str) -> None:
+    """The dataset holds the samples the objective ``kind`` trains on."""
+    need = DATA_KIND[kind]
+    if s.kind != need:
+        how = "llada prepare --sft" if need == "sft" else "llada prepare without --sft"
+        raise DataConfigError(f"{key}: {s.manifest} holds {s.kind} shards; objective.kind={kind} "
+                              f"trains on {need} shards ({how})")
+
+
+def open_validation(cfg: DataConfig, train: ShardSet, kind: str = "pretrain") -> List[ShardSet]:
     """The recipe's held-out sets (after ``open_datasets``: a first-run preparation has written
-    them), each of the training data's tokenizer."""
+    them), each of the training data's tokenizer and of the objective ``kind``'s shards."""
     sets = []
     training = {Path(d.manifest).resolve() for d in cfg.datasets}
     for i, v in enumerate(cfg.validation):
@@ -96,6 +124,7 @@ def open_validation(cfg: DataConfig, train: ShardSet) -> List[ShardSet]:
                                   "a held-out set must be held out, e.g. llada prepare "
                                   "--holdout-fraction's holdout/manifest.json")
         s = load_manifest(v.manifest, v.shards_url, key=key)
+        check_kind(s, kind, key)
         check_tokenizer(s, train.tokenizer_sha256, train.special_ids,
                         f"the training data ({train.manifest})", key)
         sets.append(s)

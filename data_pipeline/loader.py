@@ -30,8 +30,10 @@ ranks x 1 worker -> 1 x 2 workers); otherwise the samples would repeat or be ski
 
 Bad data never stops the stream: a missing shard, a shard whose bytes are not those its manifest
 records (truncated, a flipped bit anywhere), a corrupt tar, a sample that does not decode or has
-the wrong shape, dtype or ids (including the mask id) is skipped with a warning naming shard and
-sample key, and counted; the counters travel with the state.
+the wrong shape, dtype or ids (including the mask id; an SFT sample also for a prompt length that
+does not fit) is skipped with a warning naming shard and sample key, and counted; the counters
+travel with the state. An SFT dataset's samples are seq_len + 1 ids, the prompt length first
+(``ShardSet.sample_len``); the id checks look at its tokens only.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.collate import MaskCollator, TrainBatch
 from data_pipeline.corpus import warn
 from data_pipeline.errors import DataConfigError, DataError
+from data_pipeline.sft import sft_sample_problem, split_sft
 from data_pipeline.shards import (ShardError, ShardSet, TOKENS_EXT, decode_tokens, read_shard,
                                   split_key, tar_members)
 
@@ -76,7 +79,7 @@ class ShardStream:
         if "rng" in state:
             self.rng.bit_generator.state = state["rng"]
         self._dtype = np.dtype(ds.dtype)
-        self._samples: Dict[int, np.ndarray] = {}  # open shard -> [n, seq_len], seeded order
+        self._samples: Dict[int, np.ndarray] = {}  # open shard -> [n, sample_len], seeded order
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor,
@@ -94,18 +97,20 @@ class ShardStream:
 
     def _form(self, arr: np.ndarray) -> Optional[str]:
         ds = self.ds
-        if arr.shape != (ds.seq_len,):
-            return f"shape {arr.shape}, expected ({ds.seq_len},)"
+        if arr.shape != (ds.sample_len,):
+            return f"shape {arr.shape}, expected ({ds.sample_len},)"
         if arr.dtype != self._dtype:
             return f"dtype {arr.dtype.name}, expected {ds.dtype}"
+        if ds.kind == "sft":
+            return sft_sample_problem(arr, ds.seq_len)
         return None
 
     def _load(self, shard: int, replay: bool = False) -> np.ndarray:
-        """The valid samples of one shard in its seeded order, as one [n, seq_len] array (the
+        """The valid samples of one shard in its seeded order, as one [n, sample_len] array (the
         shard's bytes are let go): none when it cannot be read or is not what prepare wrote.
         ``replay``: reopened after a restore, its bad samples were counted when first opened."""
         ds, url = self.ds, self.ds.url(shard)
-        empty = np.empty((0, ds.seq_len), dtype=ds.dtype)
+        empty = np.empty((0, ds.sample_len), dtype=ds.dtype)
         try:
             data = read_shard(ds, shard)
         except OSError as e:
@@ -140,10 +145,12 @@ class ShardStream:
                        count=not replay)
         if not samples:
             return empty
-        # the ids of all samples at once: below the vocabulary size, never the mask id
+        # the ids of all samples at once: below the vocabulary size, never the mask id (an SFT
+        # sample's prompt length, checked in _form, may be either: its tokens only)
         block = np.stack(samples)
-        top = block.max(axis=1)
-        bad = (top >= ds.vocab_size) | (block == ds.special_ids["mask"]).any(axis=1)
+        tokens = split_sft(block)[1] if ds.kind == "sft" else block
+        top = tokens.max(axis=1)
+        bad = (top >= ds.vocab_size) | (tokens == ds.special_ids["mask"]).any(axis=1)
         for i in np.flatnonzero(bad).tolist():
             problem = (f"token id {int(top[i])} >= vocabulary size {ds.vocab_size}"
                        if top[i] >= ds.vocab_size else "holds the mask token")

@@ -15,9 +15,9 @@ from data_pipeline.errors import DataConfigError
 from data_pipeline.files import atomic_write
 from data_pipeline.parts import (PART_FORMAT, TOKENIZER_FILE, part_manifest, skipped_list,
                                  with_part_tokenizer)
-from data_pipeline.prepare import (HOLDOUT_DIR, SKIPPED_FILE, SOURCE_COUNTS, fingerprint,
-                                   input_files, manifest_of, missing_shard, up_to_date)
-from data_pipeline.shards import MANIFEST, write_manifest
+from data_pipeline.prepare import (HOLDOUT_DIR, SOURCE_COUNTS, fingerprint, input_files,
+                                   manifest_of, missing_shard, up_to_date, write_dataset)
+from data_pipeline.shards import MANIFEST
 from data_pipeline.tokenizer import tokenizer_for
 
 
@@ -75,27 +75,21 @@ def merge(cfg: PrepareConfig, log=print) -> dict:
     if not manifest["shards"]:
         raise DataConfigError(f"prepare.inputs: {cfg.parts} parts hold no sequence of "
                               f"prepare.seq_len={cfg.seq_len}")
-    if holdout:  # written first: the training manifest marks the whole dataset complete
-        held = [m["holdout"] for m in parts]
-        documents = sum(h["sources"]["documents"] for h in held)
-        held_manifest = manifest_of(cfg, f"{cfg.name}-holdout", [s for h in held for s in
-                                                                 h["shards"]],
-                                    sum(h["sources"]["dropped_tail_tokens"] for h in held), tok,
-                                    fp, {"documents": documents})
+    held = [m["holdout"] for m in parts] if holdout else []
+    documents = sum(h["sources"]["documents"] for h in held)
+    held_manifest = manifest_of(cfg, f"{cfg.name}-holdout", [s for h in held for s in
+                                                             h["shards"]],
+                                sum(h["sources"]["dropped_tail_tokens"] for h in held), tok,
+                                fp, {"documents": documents})
+    if holdout:
         if not held_manifest["shards"]:
             raise DataConfigError(f"prepare.holdout_fraction: {cfg.holdout_fraction} held out "
                                   f"{documents} documents, fewer than one sequence; hold out more")
-        split = {"fraction": cfg.holdout_fraction, "seed": cfg.holdout_seed}
         atomic_write(out / HOLDOUT_DIR / TOKENIZER_FILE, tok.path.read_bytes())
-        write_manifest(out / HOLDOUT_DIR,
-                       {**held_manifest, "split": {"holdout_of": cfg.name, **split}})
-        manifest["holdout"] = {"manifest": f"{HOLDOUT_DIR}/{MANIFEST}", **split,
-                               "documents": documents, "samples": held_manifest["samples"]}
     manifest["parts"] = cfg.parts
     skipped = b"".join(skipped_list(out, p, cfg.parts).read_bytes() for p in range(cfg.parts)
                        if skipped_list(out, p, cfg.parts).is_file())
-    atomic_write(out / SKIPPED_FILE, skipped)
-    path = write_manifest(out, manifest)
+    path = write_dataset(cfg, manifest, held_manifest, {"documents": documents}, skipped)
     log(f"llada prepare: merged {cfg.parts} parts: {manifest['samples']} sequences of "
         f"{cfg.seq_len} tokens in {len(manifest['shards'])} shards from {sources['documents']} "
         f"documents in {sources['files']} files; {path}")

@@ -18,7 +18,7 @@ positions apart).
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -168,7 +168,7 @@ def _draw_key(seed: int, stream: np.uint64, draw: int) -> np.ndarray:
 
 
 def eval_noise(sample_index: torch.Tensor, seq_len: int, draws: int, seed: int,
-               estimator: str = "stratified") -> EvalNoise:
+               estimator: str = "stratified", start: Optional[torch.Tensor] = None) -> EvalNoise:
     """The masks of K draws per held-out sequence, a pure function of (seed, its index).
 
     ``stratified`` (../shared/LLADA.md's likelihood evaluation): draw k takes the number of
@@ -178,26 +178,34 @@ def eval_noise(sample_index: torch.Tensor, seq_len: int, draws: int, seed: int,
     token masked with probability t, CE weighted by 1 / t. Either way the mean of the K draws'
     terms (weight x summed masked CE / L) is an unbiased estimate of the sequence's bound per
     token (for ``plain`` each draw's term is too; for ``stratified`` only their mean).
+
+    ``start`` [n] (SFT: the prompt lengths): only positions from ``start`` on are masked, L
+    above reads as the length of that region (a response's bound given its prompt); None: 0.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator: unknown {estimator!r}")
     idx = sample_index.cpu().numpy().astype(np.uint64)
     n = len(idx)
     positions = np.arange(seq_len, dtype=np.uint64)
+    first = np.zeros(n, dtype=np.int64) if start is None else start.cpu().numpy().astype(np.int64)
+    region = seq_len - first  # [n] the maskable positions of each sequence
+    outside = positions.astype(np.int64)[None, :] < first[:, None]
     counters = (idx[:, None] << np.uint64(POSITION_BITS)) | positions
     mask = np.empty((n, draws, seq_len), dtype=bool)
     weight = np.empty((n, draws), dtype=np.float64)
     ratio = np.empty((n, draws), dtype=np.float64)
     for k in range(draws):
         u = _unit24(_draw(_draw_key(seed, _EVAL_POS, k), counters))  # [n, L]
+        if start is not None:
+            u = np.where(outside, np.float32(2.0), u)  # ranks last, never below a t
         if estimator == "stratified":
             v = _unit24(_draw(_draw_key(seed, _EVAL_L, k), idx)).astype(np.float64)
-            count = np.minimum(1 + np.floor((k + v) * seq_len / draws), seq_len).astype(np.int64)
+            count = np.minimum(1 + np.floor((k + v) * region / draws), region).astype(np.int64)
             # rank of each position's uniform: the `count` lowest are masked (ties: by position)
             ranks = np.argsort(np.argsort(u, axis=1, kind="stable"), axis=1, kind="stable")
             mask[:, k] = ranks < count[:, None]
-            weight[:, k] = seq_len / count
-            ratio[:, k] = count / seq_len
+            weight[:, k] = region / count
+            ratio[:, k] = count / region
         else:
             t = _unit24(_draw(_draw_key(seed, _EVAL_T, k), idx))
             t = np.maximum(t, np.float32(2.0 ** -24))  # t = 0 would mask nothing, weigh 1/0

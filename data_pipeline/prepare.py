@@ -20,6 +20,9 @@ Held-out split (``holdout_fraction``): each document goes to the training split 
 held-out one by a seeded hash of its text (``held_out``), never both, and the same on every run;
 the held-out split is a dataset of its own under ``holdout/`` (shards, manifest, tokenizer),
 written before the training manifest that marks the whole as complete.
+
+SFT shards (``sft``: data_pipeline/prepare_sft.py) are made by the same machinery (the output's
+clean-up, the seeded shuffle into shards, the fingerprint, the manifests), one pair per sample.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import signal
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -46,9 +49,10 @@ from data_pipeline.parts import (PART_FORMAT, TOKENIZER_FILE, part_manifest, sam
                                  shard_prefix, skipped_list, split_inputs, with_part_tokenizer)
 from data_pipeline.shards import (FORMAT, MANIFEST, VERSION, ShardWriter, token_dtype,
                                   write_manifest)
-from data_pipeline.tokenizer import load_tokenizer, tokenizer_for
+from data_pipeline.tokenizer import Tokenizer, load_tokenizer, tokenizer_for
 
 SEQUENCE_ORDER = "shuffled-1"  # in the fingerprint: shards of the unshuffled order are redone
+SFT_PAIRS = "sft-1"  # in an SFT fingerprint: the sample layout and how pairs are made
 HOLDOUT_DIR = "holdout"  # beside the manifest: the held-out split, a dataset of its own
 SKIPPED_FILE = "skipped-inputs.txt"  # beside the manifest: every input prepare skipped, and why
 SOURCE_COUNTS = ("files", "documents", "empty_files", "bad_lines", "unreadable_files")  # manifest
@@ -103,14 +107,17 @@ def _encode_task(task):
             encode_documents(_worker_sp, held, eos, dtype), len(held))
 
 
-class _Packer:
-    """EOS-joined token ids cut into seq_len sequences, kept in a flat temporary file, and at
-    ``close`` written to the shards of one split in a seeded permutation of all of them."""
+class Packer:
+    """A stream of ids cut into samples of ``seq_len`` ids (EOS-joined documents; SFT samples,
+    which come whole), kept in a flat temporary file, and at ``close`` written to the shards of one
+    split in a seeded permutation of all of them. ``sample_tokens``: ShardWriter's."""
 
     def __init__(self, out: Path, prefix: str, seq_len: int, samples_per_shard: int, dtype,
-                 order_seed: List[int], key=lambda i: f"{i:010d}"):
+                 order_seed: List[int], key=lambda i: f"{i:010d}",
+                 sample_tokens: Optional[int] = None):
         self.out, self.prefix, self.seq_len = out, prefix, seq_len
         self.samples_per_shard, self.order_seed, self.key = samples_per_shard, order_seed, key
+        self.sample_tokens = sample_tokens
         self.dtype = np.dtype(dtype)
         self.buf = np.empty(0, dtype=dtype)
         self.shards: List[dict] = []
@@ -138,7 +145,8 @@ class _Packer:
                 rows = np.empty((len(idx), self.seq_len), dtype=self.dtype)
                 by_place = np.argsort(idx)
                 rows[by_place] = seqs[idx[by_place]]  # read in file order, write shuffled
-                self._writer = ShardWriter(self.out / f"{self.prefix}-{j:06d}.tar")
+                self._writer = ShardWriter(self.out / f"{self.prefix}-{j:06d}.tar",
+                                           self.sample_tokens)
                 for i, row in zip(idx.tolist(), rows):
                     self._writer.add(self.key(i), row)
                 self.shards.append(self._writer.close())
@@ -173,7 +181,7 @@ def _chunks(pieces: List[Piece], text_field: str, counts: Counter, skipped: List
 
 def input_files(cfg: PrepareConfig) -> List[Path]:
     """The inputs in the seeded order prepare visits them."""
-    files = expand_inputs(cfg.inputs)
+    files = expand_inputs(cfg.inputs, sft=cfg.sft)
     random.Random(cfg.seed).shuffle(files)
     return files
 
@@ -193,6 +201,8 @@ def fingerprint(cfg: PrepareConfig, files: List[Path], part: Optional[int] = Non
     if cfg.holdout_fraction > 0:
         settings += [cfg.holdout_fraction, cfg.holdout_seed]
     settings.append(SEQUENCE_ORDER)
+    if cfg.sft:  # (only then: the fingerprints of pretraining shards stay what they were)
+        settings += [SFT_PAIRS, cfg.sft_overflow]
     if cfg.parts > 1:
         settings += [cfg.parts] + ([part] if part is not None else [])
     h.update(json.dumps(settings).encode())
@@ -232,19 +242,111 @@ def up_to_date(out: Path, where: Path, fingerprint: str, holdout: bool) -> Optio
     return m
 
 
-def manifest_of(cfg: PrepareConfig, name: str, shards: List[dict], dropped: int, tok,
+def sample_dtype(cfg: PrepareConfig, vocab_size: int) -> np.dtype:
+    """The dtype of the samples: the vocabulary's, wide enough for an SFT sample's prompt length
+    (up to seq_len) too."""
+    return token_dtype(max(vocab_size, cfg.seq_len + 1) if cfg.sft else vocab_size)
+
+
+def manifest_of(cfg: PrepareConfig, name: str, shards: List[dict], dropped: Optional[int], tok,
                 fingerprint: str, sources: dict) -> dict:
+    """``dropped``: the tokens of the last partial sequence (None for SFT, which packs none)."""
     samples = sum(x["samples"] for x in shards)
+    tail = {} if dropped is None else {"dropped_tail_tokens": dropped}
     return {
         "format": FORMAT, "version": VERSION, "name": name,
-        "seq_len": cfg.seq_len, "dtype": token_dtype(tok.vocab_size).name,
+        "kind": "sft" if cfg.sft else "pretrain",
+        "seq_len": cfg.seq_len, "dtype": sample_dtype(cfg, tok.vocab_size).name,
         "samples": samples, "tokens": samples * cfg.seq_len, "shards": shards,
         "tokenizer": {"file": TOKENIZER_FILE, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
                       "special_ids": tok.special_ids()},
-        "sources": {**sources, "dropped_tail_tokens": dropped},
+        "sources": {**sources, **tail},
         "fingerprint": fingerprint,
         "order": SEQUENCE_ORDER,
     }
+
+
+def _where(cfg: PrepareConfig) -> Path:
+    """The manifest that marks this run's output complete: the dataset's, or the part's."""
+    out = Path(cfg.output)
+    return part_manifest(out, cfg.part, cfg.parts) if cfg.parts > 1 else out / MANIFEST
+
+
+def reuse_or_clear(cfg: PrepareConfig, fp: str, log=print) -> Optional[dict]:
+    """The manifest of this run's output when it is up to date with fingerprint ``fp``;
+    otherwise None, once the manifests and shards an earlier run left are removed: from here on
+    the output is being rewritten, and no manifest may point at a half of it."""
+    out, where, in_parts = Path(cfg.output), _where(cfg), cfg.parts > 1
+    out.mkdir(parents=True, exist_ok=True)
+    held_dir = out / HOLDOUT_DIR
+    done = up_to_date(out, where, fp, cfg.holdout_fraction > 0)
+    if done is not None:
+        log(f"llada prepare: {where} is up to date ({done['samples']} samples)")
+        return done
+    prefix = shard_prefix(cfg.name, cfg.part, cfg.parts)
+    where.unlink(missing_ok=True)
+    if not in_parts:
+        (held_dir / MANIFEST).unlink(missing_ok=True)
+    for stale in [*out.glob(f"{prefix}-*.tar*"), *held_dir.glob(f"{prefix}-holdout-*.tar*")]:
+        stale.unlink()
+    return None
+
+
+def dataset_tokenizer(cfg: PrepareConfig, files: List[Path]) -> Tokenizer:
+    """The tokenizer the shards are written with, in OUTPUT (and in its holdout/, a dataset of
+    its own) unless this run is a part, which reads the one given and never writes it (the
+    parts share it and may run at once)."""
+    out = Path(cfg.output)
+    if cfg.parts > 1:
+        return load_tokenizer(Path(cfg.tokenizer.model), "prepare.tokenizer.model")
+    tok = tokenizer_for(files, cfg.tokenizer, out / TOKENIZER_FILE, cfg.jsonl_text_field)
+    if cfg.holdout_fraction > 0:
+        atomic_write(out / HOLDOUT_DIR / TOKENIZER_FILE, tok.path.read_bytes())
+    return tok
+
+
+def split_packers(cfg: PrepareConfig, sample_len: int, dtype, key,
+                  sample_tokens: Optional[int] = None) -> Tuple[Packer, Packer]:
+    """The packers of the training split and of the held-out one (which gets nothing without
+    holdout_fraction), each shuffled by a seed of its own."""
+    out = Path(cfg.output)
+    prefix = shard_prefix(cfg.name, cfg.part, cfg.parts)
+    held_dir = out / HOLDOUT_DIR if cfg.holdout_fraction > 0 else out
+    held_dir.mkdir(exist_ok=True)
+    return (Packer(out, prefix, sample_len, cfg.samples_per_shard, dtype,
+                   [cfg.seed, cfg.part, 0], key, sample_tokens),
+            Packer(held_dir, f"{prefix}-holdout", sample_len, cfg.samples_per_shard, dtype,
+                   [cfg.seed, cfg.part, 1], key, sample_tokens))
+
+
+def write_dataset(cfg: PrepareConfig, manifest: dict, held_manifest: dict, held_counts: dict,
+                  skipped: bytes) -> Path:
+    """A whole dataset's manifests: the held-out split's (with ``held_counts`` in the summary the
+    dataset's manifest gives of it), the list of skipped inputs, then the dataset's manifest,
+    last: it marks the whole dataset complete."""
+    out = Path(cfg.output)
+    if cfg.holdout_fraction > 0:
+        split = {"fraction": cfg.holdout_fraction, "seed": cfg.holdout_seed}
+        write_manifest(out / HOLDOUT_DIR, {**held_manifest, "split": {"holdout_of": cfg.name,
+                                                                      **split}})
+        manifest["holdout"] = {"manifest": f"{HOLDOUT_DIR}/{MANIFEST}", **split, **held_counts,
+                               "samples": held_manifest["samples"]}
+    # the list of skips before the manifest: a complete dataset always has the one that fits
+    atomic_write(out / SKIPPED_FILE, skipped)
+    return write_manifest(out, manifest)
+
+
+def skipped_lines(skipped: List[str]) -> bytes:
+    return "".join(f"{line}\n" for line in skipped).encode()
+
+
+def warn_skipped(skipped: List[str], counts: Counter, kinds: Tuple[str, ...], listed: Path
+                 ) -> None:
+    """One line on the first screen for all the skipped inputs; each is named in ``listed``."""
+    if skipped:
+        what = ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in kinds if counts[k])
+        warn("skipped_inputs", f"prepare skipped {len(skipped)} inputs ({what}), each named in "
+             f"{listed}")
 
 
 def prepare_tokenizer(cfg: PrepareConfig, log=print):
@@ -260,48 +362,32 @@ def prepare_tokenizer(cfg: PrepareConfig, log=print):
 
 def prepare(cfg: PrepareConfig, log=print) -> dict:
     """Prepare (or find up to date) the dataset cfg describes, or with ``cfg.parts > 1`` part
-    ``cfg.part`` of it (then merged by ``merge``); returns the manifest (the part's)."""
+    ``cfg.part`` of it (then merged by ``merge``); returns the manifest (the part's). With
+    ``cfg.sft``, SFT shards (data_pipeline/prepare_sft.py)."""
+    if cfg.sft:
+        from data_pipeline.prepare_sft import prepare_sft  # it builds on this module
+        return prepare_sft(cfg, log)
     in_parts = cfg.parts > 1
     if in_parts:
         cfg = with_part_tokenizer(cfg)
     files = input_files(cfg)
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     fp = fingerprint(cfg, files, cfg.part if in_parts else None)
     holdout = cfg.holdout_fraction > 0
-    held_dir = out / HOLDOUT_DIR
-    where = part_manifest(out, cfg.part, cfg.parts) if in_parts else out / MANIFEST
-    done = up_to_date(out, where, fp, holdout)
+    where = _where(cfg)
+    done = reuse_or_clear(cfg, fp, log)
     if done is not None:
-        log(f"llada prepare: {where} is up to date ({done['samples']} samples)")
         return done
-    # from here on this output is being rewritten: no manifest may point at a half of it
-    prefix = shard_prefix(cfg.name, cfg.part, cfg.parts)
-    where.unlink(missing_ok=True)
-    if not in_parts:
-        (held_dir / MANIFEST).unlink(missing_ok=True)
-    for stale in [*out.glob(f"{prefix}-*.tar*"), *held_dir.glob(f"{prefix}-holdout-*.tar*")]:
-        stale.unlink()
-    if in_parts:  # read, never written: the parts share it and may run at once
-        tok = load_tokenizer(Path(cfg.tokenizer.model), "prepare.tokenizer.model")
-    else:
-        tok = tokenizer_for(files, cfg.tokenizer, out / TOKENIZER_FILE, cfg.jsonl_text_field)
-    if holdout:
-        held_dir.mkdir(exist_ok=True)
-        if not in_parts:
-            atomic_write(held_dir / TOKENIZER_FILE, tok.path.read_bytes())
+    tok = dataset_tokenizer(cfg, files)
     pieces = split_inputs(files, cfg.parts)[cfg.part] if in_parts else [Piece(f) for f in files]
 
     workers = cfg.workers or len(os.sched_getaffinity(0))  # the CPUs this process may use
-    dtype = token_dtype(tok.vocab_size)
+    dtype = sample_dtype(cfg, tok.vocab_size)
     counts: Counter = Counter()
     skipped: List[str] = []  # one line per skipped input, written to SKIPPED_FILE
     key = functools.partial(sample_key, part=cfg.part, parts=cfg.parts)
-    train = _Packer(out, prefix, cfg.seq_len, cfg.samples_per_shard, dtype,
-                    [cfg.seed, cfg.part, 0], key)
-    held = _Packer(held_dir if holdout else out, f"{prefix}-holdout", cfg.seq_len,
-                   cfg.samples_per_shard, dtype, [cfg.seed, cfg.part, 1], key)
+    train, held = split_packers(cfg, cfg.seq_len, dtype, key)
     # fork: workers run only SentencePiece and numpy (never torch), so threads the caller may
     # hold are not needed in them; spawn would re-import the caller's main module
     ctx = mp.get_context("fork")
@@ -334,26 +420,18 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
                            sources)
     held_manifest = manifest_of(cfg, f"{cfg.name}-holdout", held.shards, int(held.buf.size), tok,
                                 fp, {"documents": counts["held_documents"]})
-    split = {"fraction": cfg.holdout_fraction, "seed": cfg.holdout_seed}
     if in_parts:  # the part's manifest, the merge's input: it marks the part complete
-        atomic_write(skipped_list(out, cfg.part, cfg.parts),
-                     "".join(f"{line}\n" for line in skipped).encode())
+        split = {"fraction": cfg.holdout_fraction, "seed": cfg.holdout_seed}
+        listed = skipped_list(out, cfg.part, cfg.parts)
+        atomic_write(listed, skipped_lines(skipped))
         manifest.update(format=PART_FORMAT, part={"index": cfg.part, "of": cfg.parts},
                         holdout={**held_manifest, **split} if holdout else None)
         atomic_write(where, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     else:
-        if holdout:  # written first: the training manifest marks the whole dataset complete
-            write_manifest(held_dir, {**held_manifest, "split": {"holdout_of": cfg.name, **split}})
-            manifest["holdout"] = {"manifest": f"{HOLDOUT_DIR}/{MANIFEST}", **split,
-                                   "documents": counts["held_documents"],
-                                   "samples": held.samples}
-        # the list of skips before the manifest: a complete dataset always has the one that fits
-        atomic_write(out / SKIPPED_FILE, "".join(f"{line}\n" for line in skipped).encode())
-        write_manifest(out, manifest)
-    if skipped:  # one line on the first screen; each input is named in the list
-        listed = skipped_list(out, cfg.part, cfg.parts) if in_parts else out / SKIPPED_FILE
-        warn("skipped_inputs", f"prepare skipped {len(skipped)} inputs ({_kinds(counts)}), each "
-             f"named in {listed}")
+        listed = out / SKIPPED_FILE
+        write_dataset(cfg, manifest, held_manifest, {"documents": counts["held_documents"]},
+                      skipped_lines(skipped))
+    warn_skipped(skipped, counts, ("empty_files", "bad_lines", "unreadable_files"), listed)
     log(f"llada prepare: {train.samples} sequences of {cfg.seq_len} tokens in "
         f"{len(train.shards)} shards from {sources['documents']} documents in "
         f"{sources['files']} files ({len(skipped)} skipped inputs), "
@@ -361,11 +439,6 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     if holdout:
         log(f"llada prepare: held out {counts['held_documents']} documents "
             f"({cfg.holdout_fraction:g} by hash): {held.samples} sequences in "
-            f"{len(held.shards)} shards" + ("" if in_parts else f"; {held_dir / MANIFEST}"))
+            f"{len(held.shards)} shards"
+            + ("" if in_parts else f"; {out / HOLDOUT_DIR / MANIFEST}"))
     return manifest
-
-
-
-def _kinds(counts) -> str:
-    return ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in
-                     ("empty_files", "bad_lines", "unreadable_files") if counts[k])

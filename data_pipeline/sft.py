@@ -10,15 +10,17 @@ Turns are rendered with the tokenizer's chat control tokens, which text can neve
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
-from typing import Iterator, List, NamedTuple, Optional
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 
+from data_pipeline.collate import TrainBatch
 from data_pipeline.config import ObjectiveConfig
-from data_pipeline.corpus import read_lines, warn
+from data_pipeline.corpus import Report, read_lines, skipper, warn
 from data_pipeline.errors import DataConfigError
 from data_pipeline.noise import forward_process, sample_noise
 from data_pipeline.tokenizer import Tokenizer
@@ -86,24 +88,37 @@ def _messages(record) -> List[dict]:
     return msgs
 
 
+def conversation_record(messages: List[dict]) -> str:
+    """A conversation as one canonical string (what ``llada prepare --sft`` hashes to choose its
+    split): the same conversation gives the same string as messages or as prompt/response, however
+    its line is spaced."""
+    return json.dumps(messages, sort_keys=True, ensure_ascii=False)
+
+
+def read_conversations(path, counts: Counter, report: Report = warn
+                       ) -> Iterator[Tuple[str, List[dict]]]:
+    """(where, messages) of every conversation of a JSONL file (``where``: file and line); a line
+    that is not one (nor UTF-8, nor readable) is skipped, reported and counted."""
+    skip = skipper(counts, report)
+    for where, line in read_lines(path, counts, report):
+        if not line.strip():
+            continue
+        try:
+            messages = _messages(json.loads(line))
+        except ValueError as e:  # json.JSONDecodeError included
+            skip("bad_lines", f"{where}: not a conversation ({e}); line skipped")
+            continue
+        yield where, messages
+
+
 def read_sft_jsonl(path: Path, tok: Tokenizer, max_len: Optional[int] = None,
                    counts: Optional[Counter] = None) -> Iterator[SFTExample]:
     """The (prompt, response) pairs of a JSONL file; bad lines and over-long pairs skipped with a
     warning naming file and line, and counted."""
-    import json
-
     fmt = ChatFormat(tok)
     counts = Counter() if counts is None else counts
-    for where, line in read_lines(path, counts):
-        if not line.strip():
-            continue
-        try:
-            pairs = fmt.pairs(_messages(json.loads(line)))
-        except ValueError as e:  # json.JSONDecodeError included
-            counts["bad_lines"] += 1
-            warn("bad_lines", f"{where}: not a conversation ({e}); line skipped")
-            continue
-        for k, ex in enumerate(pairs):
+    for where, messages in read_conversations(path, counts):
+        for k, ex in enumerate(fmt.pairs(messages)):
             if max_len is not None and len(ex.tokens) > max_len:
                 counts["too_long"] += 1
                 warn("too_long", f"{where}: turn {k + 1} has {len(ex.tokens)} tokens, "
@@ -112,31 +127,58 @@ def read_sft_jsonl(path: Path, tok: Tokenizer, max_len: Optional[int] = None,
             yield ex
 
 
-class SFTBatch(NamedTuple):
-    noisy: torch.Tensor  # [b, l] prompt intact, response positions masked with p_mask
-    targets: torch.Tensor  # [b, l] clean tokens (responses padded with EOS)
-    mask: torch.Tensor  # [b, l] bool, masked response positions (EOS padding included)
-    p_mask: torch.Tensor  # [b]
-    response_len: torch.Tensor  # [b] response length with padding: the loss divides by it
-    index: torch.Tensor  # [b] global sample indices (the noise seeds)
+# ---------------------------------------------------------------- the SFT sample of a shard
+# One definition of how a pair is stored (``llada prepare --sft`` writes it, the loader and the
+# held-out reader read it): a 1-D array of seq_len + 1 ids, the prompt length first, then the
+# pair's tokens padded with EOS to seq_len (the padding is response: SFT trains on it).
+
+
+def sft_sample(ex: SFTExample, seq_len: int, eos_id: int, dtype) -> np.ndarray:
+    """The stored form of a pair that fits (``len(ex.tokens) <= seq_len``, a prompt shorter
+    than it)."""
+    if not 0 < ex.prompt_len < len(ex.tokens) <= seq_len:
+        raise ValueError(f"a pair of {len(ex.tokens)} tokens with a prompt of {ex.prompt_len} "
+                         f"does not fit a sequence of {seq_len}")
+    out = np.full(seq_len + 1, eos_id, dtype=dtype)
+    out[0] = ex.prompt_len
+    out[1:1 + len(ex.tokens)] = ex.tokens
+    return out
+
+
+def split_sft(rows):
+    """(prompt lengths [b], tokens [b, seq_len]) of stored SFT samples [b, seq_len + 1]
+    (numpy arrays or tensors)."""
+    return rows[:, 0], rows[:, 1:]
+
+
+def sft_sample_problem(row: np.ndarray, seq_len: int) -> Optional[str]:
+    """What is wrong with a stored SFT sample's prompt length, if anything."""
+    prompt_len = int(row[0])
+    if not 0 < prompt_len < seq_len:
+        return f"prompt length {prompt_len} is not in [1, {seq_len})"
+    return None
 
 
 class SFTCollator:
-    """Pads a batch with EOS to its longest pair (the padding is response: masked and trained on,
-    which teaches the model to stop), masks response tokens only, at a per-sequence ratio."""
+    """Stored pairs -> the training batch: the prompt is never masked, the response (its EOS
+    padding included: masked and trained on, which teaches the model to stop) is masked at a
+    per-sequence ratio, and each sequence's loss is divided by its response length.
 
-    def __init__(self, cfg: ObjectiveConfig, mask_id: int, eos_id: int):
-        self.cfg, self.mask_id, self.eos_id = cfg, mask_id, eos_id
+    The paper pads each mini-batch to its longest pair; every pair here is padded to the dataset's
+    sequence length instead, so a pair's loss never depends on which others share its micro-batch
+    (the same under every layout and accumulation) and pipeline stages always see one shape.
+    Choose data.seq_len near the longest pairs. No 1% cut: a cut would drop responses."""
 
-    def __call__(self, examples: List[SFTExample], index: torch.Tensor) -> SFTBatch:
-        length = max(len(ex.tokens) for ex in examples)
-        tokens = torch.full((len(examples), length), self.eos_id, dtype=torch.long)
-        prompt_len = torch.tensor([ex.prompt_len for ex in examples])
-        for row, ex in enumerate(examples):
-            tokens[row, :len(ex.tokens)] = torch.from_numpy(ex.tokens)
+    def __init__(self, cfg: ObjectiveConfig, mask_id: int):
+        self.cfg, self.mask_id = cfg, mask_id
+
+    def __call__(self, rows: torch.Tensor, index: torch.Tensor, step: int) -> TrainBatch:
+        prompt_len, tokens = split_sft(rows)
+        tokens = tokens.contiguous()
+        length = tokens.shape[1]
         noise = sample_noise(index, length, self.cfg.seed, self.cfg.t_sampling)
         noisy, mask, p_mask = forward_process(tokens, noise, self.mask_id, self.cfg.eps)
         prompt = torch.arange(length)[None, :] < prompt_len[:, None]
         mask &= ~prompt  # the prompt is restored after masking
         noisy = torch.where(prompt, tokens, noisy)
-        return SFTBatch(noisy, tokens, mask, p_mask, length - prompt_len, index)
+        return TrainBatch(noisy, tokens, mask, p_mask, (length - prompt_len).float(), index, step)

@@ -2,6 +2,9 @@
 
 A sample is one tar member ``<key>.tokens.npy`` (a 1-D array of token ids, uint16 when the
 vocabulary fits, else uint32), so a plain ``webdataset.WebDataset(url).decode()`` reads it too.
+A manifest's ``kind`` says what a sample is: ``pretrain`` (or none: manifests before SFT shards)
+seq_len ids of packed text; ``sft`` seq_len + 1 ids, a (prompt, response) pair's prompt length
+then its tokens padded with EOS (data_pipeline/sft.py, ``sft_sample``).
 Tars are written deterministically (fixed mtime/owner/mode): same inputs, byte-identical shards.
 
 A shard is read whole (a file or any ``pipe:`` URL) and checked against the size and sha256 its
@@ -31,6 +34,7 @@ FORMAT = "llada-shards"
 VERSION = 1
 TOKENS_EXT = "tokens.npy"
 BLOCK = 512
+KINDS = ("pretrain", "sft")  # a manifest's kind: what one sample holds (the module docstring)
 
 
 class ShardError(Exception):
@@ -76,10 +80,12 @@ def decode_tokens(data) -> np.ndarray:
 
 
 class ShardWriter:
-    """One tar shard written under ``<final>.tmp`` and renamed when closed complete."""
+    """One tar shard written under ``<final>.tmp`` and renamed when closed complete.
+    ``sample_tokens``: the tokens a sample counts for in the shard's entry (None: its ids; an SFT
+    sample's first id is its prompt length, not a token)."""
 
-    def __init__(self, final: Path):
-        self.final = final
+    def __init__(self, final: Path, sample_tokens: Optional[int] = None):
+        self.final, self.sample_tokens = final, sample_tokens
         self.tmp = final.with_name(final.name + ".tmp")
         self._file = open(self.tmp, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
@@ -94,7 +100,7 @@ class ShardWriter:
         info.uname = info.gname = ""
         self._tar.addfile(info, io.BytesIO(data))
         self.samples += 1
-        self.tokens += int(tokens.size)
+        self.tokens += int(tokens.size) if self.sample_tokens is None else self.sample_tokens
 
     def close(self) -> dict:
         self._tar.close()
@@ -208,6 +214,12 @@ class ShardSet:
     tokenizer_path: Path
     shards: List[dict]
     shards_url: Optional[str] = None
+    kind: str = "pretrain"  # one of KINDS
+
+    @property
+    def sample_len(self) -> int:
+        """The ids of one stored sample: an SFT sample's prompt length comes first."""
+        return self.seq_len + 1 if self.kind == "sft" else self.seq_len
 
     @property
     def samples(self) -> int:
@@ -243,7 +255,10 @@ def load_manifest(path: str | Path, shards_url: Optional[str] = None,
         s = ShardSet(name=m["name"], manifest=path, seq_len=int(m["seq_len"]), dtype=m["dtype"],
                      vocab_size=int(tok["vocab_size"]), special_ids=dict(tok["special_ids"]),
                      tokenizer_sha256=tok["sha256"], tokenizer_path=path.parent / tok["file"],
-                     shards=list(m["shards"]), shards_url=shards_url)
+                     shards=list(m["shards"]), shards_url=shards_url,
+                     kind=m.get("kind", "pretrain"))
+        if s.kind not in KINDS:
+            raise ValueError(f"kind {s.kind!r} is not one of {', '.join(KINDS)}")
         if not s.shards:
             raise ValueError("it lists no shard")
         if not all(isinstance(x, dict) and isinstance(x.get("file"), str)
@@ -257,10 +272,26 @@ def load_manifest(path: str | Path, shards_url: Optional[str] = None,
     return s
 
 
+def _checked_row(shard_set: ShardSet, name: str, arr: np.ndarray) -> np.ndarray:
+    """A held-out sample as int64, or ValueError naming it: the wrong shape, or (SFT) a prompt
+    length that does not fit."""
+    if arr.shape != (shard_set.sample_len,):
+        raise ValueError(f"sample {name!r} has shape {arr.shape}, the manifest says "
+                         f"({shard_set.sample_len},)")
+    if shard_set.kind == "sft":
+        from data_pipeline.sft import sft_sample_problem  # torch: not for prepare's workers
+
+        problem = sft_sample_problem(arr, shard_set.seq_len)
+        if problem:
+            raise ValueError(f"sample {name!r}: {problem}")
+    return arr.astype(np.int64)
+
+
 def read_sequences(shard_set: ShardSet, count: Optional[int] = None) -> np.ndarray:
     """``count`` sequences spread evenly over a dataset (sample ``i * samples // count`` for i
     below count; all of them for None or a count as large), in manifest order, as one
-    [n, seq_len] int64 array: a fixed held-out set read whole, not a training stream. Only the
+    [n, sample_len] int64 array (an SFT set's rows: the prompt length, then the tokens:
+    data_pipeline.sft.split_sft): a fixed held-out set read whole, not a training stream. Only the
     shards that hold a wanted sample are opened. A shard that cannot be read is bad input naming
     it (a held-out set with a hole would be another set, silently)."""
     total = shard_set.samples
@@ -281,11 +312,7 @@ def read_sequences(shard_set: ShardSet, count: Optional[int] = None) -> np.ndarr
                 if split_key(name)[1] != TOKENS_EXT:
                     continue
                 if index in need:
-                    arr = decode_tokens(data)
-                    if arr.shape != (shard_set.seq_len,):
-                        raise ValueError(f"sample {name!r} has shape {arr.shape}, the manifest "
-                                         f"says ({shard_set.seq_len},)")
-                    rows.append(arr.astype(np.int64))
+                    rows.append(_checked_row(shard_set, name, decode_tokens(data)))
                 index += 1
         except ShardError as e:
             raise DataConfigError(f"held-out set {shard_set.manifest}: {e}") from None

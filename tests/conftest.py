@@ -16,6 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_RECIPE = REPO / "recipes" / "debug-cpu.yaml"
+SFT_RECIPE = REPO / "recipes" / "sft-debug-cpu.yaml"
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -68,6 +69,31 @@ def small_heldout(tmp_path_factory, small_tokenizer) -> Path:
     prepare_small(out, small_tokenizer, inputs=[stdlib_glob(p) for p in ("json", "logging")],
                   holdout_fraction=0.3)
     return out / "holdout" / "manifest.json"
+
+
+@pytest.fixture(scope="session")
+def small_sft_dataset(tmp_path_factory, small_tokenizer) -> Path:
+    """SFT shards of ~1,000 short pairs of real text (a line of a standard-library module as
+    the prompt, the next as the response) in 64-token sequences, 10% of them held out under
+    holdout/ (the training manifest's path)."""
+    import glob
+    import json
+
+    from data_pipeline.config import PrepareConfig, TokenizerConfig
+    from data_pipeline.prepare import prepare
+
+    out = tmp_path_factory.mktemp("small-sft")
+    pairs = []
+    for path in sorted(glob.glob(stdlib_glob("json")))[:4]:
+        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+        pairs += [{"prompt": a[:80], "response": b[:80]} for a, b in zip(lines, lines[1:])]
+    (out / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs[:1100]))
+    prepare(PrepareConfig(inputs=[str(out / "pairs.jsonl")], output=str(out / "sft"),
+                          name="small-sft", seq_len=64, samples_per_shard=128, sft=True,
+                          holdout_fraction=0.1,
+                          tokenizer=TokenizerConfig(model=str(small_tokenizer))),
+            log=lambda _: None)
+    return out / "sft" / "manifest.json"
 
 
 def validation_overrides(manifest: Path, sequences: int = 24, t_samples: int = 4) -> List[str]:

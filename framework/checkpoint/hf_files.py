@@ -26,8 +26,7 @@ from framework.checkpoint.files import TOKENIZER
 from framework.checkpoint.hf_mapping import (HFFormatError, check_hf_config, check_tensors,
                                              config_value, from_hf, hf_config, hf_shapes, to_hf)
 from framework.checkpoint.reshard import Layout, read_weights
-from framework.config import ConfigError, ModelConfig, from_data
-from framework.model.weights import shard
+from framework.config import ModelConfig, from_data
 
 Tensor = torch.Tensor
 SINGLE_FILE = "model.safetensors"
@@ -122,7 +121,8 @@ def _write_json(path: Path, obj: Any) -> None:
 def write_hf_dir(out_dir: Path, weights: Mapping[str, Tensor], cfg: ModelConfig,
                  tokenizer_model: Path, special_ids: Mapping[str, Optional[int]],
                  dtype: torch.dtype = torch.bfloat16, *, max_sequence_length: int = 4096,
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> Path:
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
+                 objective: str = "pretrain") -> Path:
     """Write our full weights as a directory in the release's layout (see module docstring).
     Atomic: everything goes to a temporary sibling directory that is renamed into place at the
     end, so a failed export leaves nothing at ``out_dir`` (with ``overwrite``, an existing
@@ -158,7 +158,8 @@ def write_hf_dir(out_dir: Path, weights: Mapping[str, Tensor], cfg: ModelConfig,
         _write_json(tmp / "config.json", hf_config(
             cfg, cfg.vocab_size, special_ids["mask"], eos_id=special_ids["eos"],
             pad_id=special_ids.get("pad"), bos_id=special_ids.get("bos"),
-            max_sequence_length=max_sequence_length, torch_dtype=_dtype_name(dtype)))
+            max_sequence_length=max_sequence_length, torch_dtype=_dtype_name(dtype),
+            objective=objective))
         pad = special_ids.get("pad")
         generation = {"_from_model_config": True, "eos_token_id": special_ids["eos"],
                       "pad_token_id": special_ids["eos"] if pad is None else pad}
@@ -263,19 +264,6 @@ def read_hf_dir(hf_dir: Path, cfg: ModelConfig) -> Dict[str, Tensor]:
     return from_hf(tensors, cfg, weight_tying=tied)
 
 
-def init_from_hf(model: torch.nn.Module, hf_dir: Path, cfg: ModelConfig, tp_rank: int, tp: int
-                 ) -> None:
-    """``init.from``: the weights of a Hugging Face LLaDA directory, sliced for this rank
-    (``model``: this rank's pieces, global names)."""
-    try:
-        full = read_hf_dir(hf_dir, cfg)
-    except HFFormatError as e:
-        raise ConfigError(f"init.from: {e}") from None
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(shard(name, full[name], tp_rank, tp))
-
-
 def open_checkpoint(source: Path, warn=print, key: str = "CHECKPOINT") -> tuple:
     """(the checkpoint, its meta.json, its ModelConfig) named by a step_N directory, a
     checkpoints directory or a run directory (their newest complete checkpoint)."""
@@ -297,5 +285,12 @@ def export_checkpoint(source: Path, out_dir: Path, dtype: torch.dtype, overwrite
     tag, meta, model = open_checkpoint(source, warn)
     weights = read_weights(tag, Layout.saved(meta["layout"]))
     write_hf_dir(out_dir, weights, model, tag / TOKENIZER, meta["special_ids"], dtype=dtype,
-                 max_sequence_length=meta["config"]["data"]["seq_len"], overwrite=overwrite)
+                 max_sequence_length=meta["config"]["data"]["seq_len"], overwrite=overwrite,
+                 objective=checkpoint_objective(meta))
     return tag, meta
+
+
+def checkpoint_objective(meta: Mapping[str, Any]) -> str:
+    """The objective a checkpoint was trained with (checkpoints from before there was a choice:
+    pretraining)."""
+    return meta["config"].get("objective", {}).get("kind", "pretrain")

@@ -182,13 +182,15 @@ def from_hf(hf: Mapping[str, Tensor], cfg: ModelConfig, weight_tying: bool = Fal
 # ----------------------------------------------------------------------------- config.json
 def hf_config(cfg: ModelConfig, vocab_size: int, mask_id: int, *, eos_id: int,
               pad_id: Optional[int] = None, bos_id: Optional[int] = None,
-              max_sequence_length: int = 4096, torch_dtype: str = "bfloat16") -> Dict[str, Any]:
+              max_sequence_length: int = 4096, torch_dtype: str = "bfloat16",
+              objective: str = "pretrain") -> Dict[str, Any]:
     """The release's config.json (same keys as GSAI-ML/LLaDA-8B-Base's) with our values, so its
     ``LLaDAConfig`` / ``LLaDAModelLM`` build exactly our architecture. ``vocab_size``: the
     model's vocabulary (``model.vocab_size``; at least the tokenizer's pieces, as in the release:
     126464 for a tokenizer of fewer); ``embedding_size``: our padded rows. Keys that only steer
     training or initialisation in the release's code (init_*, precision, dropout) say what ours
-    are."""
+    are. ``objective``: what trained it, under our own key ``llada_objective`` (the release's code
+    ignores it and always attends bidirectionally: an autoregressive baseline is ours to run)."""
     embedding_size = padded_vocab_size(cfg.vocab_size, cfg.pad_vocab_to_multiple_of)
     if not 0 < vocab_size <= embedding_size:
         raise HFFormatError(f"vocab_size: {vocab_size} does not fit the model's {embedding_size} "
@@ -221,6 +223,7 @@ def hf_config(cfg: ModelConfig, vocab_size: int, mask_id: int, *, eos_id: int,
         "input_emb_norm": False,
         "layer_norm_type": "rms",
         "layer_norm_with_affine": True,
+        OBJECTIVE_KEY: objective,
         "mask_token_id": mask_id,
         "max_sequence_length": max_sequence_length,
         "mlp_hidden_size": cfg.ffn_hidden_size,
@@ -246,6 +249,9 @@ def hf_config(cfg: ModelConfig, vocab_size: int, mask_id: int, *, eos_id: int,
     if bos_id is not None:
         config["bos_token_id"] = bos_id
     return dict(sorted(config.items()))
+
+
+OBJECTIVE_KEY = "llada_objective"  # ours, in config.json: pretrain | sft | ar (absent: pretrain)
 
 
 def config_value(config: Mapping[str, Any], key: str) -> Any:

@@ -115,10 +115,14 @@ def rollback_done(root: Path, world: World) -> None:
 
 def check_resumable(path: Path, meta: dict, config: dict, tokenizer_sha256: List[str],
                     tokenizer: Path) -> None:
-    """The model and the global batch must be the saved ones, and the data of the same
-    tokenizer; everything else (layout, precision, schedule, ...) may change on resume."""
+    """The model, the global batch and the objective must be the saved ones, and the data of the
+    same tokenizer; everything else (layout, precision, schedule, ...) may change on resume."""
     saved = meta["config"]
-    for section, keys in (("model", sorted(config["model"])), ("train", ["global_batch_size"])):
+    # the objective too: its optimizer state and data stream belong to it (a run that changes
+    # objective starts afresh from the weights: init.from)
+    saved.setdefault("objective", {}).setdefault("kind", "pretrain")  # before the choice existed
+    for section, keys in (("model", sorted(config["model"])), ("train", ["global_batch_size"]),
+                          ("objective", ["kind"])):
         for key in keys:
             if saved[section].get(key) != config[section][key]:
                 raise ConfigError(

@@ -9,13 +9,14 @@ standard error is computed from the spread of each sequence's K draws as if they
 independent, which over-states it for stratified draws (their true spread is lower:
 benchmarks/validation.py measures it); the sampling error over sequences is the spread of the
 per-sequence means. Bits per byte: the summed bound in bits over the UTF-8 bytes the tokens
-encode.
+encode. The autoregressive baseline's exact NLL goes through the same statistics as one draw of
+weight 1 per sequence.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -23,13 +24,21 @@ import numpy as np
 from data_pipeline.noise import T_BUCKETS, t_bucket_names
 
 
-def bound_stats(ce_sums: np.ndarray, weight: np.ndarray, ratio: np.ndarray, seq_len: int,
-                text_bytes: int) -> Dict[str, float]:
+def bound_stats(ce_sums: np.ndarray, weight: np.ndarray, ratio: Optional[np.ndarray],
+                seq_len, text_bytes: int, ce_first: Optional[np.ndarray] = None,
+                bytes_without_first: int = 0) -> Dict[str, float]:
     """``loss`` (nats per token), ``loss_mc_stderr``, ``loss_seq_stderr``, ``bpb`` and
     ``loss_by_ratio/<bucket>`` from the [n, K] summed masked CE of each draw, its weight and
-    mask ratio; ``text_bytes``: the UTF-8 bytes of the n sequences' text."""
+    mask ratio (None: no buckets, the autoregressive objective); ``seq_len``: the tokens each
+    sequence's bound is per (an int, or [n]: SFT's response lengths); ``text_bytes``: the UTF-8
+    bytes of the text of those tokens. With ``ce_first`` ([n, K], the CE at each sequence's
+    first position, 0 where it was not masked) also ``bpb_without_first``: the bits of every
+    position but the first over ``bytes_without_first``, the axis on which the autoregressive
+    baseline (which never predicts a first token) is compared."""
+    lengths = np.broadcast_to(np.asarray(seq_len, dtype=np.float64), (len(ce_sums),))
     # [n, K] each draw's term; their mean over a sequence's K draws estimates its bound per token
-    x = np.asarray(ce_sums, dtype=np.float64) * np.asarray(weight, dtype=np.float64) / seq_len
+    x = np.asarray(ce_sums, dtype=np.float64) * np.asarray(weight, dtype=np.float64) / \
+        lengths[:, None]
     n, k = x.shape
     per_seq = x.mean(axis=1)
     out = {"loss": float(x.mean())}
@@ -38,7 +47,13 @@ def bound_stats(ce_sums: np.ndarray, weight: np.ndarray, ratio: np.ndarray, seq_
     if n > 1:
         out["loss_seq_stderr"] = float(per_seq.std(ddof=1) / math.sqrt(n))
     if text_bytes > 0:
-        out["bpb"] = float(per_seq.sum() * seq_len / (math.log(2) * text_bytes))
+        out["bpb"] = float((per_seq * lengths).sum() / (math.log(2) * text_bytes))
+    if ce_first is not None and bytes_without_first > 0:
+        rest = (np.asarray(ce_sums, dtype=np.float64) - ce_first) * np.asarray(weight)
+        out["bpb_without_first"] = float(rest.mean(axis=1).sum()
+                                         / (math.log(2) * bytes_without_first))
+    if ratio is None:
+        return out
     bucket = np.clip((np.asarray(ratio) * T_BUCKETS).astype(np.int64), 0, T_BUCKETS - 1)
     for b, name in enumerate(t_bucket_names()):
         sel = bucket == b

@@ -1,5 +1,7 @@
 """``llada validate RUN_DIR|CHECKPOINT [--data MANIFEST ...]``: the held-out bound of a checkpoint
-of any layout, on one process, with the estimator and masks the run's own evaluations use.
+of any layout, on one process, with the estimator and masks the run's own evaluations use (the
+exact NLL for an autoregressive model; the bound of the responses given their prompts on SFT
+data).
 
 The checkpoint's full fp32 weights (read as ``llada export`` reads them; or an export
 directory's: framework/inference/model.py) go into a one-process model; the sets are ``--data``
@@ -65,7 +67,13 @@ def validate(source: Path, manifests: List[str] = (), *, sequences: Optional[int
         where = f"--data {v.manifest}" if manifests else f"data.validation[{i}].manifest"
         shards = load_manifest(v.manifest, v.shards_url, key=where)
         check_tokenizer(shards, im.tokenizer.sha256, im.special, f"{im.tokenizer.path}", where)
-        held.append(HeldOutSet.read(v.name, shards, cfg.sequences))
+        if shards.kind == "sft" and im.objective == "ar":
+            raise ConfigError(f"{where}: {v.manifest} holds SFT pairs; an autoregressive model "
+                              "is evaluated on pretraining data")
+        # a diffusion model's evaluation follows the data: the bound of SFT responses given
+        # their prompts (a pretrained model's too), or of whole sequences (an SFT model's too)
+        kind = "ar" if im.objective == "ar" else ("sft" if shards.kind == "sft" else "pretrain")
+        held.append(HeldOutSet.read(v.name, shards, cfg.sequences, kind))
 
     world = init_world(ParallelConfig(), device)  # the one load set up
     validator = Validator(cfg, held, world, im.model,
@@ -76,8 +84,9 @@ def validate(source: Path, manifests: List[str] = (), *, sequences: Optional[int
         results[h.name] = {"manifest": str(v.manifest), "sequences": int(h.tokens.shape[0]),
                            "seq_len": int(h.tokens.shape[1]), "text_bytes": h.text_bytes,
                            **validator.evaluate_set(h)}
-    return {"checkpoint": im.source, "step": im.step,
-            "eval": {"t_samples": cfg.t_samples, "seed": cfg.seed, "estimator": "stratified"},
+    return {"checkpoint": im.source, "step": im.step, "objective": im.objective,
+            "eval": {"t_samples": cfg.t_samples, "seed": cfg.seed,
+                     "estimator": "exact" if im.objective == "ar" else "stratified"},
             "sets": results}
 
 

@@ -11,7 +11,9 @@ estimate does not depend on the batch or the process it ran in. Optional classif
 guidance scores ``u + (w + 1)(c - u)`` with the context masked in the unconditional row.
 
 ``greedy``: whether r is what the model predicts with all of r masked (the harness's
-``is_greedy``). The CE is over the tokenizer's vocabulary (not the padding rows).
+``is_greedy``). The CE is over the tokenizer's vocabulary (not the padding rows). A model of the
+autoregressive objective gets its exact log-likelihood instead (one causal forward), so the two
+objectives are compared on the same requests.
 """
 
 from __future__ import annotations
@@ -74,16 +76,15 @@ def loglikelihoods(im: InferenceModel, pairs: Sequence[Pair], samples: int = 128
     if batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
     start = im.document_start() if start is None else list(start)
+    if im.objective == "ar":
+        if cfg_scale:
+            raise ConfigError("--cfg-scale: classifier-free guidance is for diffusion models; "
+                              f"{im.source} is autoregressive")
+        return _next_token_loglikelihoods(im, pairs, batch_size, start)
     # (pair, draw or -1 for the greedy row, tokens, masked positions, weight, continuation start)
     rows = []
     for i, (ctx, cont) in enumerate(pairs):
-        if not cont:
-            raise ConfigError(f"request {i + 1}: the continuation is empty")
-        room = im.max_length - len(start) - len(cont)
-        if room < 0:
-            raise ConfigError(f"request {i + 1}: a continuation of {len(cont)} tokens exceeds "
-                              f"the model's maximum length {im.max_length}")
-        seq = start + list(ctx)[max(0, len(ctx) - room):] + list(cont)
+        seq = _sequence(im, i, ctx, cont, start)
         offset = len(seq) - len(cont)
         noise = eval_noise(torch.tensor([pair_key(ctx, cont)]), len(cont), samples, seed)
         for k in range(samples):
@@ -105,6 +106,50 @@ def loglikelihoods(im: InferenceModel, pairs: Sequence[Pair], samples: int = 128
         x = terms[i]
         err = float(x.std(ddof=1) / math.sqrt(samples)) if samples > 1 else float("nan")
         out.append(Estimate(-float(x.mean()), err, greedy[i]))
+    return out
+
+
+def _sequence(im: InferenceModel, i: int, ctx: List[int], cont: List[int], start: List[int]
+              ) -> List[int]:
+    """start + context + continuation of request i, the context cut from the left to fit."""
+    if not cont:
+        raise ConfigError(f"request {i + 1}: the continuation is empty")
+    room = im.max_length - len(start) - len(cont)
+    if room < 0:
+        raise ConfigError(f"request {i + 1}: a continuation of {len(cont)} tokens exceeds "
+                          f"the model's maximum length {im.max_length}")
+    return start + list(ctx)[max(0, len(ctx) - room):] + list(cont)
+
+
+def _next_token_loglikelihoods(im: InferenceModel, pairs: Sequence[Pair], batch_size: int,
+                               start: List[int]) -> List[Estimate]:
+    """An autoregressive model's exact log p(r | p): one causal forward of start + p + r,
+    the log-probability of each token of r at the position before it (no Monte Carlo: stderr
+    0); ``greedy`` when each is the argmax there."""
+    seqs = []
+    for i, (ctx, cont) in enumerate(pairs):
+        seq = _sequence(im, i, ctx, cont, start)
+        if len(seq) == len(cont):
+            raise ConfigError(f"request {i + 1}: nothing precedes the continuation (an "
+                              "autoregressive model needs one token to predict the first from)")
+        seqs.append((seq, len(cont)))
+    out = []
+    for b in range(0, len(seqs), batch_size):
+        chunk = seqs[b:b + batch_size]
+        ids, real = im.pad_left([seq for seq, _ in chunk])
+        width = ids.shape[1]
+        select = torch.zeros_like(real)
+        for r, (_, n) in enumerate(chunk):
+            select[r, width - n - 1:width - 1] = True  # each predicts the next: r's tokens
+        targets = torch.roll(ids, -1, dims=1)[select]
+        unpadded = all(len(seq) == width for seq, _ in chunk)
+        logits = im.logits(ids, select, Attend(key_mask=None if unpadded else real))
+        ce = F.cross_entropy(logits, targets, reduction="none").double()
+        hit = logits.argmax(-1) == targets
+        at = 0
+        for _, n in chunk:
+            out.append(Estimate(-float(ce[at:at + n].sum()), 0.0, bool(hit[at:at + n].all())))
+            at += n
     return out
 
 

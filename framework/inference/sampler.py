@@ -234,9 +234,47 @@ def generate(im: InferenceModel, prompts: Sequence[Sequence[int]], cfg: SamplerC
     if any(len(p) == 0 for p in prompts):
         raise ConfigError("a prompt is empty")
     out: List[Completion] = []
+    run = _next_token_batch if im.objective == "ar" else _generate_batch
     for first in range(0, len(prompts), cfg.batch_size):
-        out += _generate_batch(im, prompts[first:first + cfg.batch_size], cfg, first, trace)
+        out += run(im, prompts[first:first + cfg.batch_size], cfg, first, trace)
     return out
+
+
+@torch.no_grad()
+def _next_token_batch(im, prompts, cfg: SamplerConfig, first: int, trace) -> List[Completion]:
+    """An autoregressive model (objective ar) decodes left to right, one token per forward of
+    the whole sequence so far (greedy, or Gumbel-max in float64 at temperature > 0); a row is
+    frozen once it ends (no host sync per token). The diffusion settings (steps, blocks,
+    remasking, guidance, cache) do not apply: llada generate says so."""
+    start = time.perf_counter()
+    ids, real = im.pad_left([list(p) for p in prompts])
+    plen = ids.shape[1]
+    gens = [_row_generator(cfg.seed, first + i, im.device) for i in range(len(prompts))]
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=im.device)
+    stop = torch.tensor(im.stop_ids, device=im.device)
+    unpadded = len({len(p) for p in prompts}) == 1
+    for _ in range(cfg.gen_length):
+        last = torch.zeros_like(ids, dtype=torch.bool)
+        last[:, -1] = True
+        attend = Attend(key_mask=None if unpadded else real)
+        logits = im.logits(ids, last, attend).double()
+        if cfg.temperature > 0:
+            noise = torch.stack([torch.rand(logits.shape[1], generator=g, device=im.device,
+                                            dtype=torch.float64) for g in gens])
+            logits = logits / cfg.temperature - torch.log(-torch.log(noise.clamp_min(1e-300)))
+        token = torch.where(done, im.special["eos"], logits.argmax(-1))
+        done |= torch.isin(token, stop) & cfg.stop_at_eos
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        real = torch.cat([real, torch.ones_like(real[:, :1])], dim=1)
+        if trace is not None:
+            trace(ids.clone(), plen, ids.shape[1] - 1, ids.shape[1])
+    if im.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    gen = ids[:, plen:].tolist()
+    rows = [_completion(row, im.stop_ids, im.mask_id) for row in gen]
+    made = [min(len(r) + 1, cfg.gen_length) for r in rows]  # with its stop token
+    return [Completion(r, made[i], made[i], seconds, sum(made)) for i, r in enumerate(rows)]
 
 
 @torch.no_grad()

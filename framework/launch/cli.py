@@ -158,7 +158,7 @@ def _prepare_config(args: argparse.Namespace, parts: Optional[int] = None):
         samples_per_shard=args.samples_per_shard, jsonl_text_field=args.text_field,
         workers=args.workers, seed=args.seed, holdout_fraction=args.holdout_fraction,
         holdout_seed=args.holdout_seed, parts=parts or args.parts,
-        part=getattr(args, "part", 0),
+        part=getattr(args, "part", 0), sft=args.sft, sft_overflow=args.sft_overflow,
         tokenizer=TokenizerConfig(model=args.tokenizer, vocab_size=args.vocab_size,
                                   train_bytes=args.tokenizer_train_bytes))
 
@@ -200,7 +200,9 @@ def cmd_slurm_prepare(args: argparse.Namespace) -> int:
             value = getattr(args, dest)
             if dest == "workers" and not value:
                 value = opts.cpus_per_task  # a job's CPUs, not the node's
-            if value is not None:
+            if isinstance(value, bool):  # a flag: named or not
+                argv += [flag] if value else []
+            elif value is not None:
                 argv += [flag, str(value)]
         jobs = render(argv, output, cfg.name, opts, train_tokenizer=cfg.tokenizer.model is None)
         if args.dry_run:
@@ -254,6 +256,7 @@ def _default(name: str):
 def _prepare_arguments(parser: argparse.ArgumentParser) -> List[Tuple[str, str]]:
     """The options of llada prepare, shared with llada slurm prepare; returns (flag, dest) of
     each option but the output, which llada slurm prepare hands on to its jobs."""
+    from data_pipeline.config import SFT_OVERFLOW
     added = []
 
     class _Recorder:  # records what it adds: the one list of these options
@@ -285,6 +288,15 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> List[Tuple[str, str]]
                       "into OUTPUT/holdout/, a dataset of its own for data.validation")
     prep.add_argument("--holdout-seed", type=int, default=_default("holdout_seed"),
                       help="seeds the hash that chooses the held-out documents")
+    prep.add_argument("--sft", action="store_true",
+                      help="SFT shards: the inputs are JSONL conversations ('messages', or "
+                      "'prompt'/'response'), or stdlib-sft (pairs made from the standard "
+                      "library's functions); one (prompt, response) pair per sample; needs "
+                      "--tokenizer (the fine-tuned model's)")
+    prep.add_argument("--sft-overflow", choices=SFT_OVERFLOW,
+                      default=_default("sft_overflow"),
+                      help="a pair longer than --seq-len: dropped (skip) or cut, losing its "
+                      "response's end (truncate); counted in the manifest either way")
     return [(a.option_strings[-1], a.dest) for a in added
             if a.option_strings and a.dest != "output"]
 
@@ -407,7 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
         "seeded random order to NAME-000000.tar ... plus manifest.json and tokenizer.model in "
         "OUTPUT. Deterministic; an up-to-date OUTPUT is left as is. In parts: --tokenizer-only "
         "once (unless --tokenizer), then --parts N --part P for each P (on any machines), then "
-        "--merge --parts N; llada slurm prepare submits that as Slurm jobs.")
+        "--merge --parts N; llada slurm prepare submits that as Slurm jobs. With --sft: JSONL "
+        "conversations (or stdlib-sft) -> SFT shards, one (prompt, response) pair per sample, "
+        "tokenised with --tokenizer, the fine-tuned model's.")
     _prepare_arguments(prep)
     prep.add_argument("--parts", type=int, default=_default("parts"),
                       help="the dataset is prepared as this many independent parts")

@@ -82,6 +82,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not prompts:
             return _error("give --prompt TEXT or --prompts-file FILE.jsonl", EXIT_BAD_INPUT)
         im = load(args.model, args.device, _dtype(args.dtype), warn=_warn)
+        if im.objective == "ar":
+            print("llada generate: an autoregressive model (objective ar): next-token decoding; "
+                  "--steps, --block-length, --remasking, --cfg-scale, --cache, --refresh and "
+                  "--threshold do not apply", file=sys.stderr)
         ids = [_encode(im, p, args.chat) for p in prompts]
         done = generate(im, ids, cfg)
     except _bad_input() as e:

@@ -88,7 +88,7 @@ def plan(cfg: Config, mfu: float, peak_flops: float) -> str:
         rows.append((s, len(layers), stage_params[s], stage_params[s] * w_b,
                      stage_params[s] * per_param, act))
 
-    per_token = FlopCounter(mc).expected_per_token(cfg.data.seq_len)
+    per_token = FlopCounter(mc, cfg.objective.kind).expected_per_token(cfg.data.seq_len)
     flops_step = per_token * tc.global_batch_size * cfg.data.seq_len
     step_s = flops_step / (world * peak_flops * mfu)
     out = [

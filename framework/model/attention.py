@@ -1,4 +1,5 @@
-"""Non-causal core attention on ``torch.nn.functional.scaled_dot_product_attention``.
+"""Core attention on ``torch.nn.functional.scaled_dot_product_attention``: non-causal (LLaDA) or
+causal (the autoregressive baseline), as the layer spec's ``attn_mask_type`` says.
 
 megatron-core's own ``DotProductAttention`` assumes CUDA and a causal/padding mask; LLaDA needs
 every token to attend to every token. SDPA picks the flash backend on CUDA (bf16/fp16) and runs
@@ -19,6 +20,7 @@ from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -40,19 +42,24 @@ class Attend:
     store: bool = False
 
 
-class BidirectionalSDPA(MegatronModule):
+class SDPAttention(MegatronModule):
     """Drop-in ``core_attention`` for megatron-core's ``SelfAttention``: [s, b, heads, d] in,
-    [s, b, heads * d] out, no mask at all."""
+    [s, b, heads * d] out; no mask at all (``AttnMaskType.no_mask``: LLaDA) or each query
+    attending to the keys at or before its position (``AttnMaskType.causal``)."""
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type,
                  attention_type: str, attention_dropout: Optional[float] = None,
                  softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
                  pg_collection=None):
         super().__init__(config=config)
-        # Parameters megatron passes to every core attention; a bidirectional model uses none of
-        # them (no mask type, no dropout in LLaDA, default 1/sqrt(d) scale, no context parallel).
+        # Parameters megatron passes to every core attention; of them only the mask type is used
+        # (no dropout in LLaDA, default 1/sqrt(d) scale, no context parallel).
         if config.context_parallel_size != 1:
-            raise ValueError("BidirectionalSDPA does not support context parallelism")
+            raise ValueError("SDPAttention does not support context parallelism")
+        if attn_mask_type not in (AttnMaskType.no_mask, AttnMaskType.causal):
+            raise ValueError(f"SDPAttention: mask type {attn_mask_type} is neither no_mask nor "
+                             "causal")
+        self.causal = attn_mask_type == AttnMaskType.causal
         self.layer_number = layer_number  # the key of this layer's entry in an Attend's cache
         self.softmax_scale = softmax_scale
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
@@ -63,7 +70,7 @@ class BidirectionalSDPA(MegatronModule):
         attend = attention_mask
         if (attend is not None and not isinstance(attend, Attend)) or attention_bias is not None \
                 or packed_seq_params is not None:
-            raise ValueError("LLaDA attention is bidirectional: no mask, bias or packing")
+            raise ValueError("LLaDA attention takes no mask, bias or packing (only an Attend)")
         s, b, heads, d = query.shape
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # -> [b, h, s, d]
         mask = None
@@ -71,8 +78,13 @@ class BidirectionalSDPA(MegatronModule):
             k, v = self._cached(attend, k, v)
             if attend.key_mask is not None:
                 mask = attend.key_mask[:, None, None, :].to(q.device)
+            if self.causal:  # queries at start.., keys at 0..: each sees its past and itself
+                pos = torch.arange(k.shape[2], device=q.device)
+                past = pos[None, :] <= (attend.start + torch.arange(s, device=q.device))[:, None]
+                mask = past[None, None] if mask is None else mask & past[None, None]
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=False, scale=self.softmax_scale,
+            q, k, v, attn_mask=mask, is_causal=self.causal and attend is None,
+            scale=self.softmax_scale,
             dropout_p=self.dropout_p if self.training else 0.0,
             enable_gqa=k.shape[1] != heads,
         )

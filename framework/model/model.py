@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from framework.config import ModelConfig
 from framework.model.attention import Attend
 from framework.model.params import padded_vocab_size
-from framework.model.spec import RMSNorm, llada_layer_spec
+from framework.model.spec import RMSNorm, layer_spec
 from framework.parallel.layout import recompute_flags, stage_bounds
 
 
@@ -115,12 +115,13 @@ class Embedding(MegatronModule):
 
 
 class Layer(MegatronModule):
-    """One Transformer layer; with ``recompute`` its activations are recomputed in backward."""
+    """One Transformer layer; with ``recompute`` its activations are recomputed in backward;
+    ``causal``: the autoregressive baseline's attention."""
 
     def __init__(self, cfg: ModelConfig, config: TransformerConfig, layer_number: int,
-                 recompute: bool = False):
+                 recompute: bool = False, causal: bool = False):
         super().__init__(config=config)
-        self.layer = build_module(llada_layer_spec, config=config, layer_number=layer_number)
+        self.layer = build_module(layer_spec(causal), config=config, layer_number=layer_number)
         self.rotary = RotaryAngles(config.kv_channels, cfg.rope_theta)
         self.recompute = recompute
 
@@ -168,11 +169,13 @@ class Head(MegatronModule):
         return logits.squeeze(1)
 
 
-def piece_specs(cfg: ModelConfig, config: TransformerConfig,
-                recompute: Sequence[bool]) -> List[LayerSpec]:
+def piece_specs(cfg: ModelConfig, config: TransformerConfig, recompute: Sequence[bool],
+                causal: bool = False) -> List[LayerSpec]:
     """The pieces as DeepSpeed LayerSpecs (built lazily: a pipeline stage builds only its own).
-    ``recompute[i]``: recompute the activations of Transformer layer i in backward."""
-    layers = [LayerSpec(Layer, cfg, config, i + 1, recompute[i]) for i in range(cfg.num_layers)]
+    ``recompute[i]``: recompute the activations of Transformer layer i in backward; ``causal``:
+    the autoregressive baseline (the same pieces and parameters, causal attention)."""
+    layers = [LayerSpec(Layer, cfg, config, i + 1, recompute[i], causal)
+              for i in range(cfg.num_layers)]
     return [LayerSpec(Embedding, cfg, config), *layers, LayerSpec(Head, cfg, config)]
 
 
@@ -197,10 +200,11 @@ class LLaDAModel(torch.nn.Module):
 
 
 def build_model(cfg: ModelConfig, config: TransformerConfig, recompute: bool = False,
-                checkpoint_layers: Optional[int] = None) -> LLaDAModel:
+                checkpoint_layers: Optional[int] = None, causal: bool = False) -> LLaDAModel:
     bounds = stage_bounds(cfg.num_layers, 1)
     return LLaDAModel([s.build() for s in piece_specs(
-        cfg, config, recompute_flags(cfg.num_layers, bounds, recompute, checkpoint_layers))])
+        cfg, config, recompute_flags(cfg.num_layers, bounds, recompute, checkpoint_layers),
+        causal)])
 
 
 def vocab_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """The LLaDA layer spec: a LLaMA layer (RMSNorm, SwiGLU, RoPE, no biases) with non-causal
-attention. Only which module goes where; all sizes come from the TransformerConfig."""
+attention; and the autoregressive baseline's, the same layer with causal attention (the one
+difference between the two architectures). Only which module goes where; all sizes come from
+the TransformerConfig."""
 
 import torch
 
@@ -12,7 +14,7 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from framework.model.attention import BidirectionalSDPA
+from framework.model.attention import SDPAttention
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -26,27 +28,35 @@ class RMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
-llada_layer_spec = ModuleSpec(
-    module=TransformerLayer,
-    submodules=TransformerLayerSubmodules(
-        input_layernorm=RMSNorm,
-        self_attention=ModuleSpec(
-            module=SelfAttention,
-            params={"attn_mask_type": AttnMaskType.no_mask},
-            submodules=SelfAttentionSubmodules(
-                linear_qkv=ColumnParallelLinear,
-                core_attention=BidirectionalSDPA,
-                linear_proj=RowParallelLinear,
-                q_layernorm=IdentityOp,
-                k_layernorm=IdentityOp,
+def layer_spec(causal: bool = False) -> ModuleSpec:
+    """The layer with bidirectional attention (LLaDA) or causal attention (``causal``: the
+    autoregressive baseline); the same parameters either way."""
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal if causal else AttnMaskType.no_mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=SDPAttention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
             ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=RMSNorm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                         linear_fc2=RowParallelLinear),
+            ),
+            mlp_bda=get_bias_dropout_add,
         ),
-        self_attn_bda=get_bias_dropout_add,
-        pre_mlp_layernorm=RMSNorm,
-        mlp=ModuleSpec(
-            module=MLP,
-            submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
-        ),
-        mlp_bda=get_bias_dropout_add,
-    ),
-)
+    )
+
+
+llada_layer_spec = layer_spec(causal=False)
+ar_layer_spec = layer_spec(causal=True)

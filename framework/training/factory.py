@@ -13,15 +13,17 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
-from data_pipeline.collate import MaskCollator
+from data_pipeline.collate import MaskCollator, NextTokenCollator
+from data_pipeline.config import ObjectiveConfig
 from data_pipeline.datasets import open_datasets, open_validation
 from data_pipeline.loader import PretrainLoader
+from data_pipeline.sft import SFTCollator
 from data_pipeline.shards import ShardSet
 from framework.checkpoint.checkpointer import Checkpointer
-from framework.checkpoint.hf_files import init_from_hf
 from framework.checkpoint.resume import (Progress, agree_on_resume, check_resumable,
                                          checkpoint_meta, layout, load_checkpoint,
                                          rollback_done)
+from framework.checkpoint.source import init_from
 from framework.config import (Config, ConfigError, EvalConfig, ModelConfig, check_world,
                               to_dict, to_yaml)
 from framework.evaluation.validator import HeldOutSet, Validator
@@ -37,7 +39,7 @@ from framework.tracking.tracker import flatten, open_tracker, run_id_for_rank0
 from framework.training.deepspeed_config import deepspeed_json
 from framework.training.flops import FlopCounter, peak_flops
 from framework.training.metrics import PLOT, MetricsStream, Window
-from framework.training.objective import LossByT, PretrainLoss
+from framework.training.objective import LossByT, ObjectiveLoss
 from framework.training.optimizer import NonFiniteGuard, SkippableAdamW, param_groups
 from framework.training.preemption import StopRequest, deadline_from_env, stop_signals
 from framework.training.schedule import schedule_warnings, wsd_lr
@@ -67,13 +69,13 @@ def build_trainer(cfg: Config, stop: Optional[StopRequest] = None,
 
     # data: every rank reads it, pipeline stages too, so all ranks of a tensor/pipeline group
     # hold the same batches (and the same loader state) without any broadcast
-    sets = open_datasets(cfg.data, world.is_main, dist.barrier)
+    kind = cfg.objective.kind
+    sets = open_datasets(cfg.data, world.is_main, dist.barrier, kind=kind)
     mask_id = _check_data(cfg.objective.mask_id, cfg.model, sets)
-    val_sets = open_validation(cfg.data, sets[0])
+    val_sets = open_validation(cfg.data, sets[0], kind=kind)
     data = PretrainLoader(
         cfg.data, sets, [d.weight for d in cfg.data.datasets],
-        MaskCollator(cfg.objective, mask_id, cfg.data.seq_len,
-                     length_multiple=world.tp if sp else 1),
+        _collator(cfg.objective, mask_id, cfg.data.seq_len, world.tp if sp else 1),
         micro_batch_size=tc.micro_batch_size, accumulation=accum, dp_rank=world.dp_rank,
         dp_size=world.dp, pin_memory=on_gpu, ignore_signals=stop_signals(cfg.preemption))
 
@@ -87,7 +89,9 @@ def build_trainer(cfg: Config, stop: Optional[StopRequest] = None,
 
     # model, loss, optimizer, engine
     guard, loss_by_t = NonFiniteGuard(world.device), LossByT()
-    loss_fn = PretrainLoss(vocab_cross_entropy, guard.observe, loss_by_t)
+    # the autoregressive objective masks nothing: it has no loss by mask ratio
+    loss_fn = ObjectiveLoss(vocab_cross_entropy, guard.observe,
+                            None if kind == "ar" else loss_by_t)
     bounds = stage_bounds(cfg.model.num_layers, world.pp, cfg.parallel.pp_layers)
     torch.manual_seed(cfg.run.seed)
     if on_gpu:  # megatron's per-tensor-rank CUDA generators
@@ -97,11 +101,12 @@ def build_trainer(cfg: Config, stop: Optional[StopRequest] = None,
                          recompute=recompute_flags(cfg.model.num_layers, bounds,
                                                    tc.activation_checkpointing,
                                                    tc.checkpoint_layers),
-                         compile=tc.compile)
+                         compile=tc.compile, causal=kind == "ar")
     init_weights(model, cfg.model, cfg.run.seed, world.tp_rank, world.tp)
     if cfg.init.from_ and resume is None:  # a resumed run has its own weights
-        init_from_hf(model, Path(cfg.init.from_), cfg.model, world.tp_rank, world.tp)
-        log(f"llada: weights from {cfg.init.from_}")
+        src = init_from(model, Path(cfg.init.from_), cfg.model, world.tp_rank, world.tp,
+                        hashes[0], warn=log)
+        log(f"llada: weights from {src.source} (trained with objective {src.objective})")
     oc = cfg.optimizer
     optimizer = SkippableAdamW(param_groups(model, oc.weight_decay), lr=oc.lr,
                                betas=(oc.beta1, oc.beta2), eps=oc.eps, fused=on_gpu, guard=guard)
@@ -155,27 +160,27 @@ def build_trainer(cfg: Config, stop: Optional[StopRequest] = None,
         f"{tc.global_batch_size} = {tc.micro_batch_size} x {accum} accumulation x {world.dp} "
         f"data-parallel")
     validator = _validator(cfg.eval, val_sets, [v.name for v in cfg.data.validation], world,
-                           engine, tc.micro_batch_size, mask_id, log)
+                           engine, tc.micro_batch_size, mask_id, kind, log)
     return Trainer(tc, world=world, data=data, engine=engine, optimizer=optimizer,
                    loss_fn=loss_fn, guard=guard, loss_by_t=loss_by_t,
                    lr_at=lambda step: wsd_lr(step, tc.steps, oc.lr, cfg.schedule),
                    checkpointer=checkpointer, checkpoint_meta=meta_for, metrics=metrics,
-                   window=Window(world, FlopCounter(cfg.model), peak), stop=stop,
+                   window=Window(world, FlopCounter(cfg.model, cfg.objective.kind), peak), stop=stop,
                    progress=progress, resume=resume, summary_path=run_dir / "summary.json",
                    facts=facts, log=log, validator=validator, eval_cfg=cfg.eval)
 
 
 def _validator(cfg: EvalConfig, sets: List[ShardSet], names: List[str], world: World, engine,
-               train_micro_batch: int, mask_id: int, log) -> Optional[Validator]:
+               train_micro_batch: int, mask_id: int, kind: str, log) -> Optional[Validator]:
     if not sets or not (cfg.interval or cfg.at_start or cfg.at_end):
         return None
-    held = [HeldOutSet.read(name, s, cfg.sequences) for name, s in zip(names, sets)]
+    held = [HeldOutSet.read(name, s, cfg.sequences, kind) for name, s in zip(names, sets)]
     when = ", ".join(w for w, on in ((f"every {cfg.interval} steps", cfg.interval),
                                      ("at the start", cfg.at_start), ("at the end", cfg.at_end))
                      if on)
     log(f"llada: validation {when}: " + ", ".join(
         f"{h.name} ({h.tokens.shape[0]} sequences of {h.tokens.shape[1]})" for h in held)
-        + f", {cfg.t_samples} draws each")
+        + (", the exact NLL" if kind == "ar" else f", {cfg.t_samples} draws each"))
     return Validator(cfg, held, world, engine,
                      micro_batch_size=cfg.micro_batch_size or train_micro_batch, mask_id=mask_id,
                      cross_entropy=vocab_cross_entropy, pipeline=world.pp > 1)
@@ -200,16 +205,25 @@ def _check_data(mask_id: Optional[int], model: ModelConfig, sets: List[ShardSet]
     return ids["mask"]
 
 
-def _build_model(cfg: ModelConfig, world: World, bounds: List[int], loss_fn: PretrainLoss, *,
+def _collator(cfg: ObjectiveConfig, mask_id: int, seq_len: int, length_multiple: int):
+    """The objective's collator (data_pipeline/collate.py, data_pipeline/sft.py)."""
+    if cfg.kind == "ar":
+        return NextTokenCollator(cfg, seq_len, length_multiple)
+    if cfg.kind == "sft":
+        return SFTCollator(cfg, mask_id)
+    return MaskCollator(cfg, mask_id, seq_len, length_multiple)
+
+
+def _build_model(cfg: ModelConfig, world: World, bounds: List[int], loss_fn: ObjectiveLoss, *,
                  bf16: bool, sequence_parallel: bool, recompute: List[bool],
-                 compile: bool) -> torch.nn.Module:
+                 compile: bool, causal: bool = False) -> torch.nn.Module:
     """The pieces of the model, all in one module or cut into this rank's pipeline stage
     (initialised by the caller, alike under every layout)."""
     on_gpu = world.device.type == "cuda"
     mcfg = transformer_config(cfg, tensor_parallel=world.tp,
                               params_dtype=torch.bfloat16 if bf16 else torch.float32,
                               on_cpu=not on_gpu, sequence_parallel=sequence_parallel)
-    specs = piece_specs(cfg, mcfg, recompute)
+    specs = piece_specs(cfg, mcfg, recompute, causal)
     if world.pp > 1:
         model = LLaDAPipeline(specs, bounds, loss_fn, tp=world.tp, pp=world.pp, dp=world.dp)
     else:

@@ -3,8 +3,10 @@ MFU (the way Megatron-LM and torchtitan report it, so our MFU compares with thei
 
 Per token: 6 x the matmul parameters of the body (attention and MLP weights; the input embedding
 is a lookup and norms are elementwise) + 12 x layers x L x hidden for attention (non-causal: all
-L keys). The output head's 6 x hidden x vocabulary is counted only where it runs: at the masked
-positions, from the step's actual count. The parameters come from the parameter table
+L keys; causal, the autoregressive objective: half of that, the keys at or before each query).
+The output head's 6 x hidden x vocabulary is counted only where it runs: at the masked positions
+(at every position but each sequence's last, autoregressive), from the step's actual count; so
+two objectives trained for the same FLOPs take different numbers of steps. The parameters come from the parameter table
 (framework/model/params.py), so the padded vocabulary the head multiplies by is the one counted.
 """
 
@@ -40,20 +42,26 @@ def peak_flops(device_name: str) -> Optional[float]:
 
 
 class FlopCounter:
-    """Training FLOPs (forward and backward) of the model for ``cfg``."""
+    """Training FLOPs (forward and backward) of the model for ``cfg`` trained with the
+    objective ``kind`` (data_pipeline/config.py OBJECTIVES)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kind: str = "pretrain"):
         table = param_table(cfg)
         self.body = sum(p.numel for p in table if p.kind.matmul and not p.is_head)
         self.head = sum(p.numel for p in table if p.is_head)
         self.layers, self.hidden = cfg.num_layers, cfg.hidden_size
+        self.causal = kind == "ar"
+        # where a plan expects the head to run: half the tokens masked on average (pretraining;
+        # SFT's responses vary, the same half is assumed), every one but the last (autoregressive)
+        self.head_fraction = 1.0 if self.causal else MEAN_MASKED
 
     def step(self, tokens: int, seq_len: int, masked: int) -> float:
         """FLOPs of a step of ``tokens`` tokens in sequences of ``seq_len`` (after the 1% cut)
         whose head ran at ``masked`` positions."""
-        return (6.0 * self.body * tokens + 12.0 * self.layers * seq_len * self.hidden * tokens
+        attention = 12.0 * self.layers * seq_len * self.hidden * tokens
+        return (6.0 * self.body * tokens + (0.5 if self.causal else 1.0) * attention
                 + 6.0 * self.head * masked)
 
     def expected_per_token(self, seq_len: int) -> float:
-        """Per token with the head at the mean masked fraction (``llada plan``)."""
-        return self.step(1, seq_len, MEAN_MASKED)
+        """Per token with the head where it runs on average (``llada plan``)."""
+        return self.step(1, seq_len, self.head_fraction)

@@ -1,5 +1,10 @@
-"""The LLaDA masked-diffusion loss (../shared/LLADA.md): CE at the masked positions, weighted by
-1 / p_mask, divided by b x L; the SFT variant; and the loss by mask ratio.
+"""The losses of the three objectives (../shared/LLADA.md), one formula for all: the CE at the
+positions a batch selects, each divided by its sequence's p_mask and its sequence's divisor
+(``TrainBatch.norm``), summed and divided by the batch size:
+
+- pretraining: the masked positions, divisor L: the LLaDA loss (CE / p_mask over b x L);
+- SFT: the masked response positions, divisor the response length: the SFT loss;
+- autoregressive: every position but the last, p_mask 1, divisor L - 1: the mean next-token CE.
 
 The forward process (t per sequence, the masks, the 1% cut) is the data pipeline's
 (data_pipeline/noise.py): the collator applies it, so a batch arrives here already corrupted.
@@ -7,7 +12,7 @@ The forward process (t per sequence, the masks, the 1% cut) is the data pipeline
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +41,7 @@ def llada_loss(
 
 def llada_loss_terms(masked_logits, masked_targets, masked_p, cross_entropy=None) -> torch.Tensor:
     """[N] CE(logits_i, x_i) / p_mask(seq of i) at each masked position: ``llada_loss`` sums
-    them; the per-sequence sums give the loss by mask ratio (``LossByT``)."""
+    them; ``ObjectiveLoss`` passes p_mask x the sequence's divisor as ``masked_p``."""
     return _cross_entropy(masked_logits, masked_targets, cross_entropy) / masked_p.float()
 
 
@@ -71,8 +76,10 @@ class LossByT:
         self.step_totals = self.window = None  # [2, T_BUCKETS]: loss sums, sequence counts
 
     def add(self, terms: torch.Tensor, mask: torch.Tensor, p_mask: torch.Tensor) -> None:
+        """``terms`` [N]: each selected position's share of its sequence's loss (already divided
+        by the sequence's divisor), so a sequence's sum is its loss."""
         full = torch.zeros(mask.shape, dtype=torch.float64, device=terms.device)
-        per_seq = full.masked_scatter_(mask, terms.detach().double()).sum(1) / mask.shape[1]
+        per_seq = full.masked_scatter_(mask, terms.detach().double()).sum(1)
         bucket = (p_mask.float() * T_BUCKETS).long().clamp_(0, T_BUCKETS - 1)
         if self.step_totals is None:
             self.step_totals = torch.zeros(2, T_BUCKETS, dtype=torch.float64, device=terms.device)
@@ -97,22 +104,24 @@ class LossByT:
         return {name: s / c for name, s, c in zip(t_bucket_names(), sums, counts) if c > 0}
 
 
-class PretrainLoss:
-    """The loss of one micro-batch from the head's logits at the masked positions, with
-    ``labels`` = (targets [b, l], mask [b, l], p_mask [b]). One callable for both engines: the
-    trainer calls it after the forward, DeepSpeed's pipeline engine as the last stage's loss_fn.
-    ``observe`` sees every loss (the trainer's non-finite guard); ``by_t`` collects the loss by
-    mask ratio (both are the trainer's: this only feeds them)."""
+class ObjectiveLoss:
+    """The loss of one micro-batch from the head's logits at the selected positions, with
+    ``labels`` = (targets [b, l], mask [b, l], p_mask [b], norm [b]) of a ``TrainBatch``. One
+    callable for both engines: the trainer calls it after the forward, DeepSpeed's pipeline
+    engine as the last stage's loss_fn. ``observe`` sees every loss (the trainer's non-finite
+    guard); ``by_t`` collects the loss by mask ratio (None for the autoregressive objective,
+    which masks nothing); both are the trainer's: this only feeds them."""
 
     def __init__(self, cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 observe: Callable[[torch.Tensor], None], by_t: LossByT):
+                 observe: Callable[[torch.Tensor], None], by_t: Optional[LossByT]):
         self.cross_entropy, self.observe, self.by_t = cross_entropy, observe, by_t
 
     def __call__(self, logits: torch.Tensor, labels) -> torch.Tensor:
-        targets, mask, p_mask = labels
-        masked_p = p_mask[:, None].expand_as(targets)[mask]
-        terms = llada_loss_terms(logits, targets[mask], masked_p, self.cross_entropy)
-        loss = terms.sum() / targets.numel()
+        targets, mask, p_mask, norm = labels
+        per_position = (p_mask.float() * norm.float())[:, None].expand_as(targets)[mask]
+        terms = llada_loss_terms(logits, targets[mask], per_position, self.cross_entropy)
+        loss = terms.sum() / targets.shape[0]
         self.observe(loss)
-        self.by_t.add(terms, mask, p_mask)
+        if self.by_t is not None:
+            self.by_t.add(terms, mask, p_mask)
         return loss

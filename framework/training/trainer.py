@@ -33,7 +33,7 @@ from framework.parallel.world import World
 from framework.training.metrics import (CONSUMED_TOKENS, MetricsStream, StepResult, Window,
                                         sum_over_data_parallel)
 from framework.training.metrics import summary as make_summary
-from framework.training.objective import LossByT, PretrainLoss
+from framework.training.objective import LossByT, ObjectiveLoss
 from framework.training.optimizer import NonFiniteGuard
 from framework.training.preemption import StopRequest
 
@@ -44,7 +44,7 @@ class TrainingError(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, world: World, data: PretrainLoader, engine,
-                 optimizer: torch.optim.Optimizer, loss_fn: PretrainLoss, guard: NonFiniteGuard,
+                 optimizer: torch.optim.Optimizer, loss_fn: ObjectiveLoss, guard: NonFiniteGuard,
                  loss_by_t: LossByT, lr_at: Callable[[int], float], checkpointer: Checkpointer,
                  checkpoint_meta: Callable[[Progress], dict], metrics: MetricsStream,
                  window: Window, stop: StopRequest, progress: Progress, resume: Optional[Resume],
@@ -77,8 +77,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-        # data: the step's micro-batches, masked by the collator (per-sequence t, seeded by each
-        # sample's global index); 1% of steps cut to a random length, alike on every rank
+        # data: the step's micro-batches, made by the objective's collator (masked with a
+        # per-sequence t seeded by each sample's global index, or shifted for the autoregressive
+        # objective); 1% of steps cut to a random length, alike on every rank
         batches = [self._next_batch() for _ in range(self.accum)]
         length = batches[0].noisy.shape[1]
         masked = sum(int(b.mask.sum()) for b in batches)  # host tensors: no device sync
@@ -107,10 +108,11 @@ class Trainer:
         engine, device = self.engine, self.world.device
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # no host sync per micro
         for batch in batches:
-            noisy, targets, mask, p_mask = (x.to(device, non_blocking=True) for x in
-                                            (batch.noisy, batch.targets, batch.mask, batch.p_mask))
-            logits = engine(noisy, select=mask)  # the head runs at masked positions only
-            loss = self.loss_fn(logits, (targets, mask, p_mask))
+            noisy, targets, mask, p_mask, norm = (
+                x.to(device, non_blocking=True) for x in
+                (batch.noisy, batch.targets, batch.mask, batch.p_mask, batch.norm))
+            logits = engine(noisy, select=mask)  # the head runs where the loss needs it only
+            loss = self.loss_fn(logits, (targets, mask, p_mask, norm))
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().double()
@@ -123,7 +125,8 @@ class Trainer:
         if length != self.pipe_length:  # the 1% cut: stages must agree on new activation shapes
             self.engine.reset_activation_shape()
             self.pipe_length = length
-        micro = iter([((b.noisy, b.mask), (b.targets, b.mask, b.p_mask)) for b in batches])
+        micro = iter([((b.noisy, b.mask), (b.targets, b.mask, b.p_mask, b.norm))
+                      for b in batches])
         return float(self.engine.train_batch(micro))
 
     def _next_batch(self):

@@ -1,7 +1,8 @@
 """Every parallel layout computes the same training run as one process: the losses of 3
-optimizer steps and the weights after them, within 1e-5 relative (fp32, gloo, <= 4 processes);
-and the same held-out evaluation of the same checkpoint under DP2, TP2 and PP2, within 1e-5
-relative, bit for bit the same when evaluated twice.
+optimizer steps and the weights after them, within 1e-5 relative (fp32, gloo, <= 4 processes),
+for the LLaDA objective and (layouts ar-*) the autoregressive baseline's; and the same held-out
+evaluation of the same checkpoint under DP2, TP2 and PP2, within 1e-5 relative, bit for bit the
+same when evaluated twice.
 
 Two torchrun launches (2 and 4 processes) each run several layouts in turn; the reference is the
 same trainer in this process (a world of one), which saves the checkpoint the eval-* layouts
@@ -21,6 +22,7 @@ from tests.distributed.layout_worker import EVAL, STEPS, layout_overrides
 pytestmark = pytest.mark.slow
 
 DP2 = "data.num_workers=1"  # 2 data-parallel ranks x 1 worker: the reference's 2 readers
+AR = "objective.kind=ar"
 TWO = {  # with one data-parallel rank the ZeRO stages partition nothing: ZeRO-1 stands for all
     "tp2": ["parallel.tp=2", "deepspeed.zero_stage=1"],
     "tp2-sequence-parallel": ["parallel.tp=2", "parallel.sequence_parallel=true"],
@@ -30,6 +32,10 @@ TWO = {  # with one data-parallel rank the ZeRO stages partition nothing: ZeRO-1
     "dp2-zero1": [DP2, "deepspeed.zero_stage=1"],
     "dp2-zero2": [DP2, "deepspeed.zero_stage=2"],
     "dp2-zero3": [DP2, "deepspeed.zero_stage=3"],
+    # the autoregressive objective (causal attention, next-token CE) against its own reference
+    "ar-tp2": [AR, "parallel.tp=2", "deepspeed.zero_stage=1"],
+    "ar-pp2": [AR, "parallel.pp=2", "deepspeed.zero_stage=1"],
+    "ar-dp2-zero2": [AR, DP2, "deepspeed.zero_stage=2"],
 }
 FOUR = {
     "tp2xdp2-zero1": ["parallel.tp=2", DP2, "deepspeed.zero_stage=1"],
@@ -65,6 +71,17 @@ def reference(world, tmp_path_factory, small_dataset, small_heldout):
     return losses, full_state_dict(trainer.engine.module, 1), checkpoint, evaluations
 
 
+@pytest.fixture(scope="module")
+def ar_reference(world, tmp_path_factory, small_dataset):
+    """The autoregressive objective's losses and weights, of one process."""
+    trainer = build_trainer(load_config(DEBUG_RECIPE, layout_overrides(
+        tmp_path_factory.mktemp("ar-reference"), small_dataset,
+        ["deepspeed.zero_stage=1", AR])))
+    losses = [trainer.train_step().loss for _ in range(STEPS)]
+    trainer.data.close()
+    return losses, full_state_dict(trainer.engine.module, 1)
+
+
 def assert_same_evaluation(name, got, ref):
     a, b = got["values"]
     assert {k: v for k, v in a.items() if not k.startswith("time/")} == \
@@ -77,9 +94,10 @@ def assert_same_evaluation(name, got, ref):
 
 
 @pytest.mark.parametrize("nproc, layouts", [(2, TWO), (4, FOUR)], ids=["2-procs", "4-procs"])
-def test_layouts_match_one_process(tmp_path, small_dataset, small_heldout, reference, nproc,
-                                   layouts):
-    ref_losses, ref_weights, checkpoint, ref_evals = reference
+def test_layouts_match_one_process(tmp_path, small_dataset, small_heldout, reference,
+                                   ar_reference, nproc, layouts):
+    _, _, checkpoint, ref_evals = reference
+    assert ar_reference[0] != reference[0]  # the objective took effect
     if nproc == 2:
         layouts = {**layouts, **eval_layouts(checkpoint, small_heldout)}
     proc = run_cli([], nproc=nproc, timeout=900, module="tests.distributed.layout_worker",
@@ -92,6 +110,7 @@ def test_layouts_match_one_process(tmp_path, small_dataset, small_heldout, refer
         if name.startswith("eval-"):
             assert_same_evaluation(name, got, ref_evals[0])
             continue
+        ref_losses, ref_weights = ar_reference if name.startswith("ar-") else reference[:2]
         for step, (a, b) in enumerate(zip(got["losses"], ref_losses)):
             assert abs(a - b) <= 1e-5 * abs(b), f"{name}: step {step} loss {a} vs {b}"
         assert got["weights"].keys() == ref_weights.keys(), name

@@ -5,7 +5,8 @@ run on a real server with every step once (the killed job had logged steps past 
 which the resumed job runs again). And resharding
 through ``llada train``: the same checkpoint resumed by one process (DP2 -> DP1) continues with
 the same losses within 1e-5 (tensor- and pipeline-parallel checkpoints resumed by one process:
-test_reshard.py)."""
+test_reshard.py). The SFT objective (its recipe, from scratch on a small SFT set) resumes
+through a kill -9 bitwise the same way."""
 
 import json
 import os
@@ -18,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import (DEBUG_RECIPE, REPO, cli_command, quick_overrides, run_cli,
-                            tracking_overrides, validation_overrides)
+from tests.conftest import (DEBUG_RECIPE, REPO, SFT_RECIPE, cli_command, quick_overrides,
+                            run_cli, tracking_overrides, validation_overrides)
 
 pytestmark = pytest.mark.slow
 
@@ -50,9 +51,11 @@ def descendants(pid: int) -> list:
     return out
 
 
-def kill_9_past_checkpoint(args, run_dir, tag_dir: Path) -> None:
+def kill_9_past_checkpoint(args, run_dir, tag_dir: Path, logged_steps=None) -> None:
     """Start the run and SIGKILL it, torchrun and every worker and the tracking courier (they run
-    in their own sessions), once the checkpoint at step N is complete and step N + 1 logged."""
+    in their own sessions), once the checkpoint at step N is complete and step N + 1 logged
+    (``logged_steps(run_dir)``: by default the MLflow outbox's)."""
+    logged_steps = logged_steps or outbox_steps
     cmd, env = cli_command(args, nproc=2)
     with open(run_dir.parent / "killed.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -69,12 +72,19 @@ def kill_9_past_checkpoint(args, run_dir, tag_dir: Path) -> None:
         proc.wait()
 
 
-def logged_steps(run_dir) -> list:
+def outbox_steps(run_dir) -> list:
     """The steps in the MLflow outbox (sent or not: the courier may be killed before it sends)."""
     outbox = run_dir / "tracking" / "outbox.jsonl"
     lines = outbox.read_text().splitlines() if outbox.exists() else []
     records = [json.loads(line) for line in lines[:-1]]  # the last one may be half-written
     return [r["step"] for r in records if r.get("stream") == "step"]
+
+
+def metrics_file_steps(run_dir) -> list:
+    """The trained steps in metrics.jsonl (without tracking)."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [r["step"] for r in map(json.loads, lines[:-1]) if "train/loss" in r]
 
 
 def records(run_dir):
@@ -197,3 +207,37 @@ def test_resume_under_one_data_parallel_rank(tmp_path, small_dataset, small_held
     assert "resharded from tp 1 pp 1 dp 2" in proc.stdout
     assert_close_losses(losses(tmp_path), losses(whole), first_step=N + 1)
 
+
+
+def sft_overrides(run_dir, dataset):
+    holdout = dataset.parent / "holdout" / "manifest.json"
+    return ["train", str(SFT_RECIPE), *quick_overrides(run_dir, dataset, steps=2 * N),
+            "init.from=null", "tracking.log_interval=1", f"checkpoint.interval={N}",
+            "checkpoint.save_final=true", "data.num_workers=1",
+            *validation_overrides(holdout, sequences=9, t_samples=2), "eval.interval=3",
+            "eval.at_start=true"]
+
+
+def test_sft_kill_9_and_resume_is_bitwise_identical(tmp_path, small_sft_dataset):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    proc = run_cli(sft_overrides(whole, small_sft_dataset), nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    killed.mkdir()
+    args = sft_overrides(killed, small_sft_dataset)
+    kill_9_past_checkpoint(args, killed, killed / "checkpoints" / f"step_{N:08d}",
+                           metrics_file_steps)
+    assert not (killed / "checkpoints" / f"step_{2 * N:08d}").exists(), \
+        "the run finished before it was killed: the test proves nothing"
+    proc = run_cli(args, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout
+    reference = losses(whole)
+    assert [s for s, _, _ in reference] == list(range(1, 2 * N + 1))
+    assert losses(killed) == reference  # exact floats, every step once
+    a, b = final_state(whole), final_state(killed)
+    assert a.keys() == b.keys() and len(a) > 10
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
+    evaluated = {r["step"]: r["val/small/loss"] for r in records(whole) if "val/small/loss" in r}
+    assert sorted(evaluated) == [0, 3, 6, 9, 2 * N]
+    assert {r["step"]: r["val/small/loss"] for r in records(killed)
+            if "val/small/loss" in r} == evaluated

@@ -17,19 +17,22 @@ from framework.model.model import build_model, transformer_config
 from framework.model.weights import init_weights
 
 
-def tiny_model(tokenizer: Path, seed: int = 0, max_length: int = 256, **sizes) -> InferenceModel:
+def tiny_model(tokenizer: Path, seed: int = 0, max_length: int = 256, causal: bool = False,
+               **sizes) -> InferenceModel:
     """Needs the ``world`` fixture (megatron's groups). init_std 0.2: logits far from uniform,
-    so confidences are well separated and rounding never decides a comparison."""
+    so confidences are well separated and rounding never decides a comparison. ``causal``: an
+    autoregressive baseline's model (objective ar)."""
     tok = load_tokenizer(tokenizer)
     cfg = ModelConfig(**{"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
                          "num_kv_heads": 2, "ffn_hidden_size": 64, "vocab_size": tok.vocab_size,
                          "init_std": 0.2, **sizes})
     model = build_model(cfg, transformer_config(cfg, tensor_parallel=1,
-                                                params_dtype=torch.float32, on_cpu=True))
+                                                params_dtype=torch.float32, on_cpu=True),
+                        causal=causal)
     init_weights(model, cfg, seed, 0, 1)
     model.eval()
     return InferenceModel(model, cfg, tok, tok.special_ids(), max_length, torch.device("cpu"),
-                          torch.float32, "tiny")
+                          torch.float32, "tiny", objective="ar" if causal else "pretrain")
 
 
 def full_logits(im: InferenceModel) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -61,6 +61,38 @@ def test_export_refusals(trained, tmp_path, small_dataset, capsys):
     assert main(["export", str(run), str(out)]) == 0
     assert main(["export", str(run), str(out)]) == 2  # never over an existing export
     assert "already exists" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="init.from: .*n_layers"):
+    with pytest.raises(ConfigError, match="init.from: .*model.num_layers: 4 there, 2 here"):
         make_trainer(tmp_path / "other", small_dataset, f"init.from={out}",
                      "model.num_layers=2")
+    # a checkpoint is a source too, and its tokenizer must be the data's
+    with pytest.raises(ConfigError, match="init.from: .*model.num_layers: 4 there, 2 here"):
+        make_trainer(tmp_path / "other2", small_dataset, f"init.from={run}",
+                     "model.num_layers=2")
+    (out / "tokenizer.model").write_bytes(b"another tokenizer")
+    with pytest.raises(ConfigError, match="init.from: .*another tokenizer than the run's data"):
+        make_trainer(tmp_path / "other3", small_dataset, f"init.from={out}")
+
+
+def test_init_from_crosses_objectives_and_an_export_keeps_its_own(world, tmp_path, small_dataset,
+                                                                  capsys):
+    """The architecture is shared: a diffusion run starts from autoregressive weights, exactly;
+    the export of an autoregressive run says so, and loads as the causal model it is."""
+    from framework.inference.model import load
+    from framework.model.weights import full_state_dict
+
+    ar_run = tmp_path / "ar"
+    ar = make_trainer(ar_run, small_dataset, "objective.kind=ar", "checkpoint.save_final=true")
+    ar.fit()
+    diffusion = make_trainer(tmp_path / "mdm", small_dataset, f"init.from={ar_run}")
+    assert "(trained with objective ar)" in capsys.readouterr().out
+    a, b = full_state_dict(ar.engine.module, 1), full_state_dict(diffusion.engine.module, 1)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    out = tmp_path / "hf"
+    assert main(["export", str(ar_run), str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["llada_objective"] == "ar"
+    for source in (out, ar_run):
+        im = load(source, "cpu")
+        assert im.objective == "ar"
+        assert all(m.causal for name, m in im.model.named_modules()
+                   if name.endswith("core_attention"))

@@ -25,6 +25,17 @@ def test_one_step_against_a_hand_count():
     assert FlopCounter(TINY).step(tokens=0, seq_len=0, masked=0) == 0
 
 
+def test_causal_attention_counts_half_and_the_autoregressive_head_every_predicted_position():
+    hand = 6 * 61440 * 20 + 12 * 2 * 10 * 64 * 20 // 2 + 6 * 24576 * 18  # 2 x (10 - 1) predicted
+    assert FlopCounter(TINY, "ar").step(tokens=20, seq_len=10, masked=18) == hand
+    assert FlopCounter(TINY, "sft").step(20, 10, 7) == FlopCounter(TINY).step(20, 10, 7)
+    # a plan expects the head at every position (autoregressive), at half of them (diffusion)
+    per_token = 6 * 61440 + 12 * 2 * 10 * 64
+    assert FlopCounter(TINY, "ar").expected_per_token(10) == \
+        6 * 61440 + 12 * 2 * 10 * 64 / 2 + 6 * 24576
+    assert FlopCounter(TINY).expected_per_token(10) == per_token + 6 * 24576 * 0.5
+
+
 def test_the_window_counts_each_steps_own_length_and_masks(world):
     """Two steps, one cut by the 1% rule: FLOPs from each step's length and masked count."""
     flops = FlopCounter(TINY)

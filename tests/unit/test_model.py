@@ -32,6 +32,28 @@ def test_attention_is_bidirectional(world):
         assert torch.all(changed[:, :j] > 1e-6), f"positions before {j} ignored token {j}"
 
 
+def test_autoregressive_attention_is_causal(world):
+    """The mirror of the test above: with causal attention (objective.kind ar) changing token j
+    changes nothing before j, and does change j itself and after."""
+    torch.manual_seed(0)
+    model = build(TINY, causal=True).eval()
+    x = torch.randint(0, 300, (2, 17))
+    base = model(x)
+    for j in (16, 9, 1):
+        y = x.clone()
+        y[:, j] = (y[:, j] + 1) % 300
+        changed = (model(y) - base).abs().amax(-1)
+        assert torch.all(changed[:, :j] == 0), f"a position before {j} saw token {j}"
+        assert torch.all(changed[:, j:] > 1e-6), f"positions from {j} on ignored token {j}"
+
+
+def test_causal_and_bidirectional_models_share_parameters(world):
+    a, b = build(TINY), build(TINY, causal=True)
+    assert [(n, p.shape) for n, p in a.named_parameters()] == \
+        [(n, p.shape) for n, p in b.named_parameters()]
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
 def test_head_at_selected_positions_matches_full_head(world):
     torch.manual_seed(1)
     model = build(TINY).eval()
@@ -48,7 +70,7 @@ def test_layers_follow_the_llada_spec(world):
     assert len(pieces) == TINY.num_layers + 2  # embedding, layers, head
     layer = pieces[1].layer
     assert isinstance(pieces[1], Layer) and isinstance(pieces[-1], Head)
-    assert type(layer.self_attention.core_attention).__name__ == "BidirectionalSDPA"
+    assert type(layer.self_attention.core_attention).__name__ == "SDPAttention"
     assert isinstance(layer.input_layernorm, torch.nn.RMSNorm)
     assert isinstance(pieces[-1].final_layernorm, torch.nn.RMSNorm)
     assert all("bias" not in name for name, _ in model.named_parameters())

@@ -51,3 +51,36 @@ def test_loss_is_divided_by_all_tokens_not_masked_count():
     p = torch.full((3,), 0.5)
     loss = llada_loss(logits, tokens.flatten()[:3], p, tokens.numel())
     assert abs(loss.item() - 3 * math.log(5) / 0.5 / 20) < 1e-6
+
+
+def test_one_objective_loss_is_each_objectives_formula():
+    """ObjectiveLoss (what trains) against the plain formulas: the LLaDA loss over b x L, the
+    SFT loss (per-sequence division by the response length), the mean next-token CE."""
+    import torch.nn.functional as F
+
+    from data_pipeline.collate import next_token_targets
+    from framework.training.objective import LossByT, ObjectiveLoss, sft_loss
+
+    torch.manual_seed(0)
+    b, length, vocab = 3, 7, 11
+    logits = torch.randn(b, length, vocab)
+    tokens = torch.randint(vocab, (b, length))
+    p_mask = torch.tensor([0.3, 0.6, 0.9])
+    mask = torch.rand(b, length) < p_mask[:, None]
+    ce = lambda x, y: F.cross_entropy(x, y, reduction="none")  # noqa: E731
+    loss = ObjectiveLoss(ce, lambda _: None, LossByT())
+    masked_p = p_mask[:, None].expand_as(tokens)[mask]
+    pretrain = loss(logits[mask], (tokens, mask, p_mask, torch.full((b,), float(length))))
+    assert torch.allclose(pretrain, llada_loss(logits[mask], tokens[mask], masked_p, b * length))
+
+    response = torch.tensor([4.0, 2.0, 6.0])
+    got = loss(logits[mask], (tokens, mask, p_mask, response))
+    want = sft_loss(logits[mask], tokens[mask], masked_p,
+                    response[:, None].expand_as(tokens)[mask], batch_size=b)
+    assert torch.allclose(got, want)
+
+    targets, predicted = next_token_targets(tokens)
+    got = ObjectiveLoss(ce, lambda _: None, None)(
+        logits[predicted], (targets, predicted, torch.ones(b), torch.full((b,), length - 1.0)))
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), tokens[:, 1:].reshape(-1))
+    assert torch.allclose(got, want)

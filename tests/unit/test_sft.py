@@ -4,9 +4,11 @@ pads with EOS that count as response; the loss divides each sequence by its resp
 import json
 import math
 
+import numpy as np
 import torch
 
-from data_pipeline.sft import SFTCollator, read_sft_jsonl
+from data_pipeline.collate import TrainBatch
+from data_pipeline.sft import SFTCollator, read_sft_jsonl, sft_sample
 from data_pipeline.tokenizer import load_tokenizer
 from data_pipeline.config import ObjectiveConfig
 from framework.training.objective import sft_loss
@@ -49,19 +51,23 @@ def test_collator_masks_responses_only_and_pads_them_with_eos(tmp_path, small_to
         {"prompt": "a longer prompt than the first one, with more words", "response": "ok"},
     ])
     examples = list(read_sft_jsonl(path, tok))
-    col = SFTCollator(ObjectiveConfig(), tok.mask_id, tok.eos_id)
+    seq_len = max(len(e.tokens) for e in examples) + 4  # every pair padded, the longest too
+    rows = torch.from_numpy(np.stack([sft_sample(e, seq_len, tok.eos_id, np.uint16)
+                                      for e in examples]).astype(np.int64))
+    col = SFTCollator(ObjectiveConfig(), tok.mask_id)
     masked_prompt = masked_pad = 0
     for k in range(200):
-        b = col(examples, torch.tensor([2 * k, 2 * k + 1]))
-        length = b.targets.shape[1]
-        assert length == max(len(e.tokens) for e in examples)
+        b = col(rows, torch.tensor([2 * k, 2 * k + 1]), k)
+        assert isinstance(b, TrainBatch) and b.step == k
+        assert b.targets.shape == (2, seq_len)
         for row, ex in enumerate(examples):
             prompt = slice(0, ex.prompt_len)
+            assert torch.equal(b.targets[row, :len(ex.tokens)], torch.from_numpy(ex.tokens))
             assert torch.equal(b.noisy[row, prompt], b.targets[row, prompt])  # prompt intact
             masked_prompt += int(b.mask[row, prompt].sum())
             assert torch.all(b.targets[row, len(ex.tokens):] == tok.eos_id)
             masked_pad += int(b.mask[row, len(ex.tokens):].sum())
-            assert b.response_len[row] == length - ex.prompt_len  # padding counts as response
+            assert b.norm[row] == seq_len - ex.prompt_len  # padding counts as response
         assert torch.all(b.noisy[b.mask] == tok.mask_id)
     assert masked_prompt == 0 and masked_pad > 0  # EOS padding is masked and trained on
 

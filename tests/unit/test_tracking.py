@@ -15,7 +15,7 @@ from framework.parallel.world import _free_port as free_port
 from framework.tracking.courier import Courier, mlflow_client, sync
 from framework.tracking.outbox import Outbox, RunState
 from framework.tracking.tracker import Tracker, flatten
-from framework.training.objective import LossByT, PretrainLoss, t_bucket_names
+from framework.training.objective import LossByT, ObjectiveLoss, t_bucket_names
 
 
 def test_flatten_names_nested_keys_and_writes_lists_as_json():
@@ -40,12 +40,12 @@ def test_loss_by_t_is_each_buckets_mean_sequence_loss_and_skipped_steps_do_not_c
     logits = torch.randn(b, length, vocab)
     ce = lambda x, y: torch.nn.functional.cross_entropy(x, y, reduction="none")  # noqa: E731
     by_t = LossByT()
-    loss_fn = PretrainLoss(ce, lambda loss: None, by_t)
-    loss = loss_fn(logits[mask], (targets, mask, p_mask))
+    loss_fn = ObjectiveLoss(ce, lambda loss: None, by_t)
+    loss = loss_fn(logits[mask], (targets, mask, p_mask, torch.full((b,), float(length))))
     expected = per_sequence_losses(logits, targets, mask, p_mask)
     assert torch.allclose(loss, expected.mean(), rtol=1e-6)  # the sequences' mean is the loss
     by_t.end_step(keep=True)
-    loss_fn(logits[mask] * float("nan"), (targets, mask, p_mask))  # a skipped step
+    loss_fn(logits[mask] * float("nan"), (targets, mask, p_mask, torch.full((b,), float(length))))  # a skipped step
     by_t.end_step(keep=False)
     got = by_t.take(torch.device("cpu"), lambda t: None)
     names = t_bucket_names()

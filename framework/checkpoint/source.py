@@ -1,0 +1,116 @@
+"""Trained weights from wherever they are: a checkpoint of any layout (a run directory, its
+``checkpoints/`` or a ``step_N`` directory: the full weights through resharding's full-tensor
+reader) or an ``llada export`` directory (config.json + safetensors + tokenizer.model). Inference
+loads a model from one (framework/inference/model.py); ``init.from`` starts a run from one, of
+any objective: the architecture is shared, so a diffusion run can start from autoregressive
+weights and SFT from a pretraining checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from framework.config import ConfigError, ModelConfig
+
+EXPORT_CONFIG = "config.json"
+
+
+@dataclass
+class WeightSource:
+    weights: Dict[str, torch.Tensor]  # full float32 tensors by global name
+    model: ModelConfig
+    objective: str  # what trained them: pretrain | sft | ar
+    tokenizer: Path  # its SentencePiece model
+    max_length: int  # the sequence length it was trained at
+    source: str  # the step_N directory or the export directory read
+    step: Optional[int] = None  # the checkpoint's step (None for an export)
+
+
+def is_export_dir(path: Path) -> bool:
+    return (Path(path) / EXPORT_CONFIG).is_file() and not (Path(path) / "meta.json").is_file()
+
+
+def read_source(path, warn=print, key: str = "MODEL") -> WeightSource:
+    """The weights at ``path``. ConfigError naming ``key`` when it is neither a checkpoint nor
+    an export; the readers' own errors (HFFormatError, ReshardError) for damaged ones."""
+    from framework.checkpoint.files import TOKENIZER
+    from framework.checkpoint.hf_files import (checkpoint_objective, open_checkpoint,
+                                               read_hf_config, read_hf_dir)
+    from framework.checkpoint.hf_mapping import OBJECTIVE_KEY, config_value, model_config_from_hf
+    from framework.checkpoint.reshard import Layout, read_weights
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{key}: {path} does not exist")
+    if is_export_dir(path):
+        config = read_hf_config(path)
+        cfg = model_config_from_hf(config, f"{path / EXPORT_CONFIG}")
+        return WeightSource(read_hf_dir(path, cfg), cfg, config.get(OBJECTIVE_KEY, "pretrain"),
+                            path / "tokenizer.model",
+                            int(config_value(config, "max_sequence_length") or 4096), str(path))
+    try:
+        tag, meta, cfg = open_checkpoint(path, warn, key)
+    except ConfigError as e:
+        if (path / "meta.json").is_file() or (path / "checkpoints").is_dir():
+            raise  # a checkpoint, but a damaged or incomplete one: its own message
+        raise ConfigError(f"{e}; {path} is neither a checkpoint (a run directory, its "
+                          f"checkpoints/ or a step_N directory) nor an llada export "
+                          f"directory ({EXPORT_CONFIG} and safetensors)") from None
+    return WeightSource(read_weights(tag, Layout.saved(meta["layout"])), cfg,
+                        checkpoint_objective(meta), tag / TOKENIZER,
+                        int(meta["config"]["data"]["seq_len"]), str(tag), int(meta["step"]))
+
+
+def copy_weights(model: torch.nn.Module, src: WeightSource, key: str,
+                 slice_for=lambda name, full: full) -> None:
+    """Every parameter of ``model`` (global names) from ``src``, after ``slice_for`` (this
+    rank's tensor-parallel slice); ConfigError naming ``key`` if one is missing or of another
+    shape (another architecture)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            full = src.weights.get(name)
+            part = None if full is None else slice_for(name, full)
+            if part is None or part.shape != p.shape:
+                raise ConfigError(f"{key}: {src.source}: parameter {name} is missing or of "
+                                  "another shape (another model architecture)")
+            p.copy_(part)
+
+
+def init_from(model: torch.nn.Module, path: Path, cfg: ModelConfig, tp_rank: int, tp: int,
+              tokenizer_sha256: str, warn=print) -> WeightSource:
+    """``init.from``: this rank's slice of the weights at ``path`` (a checkpoint or an export),
+    which must be of ``cfg``'s architecture and tokenised like the run's data (``tokenizer_sha256``:
+    the datasets' tokenizer): the same ids must mean the same tokens."""
+    from framework.checkpoint.hf_mapping import HFFormatError
+    from framework.checkpoint.reshard import ReshardError
+    from framework.config import to_dict
+    from framework.model.params import padded_vocab_size
+    from framework.model.weights import shard
+
+    try:
+        src = read_source(path, warn, key="init.from")
+    except (HFFormatError, ReshardError) as e:
+        raise ConfigError(f"init.from: {e}") from None
+    # the shapes and the math: init_std is how a run starts, and an export writes its padded
+    # vocabulary as rows, not as the multiple it was padded to
+    theirs, ours = to_dict(src.model), to_dict(cfg)
+    diff = [k for k, v in ours.items() if k not in ("init_std", "pad_vocab_to_multiple_of")
+            and theirs.get(k) != v]
+    if padded_vocab_size(src.model.vocab_size, src.model.pad_vocab_to_multiple_of) != \
+            padded_vocab_size(cfg.vocab_size, cfg.pad_vocab_to_multiple_of):
+        diff.append("pad_vocab_to_multiple_of")
+    if diff:
+        raise ConfigError(f"init.from: {src.source} is a model of another shape ("
+                          + ", ".join(f"model.{k}: {getattr(src.model, k)} there, "
+                                      f"{getattr(cfg, k)} here" for k in diff) + ")")
+    if not src.tokenizer.is_file() or \
+            hashlib.sha256(src.tokenizer.read_bytes()).hexdigest() != tokenizer_sha256:
+        raise ConfigError(f"init.from: {src.source} was trained with another tokenizer than the "
+                          f"run's data ({src.tokenizer}): its ids would mean other tokens")
+    copy_weights(model, src, "init.from", lambda name, full: shard(name, full, tp_rank, tp))
+    return src
