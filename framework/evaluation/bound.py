@@ -47,7 +47,8 @@ def bound_stats(ce_sums: np.ndarray, weight: np.ndarray, ratio: Optional[np.ndar
     if n > 1:
         out["loss_seq_stderr"] = float(per_seq.std(ddof=1) / math.sqrt(n))
     if text_bytes > 0:
-        out["bpb"] = float((per_seq * lengths).sum() / (math.log(2) * text_bytes))
+        bits = per_seq.sum() * seq_len if np.isscalar(seq_len) else (per_seq * lengths).sum()
+        out["bpb"] = float(bits / (math.log(2) * text_bytes))
     if ce_first is not None and bytes_without_first > 0:
         rest = (np.asarray(ce_sums, dtype=np.float64) - ce_first) * np.asarray(weight)
         out["bpb_without_first"] = float(rest.mean(axis=1).sum()

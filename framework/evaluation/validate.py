@@ -92,19 +92,23 @@ def validate(source: Path, manifests: List[str] = (), *, sequences: Optional[int
 
 def table(report: dict) -> str:
     """The report as a few aligned lines: one per set, then its bound by mask ratio."""
-    head = f"{'set':<24} {'seqs':>6} {'loss':>9} {'± mc':>8} {'± seqs':>8} {'bpb':>8}"
+    head = (f"{'set':<24} {'seqs':>6} {'loss':>9} {'± mc':>8} {'± seqs':>8} {'bpb':>8} "
+            f"{'bpb -1st':>8}")
     step = f"step {report['step']}" if report["step"] is not None else "an export"
-    lines = [f"{report['checkpoint']} ({step}), "
-             f"{report['eval']['t_samples']} draws per sequence, seed {report['eval']['seed']}",
-             head, "-" * len(head)]
+    how = ("the exact NLL" if report["eval"]["estimator"] == "exact" else
+           f"{report['eval']['t_samples']} draws per sequence, seed {report['eval']['seed']}")
+    lines = [f"{report['checkpoint']} ({step}), {how}", head, "-" * len(head)]
     for name, r in report["sets"].items():
         def cell(key: str, width: int) -> str:
             return f"{r[key]:>{width}.4f}" if key in r else f"{'n/a':>{width}}"
         lines.append(f"{name:<24} {r['sequences']:>6} {cell('loss', 9)} "
-                     f"{cell('loss_mc_stderr', 8)} {cell('loss_seq_stderr', 8)} {cell('bpb', 8)}")
+                     f"{cell('loss_mc_stderr', 8)} {cell('loss_seq_stderr', 8)} {cell('bpb', 8)} "
+                     f"{cell('bpb_without_first', 8)}")
     for name, r in report["sets"].items():
         by = {k.split("/")[-1]: v for k, v in r.items() if k.startswith("loss_by_ratio/")}
-        lines.append(f"{name} by mask ratio: " + "  ".join(f"{k} {v:.3f}" for k, v in by.items()))
+        if by:
+            lines.append(f"{name} by mask ratio: "
+                         + "  ".join(f"{k} {v:.3f}" for k, v in by.items()))
     return "\n".join(lines)
 
 

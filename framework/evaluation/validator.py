@@ -8,8 +8,8 @@ same on every evaluation of the same weights. What is evaluated is the objective
 - autoregressive: the exact NLL per predicted token (every token but a sequence's first), one
   causal forward per sequence.
 
-Bits per byte divide by the bytes of the scored tokens; ``bpb_without_first`` (pretraining and
-autoregressive) leaves every sequence's first token out of both, so the bound of the one and the
+Bits per byte divide by the bytes of the scored tokens (none for SFT: a response's EOS padding,
+trained on and scored, has no bytes); ``bpb_without_first`` (pretraining and autoregressive) leaves every sequence's first token out of both, so the bound of the one and the
 exact NLL of the other are read on one axis over the same tokens.
 
 Each set's ``eval.sequences`` sequences (spread evenly over it) are read once; sequence i is
@@ -58,7 +58,7 @@ class HeldOutSet:
 
     name: str
     tokens: torch.Tensor  # [n, L] int64, the evaluated sequences of the set
-    text_bytes: int  # UTF-8 bytes of the text the scored tokens encode
+    text_bytes: int  # UTF-8 bytes of the text the scored tokens encode (0: no bpb)
     kind: str = "pretrain"  # the objective evaluated (data_pipeline/config.py OBJECTIVES)
     scored_from: Optional[torch.Tensor] = None  # [n] int64 (SFT: the prompt lengths); None: 0
     bytes_without_first: int = 0  # UTF-8 bytes of every token but each sequence's first
@@ -68,11 +68,9 @@ class HeldOutSet:
              ) -> "HeldOutSet":
         rows = read_sequences(shards, count)
         piece_bytes = load_tokenizer(shards.tokenizer_path, f"{shards.manifest}").piece_bytes()
-        if kind == "sft":
+        if kind == "sft":  # no bits per byte: most of a response's nats are its padding's
             prompt_len, tokens = split_sft(rows)
-            scored = np.arange(tokens.shape[1])[None, :] >= prompt_len[:, None]
-            return cls(name, torch.from_numpy(np.ascontiguousarray(tokens)),
-                       int((piece_bytes[tokens] * scored).sum()), kind,
+            return cls(name, torch.from_numpy(np.ascontiguousarray(tokens)), 0, kind,
                        torch.from_numpy(prompt_len.copy()))
         without_first = int(piece_bytes[rows[:, 1:]].sum())
         if kind == "ar":  # it predicts every token but the first: those are its bytes

@@ -244,8 +244,10 @@ def generate(im: InferenceModel, prompts: Sequence[Sequence[int]], cfg: SamplerC
 def _next_token_batch(im, prompts, cfg: SamplerConfig, first: int, trace) -> List[Completion]:
     """An autoregressive model (objective ar) decodes left to right, one token per forward of
     the whole sequence so far (greedy, or Gumbel-max in float64 at temperature > 0); a row is
-    frozen once it ends (no host sync per token). The diffusion settings (steps, blocks,
-    remasking, guidance, cache) do not apply: llada generate says so."""
+    frozen once it ends; the batch stops when every row has (asked every 16 tokens, not at every
+    one: a host sync). No key/value cache yet: each token costs a forward of the whole sequence.
+    The diffusion settings (steps, blocks, remasking, guidance, cache) do not apply: llada
+    generate says so."""
     start = time.perf_counter()
     ids, real = im.pad_left([list(p) for p in prompts])
     plen = ids.shape[1]
@@ -253,7 +255,9 @@ def _next_token_batch(im, prompts, cfg: SamplerConfig, first: int, trace) -> Lis
     done = torch.zeros(len(prompts), dtype=torch.bool, device=im.device)
     stop = torch.tensor(im.stop_ids, device=im.device)
     unpadded = len({len(p) for p in prompts}) == 1
-    for _ in range(cfg.gen_length):
+    for n in range(cfg.gen_length):
+        if n % 16 == 15 and bool(done.all()):
+            break
         last = torch.zeros_like(ids, dtype=torch.bool)
         last[:, -1] = True
         attend = Attend(key_mask=None if unpadded else real)

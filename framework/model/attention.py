@@ -80,8 +80,12 @@ class SDPAttention(MegatronModule):
                 mask = attend.key_mask[:, None, None, :].to(q.device)
             if self.causal:  # queries at start.., keys at 0..: each sees its past and itself
                 pos = torch.arange(k.shape[2], device=q.device)
-                past = pos[None, :] <= (attend.start + torch.arange(s, device=q.device))[:, None]
-                mask = past[None, None] if mask is None else mask & past[None, None]
+                here = (attend.start + torch.arange(s, device=q.device))[:, None]
+                past = (pos[None, :] <= here)[None, None]
+                mask = past if mask is None else mask & past
+                # and always itself: a left pad's query would otherwise see no key at all, a row
+                # that some CUDA kernels fill with NaN, which the next layer spreads to real rows
+                mask = mask | (pos[None, :] == here)[None, None]
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=self.causal and attend is None,
             scale=self.softmax_scale,

@@ -70,6 +70,12 @@ def build_trainer(cfg: Config, stop: Optional[StopRequest] = None,
     # data: every rank reads it, pipeline stages too, so all ranks of a tensor/pipeline group
     # hold the same batches (and the same loader state) without any broadcast
     kind = cfg.objective.kind
+    unused = {"ar": "objective.eps, objective.t_sampling and objective.mask_id are not used "
+                    "(the autoregressive objective masks nothing)",
+              "sft": "objective.variable_length_prob is not used (SFT never cuts a batch: it "
+                     "would drop responses)"}
+    if kind in unused:
+        log(f"llada: objective.kind={kind}: {unused[kind]}")
     sets = open_datasets(cfg.data, world.is_main, dist.barrier, kind=kind)
     mask_id = _check_data(cfg.objective.mask_id, cfg.model, sets)
     val_sets = open_validation(cfg.data, sets[0], kind=kind)

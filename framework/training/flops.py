@@ -51,9 +51,6 @@ class FlopCounter:
         self.head = sum(p.numel for p in table if p.is_head)
         self.layers, self.hidden = cfg.num_layers, cfg.hidden_size
         self.causal = kind == "ar"
-        # where a plan expects the head to run: half the tokens masked on average (pretraining;
-        # SFT's responses vary, the same half is assumed), every one but the last (autoregressive)
-        self.head_fraction = 1.0 if self.causal else MEAN_MASKED
 
     def step(self, tokens: int, seq_len: int, masked: int) -> float:
         """FLOPs of a step of ``tokens`` tokens in sequences of ``seq_len`` (after the 1% cut)
@@ -63,5 +60,7 @@ class FlopCounter:
                 + 6.0 * self.head * masked)
 
     def expected_per_token(self, seq_len: int) -> float:
-        """Per token with the head where it runs on average (``llada plan``)."""
-        return self.step(1, seq_len, self.head_fraction)
+        """Per token with the head where it runs on average (``llada plan``): half the tokens
+        masked (pretraining; SFT's responses vary, the same half is assumed), every one but each
+        sequence's last (autoregressive)."""
+        return self.step(1, seq_len, (seq_len - 1) / seq_len if self.causal else MEAN_MASKED)

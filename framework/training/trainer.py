@@ -253,6 +253,8 @@ class Trainer:
         return make_summary(
             self.history, status=status, tokens=sum(r.tokens for r in self.history),
             elapsed=elapsed, mfu=self.window.run_mfu(), final_step=self.step,
+            # the FLOP counter's count, through the last record (every step of a completed job)
+            flops=self.window.total_flops,
             stop_reason=self.stop.reason if status == "stopped" else None,
             skipped_steps=self.skipped_steps, data_skipped=counters,
             validation=self.validations or None, **self.facts)

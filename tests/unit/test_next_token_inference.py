@@ -56,7 +56,8 @@ def test_loglikelihood_is_exact(im):
     off = len(seq) - len(cont)
     want = -F.cross_entropy(logits[off - 1:-1], torch.tensor(cont), reduction="sum")
     assert est.loglik == pytest.approx(float(want), rel=1e-5) and est.stderr == 0.0
-    padded = loglikelihoods(im, [(ctx, cont), (ctx[:1], cont)], samples=4)[0]
-    assert padded.loglik == pytest.approx(est.loglik, rel=1e-5)
+    padded = loglikelihoods(im, [(ctx, cont), (ctx[:1], cont)], samples=4)[1]  # left-padded
+    alone = loglikelihoods(im, [(ctx[:1], cont)], samples=4)[0]
+    assert padded.loglik == pytest.approx(alone.loglik, rel=1e-5) != est.loglik
     with pytest.raises(ConfigError, match="--cfg-scale"):
         loglikelihoods(im, [(ctx, cont)], cfg_scale=1.0)
