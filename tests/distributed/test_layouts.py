@@ -1,6 +1,6 @@
 """Every parallel layout computes the same training run as one process: the losses of 3
 optimizer steps and the weights after them, within 1e-5 relative (fp32, gloo, <= 4 processes),
-for the LLaDA objective and (layouts ar-*) the autoregressive baseline's; and the same held-out
+for the LLaDA objective and (layouts ar-*, sft-*) the autoregressive baseline's and SFT's; and the same held-out
 evaluation of the same checkpoint under DP2, TP2 and PP2, within 1e-5 relative, bit for bit the
 same when evaluated twice.
 
@@ -43,6 +43,8 @@ FOUR = {
     "tp2xdp2-zero3": ["parallel.tp=2", DP2, "deepspeed.zero_stage=3"],
     "pp2xdp2-zero1": ["parallel.pp=2", DP2, "deepspeed.zero_stage=1"],
     "tp2xpp2-zero1": ["parallel.tp=2", "parallel.pp=2", "deepspeed.zero_stage=1"],
+    # SFT (prompt never masked, each sequence / its response length) against its own reference
+    "sft-pp2xdp2-zero1": ["parallel.pp=2", DP2, "deepspeed.zero_stage=1"],
 }
 
 
@@ -71,15 +73,24 @@ def reference(world, tmp_path_factory, small_dataset, small_heldout):
     return losses, full_state_dict(trainer.engine.module, 1), checkpoint, evaluations
 
 
-@pytest.fixture(scope="module")
-def ar_reference(world, tmp_path_factory, small_dataset):
-    """The autoregressive objective's losses and weights, of one process."""
+def objective_reference(run_dir, dataset, objective):
+    """The losses and weights of another objective, of one process."""
     trainer = build_trainer(load_config(DEBUG_RECIPE, layout_overrides(
-        tmp_path_factory.mktemp("ar-reference"), small_dataset,
-        ["deepspeed.zero_stage=1", AR])))
+        run_dir, dataset, ["deepspeed.zero_stage=1", f"objective.kind={objective}"])))
     losses = [trainer.train_step().loss for _ in range(STEPS)]
     trainer.data.close()
     return losses, full_state_dict(trainer.engine.module, 1)
+
+
+@pytest.fixture(scope="module")
+def ar_reference(world, tmp_path_factory, small_dataset):
+    return objective_reference(tmp_path_factory.mktemp("ar-reference"), small_dataset, "ar")
+
+
+@pytest.fixture(scope="module")
+def sft_reference(world, tmp_path_factory, small_sft_dataset):
+    return objective_reference(tmp_path_factory.mktemp("sft-reference"), small_sft_dataset,
+                               "sft")
 
 
 def assert_same_evaluation(name, got, ref):
@@ -94,12 +105,15 @@ def assert_same_evaluation(name, got, ref):
 
 
 @pytest.mark.parametrize("nproc, layouts", [(2, TWO), (4, FOUR)], ids=["2-procs", "4-procs"])
-def test_layouts_match_one_process(tmp_path, small_dataset, small_heldout, reference,
-                                   ar_reference, nproc, layouts):
+def test_layouts_match_one_process(tmp_path, small_dataset, small_heldout, small_sft_dataset,
+                                   reference, ar_reference, sft_reference, nproc, layouts):
     _, _, checkpoint, ref_evals = reference
     assert ar_reference[0] != reference[0]  # the objective took effect
     if nproc == 2:
         layouts = {**layouts, **eval_layouts(checkpoint, small_heldout)}
+    sft_data = [f"data.datasets=[{{manifest: {small_sft_dataset}}}]", "objective.kind=sft"]
+    layouts = {name: extra + sft_data if name.startswith("sft-") else extra
+               for name, extra in layouts.items()}
     proc = run_cli([], nproc=nproc, timeout=900, module="tests.distributed.layout_worker",
                    module_args=[str(tmp_path), str(small_dataset), json.dumps(layouts)])
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -110,7 +124,8 @@ def test_layouts_match_one_process(tmp_path, small_dataset, small_heldout, refer
         if name.startswith("eval-"):
             assert_same_evaluation(name, got, ref_evals[0])
             continue
-        ref_losses, ref_weights = ar_reference if name.startswith("ar-") else reference[:2]
+        ref_losses, ref_weights = {"ar": ar_reference, "sft": sft_reference}.get(
+            name.split("-")[0], reference[:2])
         for step, (a, b) in enumerate(zip(got["losses"], ref_losses)):
             assert abs(a - b) <= 1e-5 * abs(b), f"{name}: step {step} loss {a} vs {b}"
         assert got["weights"].keys() == ref_weights.keys(), name

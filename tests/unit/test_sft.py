@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from data_pipeline.collate import TrainBatch
 from data_pipeline.sft import SFTCollator, read_sft_jsonl, sft_sample
@@ -70,6 +71,21 @@ def test_collator_masks_responses_only_and_pads_them_with_eos(tmp_path, small_to
             assert b.norm[row] == seq_len - ex.prompt_len  # padding counts as response
         assert torch.all(b.noisy[b.mask] == tok.mask_id)
     assert masked_prompt == 0 and masked_pad > 0  # EOS padding is masked and trained on
+
+    # and the prompt never enters the loss: the training loss's gradient is zero at every prompt
+    # position, nonzero at masked response positions
+    from framework.training.objective import LossByT, ObjectiveLoss
+
+    b = col(rows, torch.tensor([0, 1]), 0)
+    logits = torch.randn(*b.targets.shape, 64, requires_grad=True)
+    targets = b.targets % 64
+    loss = ObjectiveLoss(lambda x, y: F.cross_entropy(x, y, reduction="none"), lambda _: None,
+                         LossByT())(logits[b.mask], (targets, b.mask, b.p_mask, b.norm))
+    loss.backward()
+    touched = logits.grad.abs().sum(-1) > 0
+    assert torch.equal(touched, b.mask)
+    for row, ex in enumerate(examples):
+        assert not touched[row, :ex.prompt_len].any()
 
 
 def test_sft_loss_divides_each_sequence_by_its_response_length():
