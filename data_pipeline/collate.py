@@ -72,7 +72,7 @@ class NextTokenCollator:
 
 def next_token_targets(tokens: torch.Tensor):
     """(targets, predicted) of sequences [b, l]: the target at i is the token at i + 1; every
-    position but the last is predicted (the last one's target is a placeholder, never used)."""
+    position but the last is predicted (the last one's target is never read)."""
     targets = torch.roll(tokens, -1, dims=1)
     predicted = torch.ones_like(tokens, dtype=torch.bool)
     predicted[:, -1] = False

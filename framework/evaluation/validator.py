@@ -9,8 +9,9 @@ same on every evaluation of the same weights. What is evaluated is the objective
   causal forward per sequence.
 
 Bits per byte divide by the bytes of the scored tokens (none for SFT: a response's EOS padding,
-trained on and scored, has no bytes); ``bpb_without_first`` (pretraining and autoregressive) leaves every sequence's first token out of both, so the bound of the one and the
-exact NLL of the other are read on one axis over the same tokens.
+trained on and scored, has no bytes); ``bpb_without_first`` (pretraining and autoregressive)
+leaves every sequence's first token out of both, so the bound of the one and the exact NLL of
+the other are read on one axis over the same tokens.
 
 Each set's ``eval.sequences`` sequences (spread evenly over it) are read once; sequence i is
 evaluated by data-parallel rank i mod dp, its K masked copies (data_pipeline/noise.py

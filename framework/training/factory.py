@@ -171,7 +171,7 @@ def build_trainer(cfg: Config, stop: Optional[StopRequest] = None,
                    loss_fn=loss_fn, guard=guard, loss_by_t=loss_by_t,
                    lr_at=lambda step: wsd_lr(step, tc.steps, oc.lr, cfg.schedule),
                    checkpointer=checkpointer, checkpoint_meta=meta_for, metrics=metrics,
-                   window=Window(world, FlopCounter(cfg.model, cfg.objective.kind), peak), stop=stop,
+                   window=Window(world, FlopCounter(cfg.model, kind), peak), stop=stop,
                    progress=progress, resume=resume, summary_path=run_dir / "summary.json",
                    facts=facts, log=log, validator=validator, eval_cfg=cfg.eval)
 

@@ -6,8 +6,9 @@ is a lookup and norms are elementwise) + 12 x layers x L x hidden for attention 
 L keys; causal, the autoregressive objective: half of that, the keys at or before each query).
 The output head's 6 x hidden x vocabulary is counted only where it runs: at the masked positions
 (at every position but each sequence's last, autoregressive), from the step's actual count; so
-two objectives trained for the same FLOPs take different numbers of steps. The parameters come from the parameter table
-(framework/model/params.py), so the padded vocabulary the head multiplies by is the one counted.
+two objectives trained for the same FLOPs take different numbers of steps. The parameters come
+from the parameter table (framework/model/params.py), so the padded vocabulary the head
+multiplies by is the one counted.
 """
 
 from __future__ import annotations
