@@ -228,8 +228,9 @@ def console_lines(step: int, values: Dict[str, float]) -> List[str]:
         # an exact NLL (autoregressive) has no Monte Carlo error
         mc = (f" ± {get('loss_mc_stderr', '.4f')} (mc)"
               if f"{VAL}{name}/loss_mc_stderr" in values else "")
+        bpb = f" | {get('bpb', '.4f')} bpb" if f"{VAL}{name}/bpb" in values else ""  # not SFT
         lines.append(f"val  step {step:>6} | {name} loss {get('loss', '.4f')}{mc} ± "
-                     f"{get('loss_seq_stderr', '.4f')} (seqs) | {get('bpb', '.4f')} bpb")
+                     f"{get('loss_seq_stderr', '.4f')} (seqs){bpb}")
     if lines and VAL_SECONDS in values:
         lines[-1] += f" | {values[VAL_SECONDS]:.1f}s"
     return lines

@@ -99,3 +99,6 @@ def test_console_line():
                                   "val/stdlib/bpb": 1.9, "time/val_seconds": 3.25})
     assert line == ("val  step    100 | stdlib loss 5.1235 ± 0.0020 (mc) ± n/a (seqs) | "
                     "1.9000 bpb | 3.2s")
+    # the exact NLL has no Monte Carlo error; SFT's bound no bits per byte
+    (line,) = console_lines(7, {"val/chat/loss": 2.5, "val/chat/loss_seq_stderr": 0.1})
+    assert line == "val  step      7 | chat loss 2.5000 ± 0.1000 (seqs)"
