@@ -210,10 +210,11 @@ def test_resume_under_one_data_parallel_rank(tmp_path, small_dataset, small_held
 
 
 def sft_overrides(run_dir, dataset):
+    # the data in each training process (DataLoader workers and their resume: the test above)
     holdout = dataset.parent / "holdout" / "manifest.json"
     return ["train", str(SFT_RECIPE), *quick_overrides(run_dir, dataset, steps=2 * N),
             "init.from=null", "tracking.log_interval=1", f"checkpoint.interval={N}",
-            "checkpoint.save_final=true", "data.num_workers=1",
+            "checkpoint.save_final=true", "data.num_workers=0",
             *validation_overrides(holdout, sequences=9, t_samples=2), "eval.interval=3",
             "eval.at_start=true"]
 
