@@ -271,6 +271,9 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     max_consecutive_nonfinite: int = 5  # a NaN/Inf loss skips the step; this many in a row stop
     compile: bool = False  # torch.compile each Transformer layer
+    # the head's projection fused with the loss (kernels/linear_cross_entropy.py): the masked
+    # positions' logits never held whole; off under ZeRO-3 (the weight is gathered by its module)
+    fused_head: bool = True
     # recompute activations in backward: saves memory for one more forward per layer
     activation_checkpointing: bool = False
     checkpoint_layers: Optional[int] = None  # None: every layer; N: the first N of each stage

@@ -2,8 +2,12 @@
 causal (the autoregressive baseline), as the layer spec's ``attn_mask_type`` says.
 
 megatron-core's own ``DotProductAttention`` assumes CUDA and a causal/padding mask; LLaDA needs
-every token to attend to every token. SDPA picks the flash backend on CUDA (bf16/fp16) and runs
-on CPU; ``enable_gqa`` lets it read grouped key/value heads without materialising copies.
+every token to attend to every token. On CUDA the backend is chosen here, never SDPA's silent
+math fallback (an s x s matrix per head): training in bf16/fp16 runs the flash kernel (cuDNN's
+too where there is no GQA), reading grouped key/value heads through ``enable_gqa`` without
+materialising copies, which only flash supports; a padding mask or fp32 (inference, an fp32 run)
+runs the memory-efficient kernel, with the grouped heads repeated for it. A shape none of them
+takes is an error naming it. On CPU SDPA picks its own.
 
 Training passes no mask. Inference (framework/inference/) passes an ``Attend`` in megatron's
 ``attention_mask`` argument, which megatron hands through unchanged: which keys are real (padding
@@ -20,6 +24,7 @@ from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -40,6 +45,14 @@ class Attend:
     start: int = 0
     cache: Optional[Dict[int, tuple]] = field(default=None)
     store: bool = False
+
+
+def cuda_backends(dtype: torch.dtype, *, masked: bool, gqa: bool) -> list:
+    """The SDPA backends allowed on CUDA, best first; never the math one. Flash takes no mask
+    and no fp32; cuDNN's and the memory-efficient kernels take no grouped key/value heads."""
+    if not masked and dtype in (torch.bfloat16, torch.float16):
+        return [SDPBackend.FLASH_ATTENTION] + ([] if gqa else [SDPBackend.CUDNN_ATTENTION])
+    return [SDPBackend.EFFICIENT_ATTENTION]
 
 
 class SDPAttention(MegatronModule):
@@ -86,12 +99,26 @@ class SDPAttention(MegatronModule):
                 # and always itself: a left pad's query would otherwise see no key at all, a row
                 # that some CUDA kernels fill with NaN, which the next layer spreads to real rows
                 mask = mask | (pos[None, :] == here)[None, None]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=self.causal and attend is None,
-            scale=self.softmax_scale,
-            dropout_p=self.dropout_p if self.training else 0.0,
-            enable_gqa=k.shape[1] != heads,
-        )
+        gqa = k.shape[1] != heads
+        backends = cuda_backends(q.dtype, masked=mask is not None, gqa=gqa) if q.is_cuda else None
+        if gqa and backends is not None and SDPBackend.FLASH_ATTENTION not in backends:
+            k, v = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (k, v))
+            gqa = False
+        args = dict(attn_mask=mask, is_causal=self.causal and attend is None,
+                    scale=self.softmax_scale, dropout_p=self.dropout_p if self.training else 0.0,
+                    enable_gqa=gqa)
+        if backends is None:
+            out = F.scaled_dot_product_attention(q, k, v, **args)
+        else:
+            try:
+                with sdpa_kernel(backends):
+                    out = F.scaled_dot_product_attention(q, k, v, **args)
+            except RuntimeError as e:
+                raise RuntimeError(
+                    f"attention: no {'/'.join(b.name for b in backends)} kernel for q "
+                    f"{tuple(q.shape)} k {tuple(k.shape)} {q.dtype}"
+                    f"{' with a mask' if mask is not None else ''} (the math fallback is not "
+                    f"used on CUDA): {str(e).splitlines()[0]}") from e
         return out.permute(2, 0, 1, 3).reshape(s, b, heads * d)
 
     def _cached(self, attend: Attend, k: torch.Tensor, v: torch.Tensor):

@@ -14,7 +14,7 @@ No timestep input: the model sees only the partly masked sequence. The head runs
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.utils.checkpoint import checkpoint
 
 from framework.config import ModelConfig
+from kernels.linear_cross_entropy import linear_cross_entropy
 from framework.model.attention import Attend
 from framework.model.params import padded_vocab_size
 from framework.model.spec import RMSNorm, layer_spec
@@ -143,11 +144,20 @@ class Layer(MegatronModule):
         return hidden, select
 
 
+class FusedHeadInput(NamedTuple):
+    """What a fused Head hands the loss in place of logits: the final norm's output at the N
+    selected positions and this rank's slice of the output projection (``head_loss`` multiplies
+    them chunk by chunk, kernels/linear_cross_entropy.py)."""
+    hidden: torch.Tensor  # [N, h]
+    weight: torch.Tensor  # [V/tp, h]
+
+
 class Head(MegatronModule):
     """Final RMSNorm, then the output projection at the selected positions only:
-    logits over this rank's vocabulary slice, [N, V/tp] for the N selected positions."""
+    logits over this rank's vocabulary slice, [N, V/tp] for the N selected positions; with
+    ``fused``, a ``FusedHeadInput`` instead, so that the loss never holds all N x V/tp logits."""
 
-    def __init__(self, cfg: ModelConfig, config: TransformerConfig):
+    def __init__(self, cfg: ModelConfig, config: TransformerConfig, fused: bool = False):
         super().__init__(config=config)
         self.final_layernorm = RMSNorm(config, cfg.hidden_size, eps=cfg.norm_eps)
         self.output_layer = ColumnParallelLinear(
@@ -157,26 +167,30 @@ class Head(MegatronModule):
         # selection needs whole sequences), so the projection itself is an ordinary one.
         self.output_layer.sequence_parallel = False
         self.output_layer.allreduce_dgrad = config.tensor_model_parallel_size > 1
+        self.fused = fused
 
-    def forward(self, inputs: Flow) -> torch.Tensor:
+    def forward(self, inputs: Flow):
         hidden, select = inputs
         hidden = self.final_layernorm(hidden)
         if self.config.sequence_parallel:
             # backward: the projection's all-reduced input gradient, split back by sequence
             hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
-        hidden = hidden.transpose(0, 1)[select.bool()].unsqueeze(1)  # [N, 1, h]
-        logits, _ = self.output_layer(hidden)
+        hidden = hidden.transpose(0, 1)[select.bool()]  # [N, h]
+        if self.fused:  # the loss all-reduces the input gradient, as the projection would
+            return FusedHeadInput(hidden, self.output_layer.weight)
+        logits, _ = self.output_layer(hidden.unsqueeze(1))
         return logits.squeeze(1)
 
 
 def piece_specs(cfg: ModelConfig, config: TransformerConfig, recompute: Sequence[bool],
-                causal: bool = False) -> List[LayerSpec]:
+                causal: bool = False, fused_head: bool = False) -> List[LayerSpec]:
     """The pieces as DeepSpeed LayerSpecs (built lazily: a pipeline stage builds only its own).
     ``recompute[i]``: recompute the activations of Transformer layer i in backward; ``causal``:
-    the autoregressive baseline (the same pieces and parameters, causal attention)."""
+    the autoregressive baseline (the same pieces and parameters, causal attention);
+    ``fused_head``: the head hands the loss its input and weight (``FusedHeadInput``)."""
     layers = [LayerSpec(Layer, cfg, config, i + 1, recompute[i], causal)
               for i in range(cfg.num_layers)]
-    return [LayerSpec(Embedding, cfg, config), *layers, LayerSpec(Head, cfg, config)]
+    return [LayerSpec(Embedding, cfg, config), *layers, LayerSpec(Head, cfg, config, fused_head)]
 
 
 class LLaDAModel(torch.nn.Module):
@@ -207,11 +221,29 @@ def build_model(cfg: ModelConfig, config: TransformerConfig, recompute: bool = F
         causal)])
 
 
-def vocab_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-position CE for logits [N, V/tp] across the tensor-parallel vocabulary slices,
-    without ever gathering the full logits."""
+def head_loss(out, targets: torch.Tensor, scale: torch.Tensor
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sum_i scale_i x CE_i, the terms [N] fp32 detached) from the head's output, logits
+    [N, V/tp] or a ``FusedHeadInput``, across the tensor-parallel vocabulary slices without ever
+    gathering the full logits."""
+    if isinstance(out, FusedHeadInput):
+        from megatron.core import parallel_state
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
+        start = parallel_state.get_tensor_model_parallel_rank() * out.weight.shape[0]
+        return linear_cross_entropy(out.hidden, out.weight, targets, scale, group=group,
+                                    vocab_start=start)
+    terms = vocab_cross_entropy(out, targets) * scale.float()
+    return terms.sum(), terms.detach()
+
+
+def vocab_cross_entropy(out, targets: torch.Tensor) -> torch.Tensor:
+    """Per-position CE [N] from the head's output (logits [N, V/tp] or a ``FusedHeadInput``)
+    across the tensor-parallel vocabulary slices, without ever gathering the full logits."""
     from megatron.core import parallel_state
+    if isinstance(out, FusedHeadInput):
+        return head_loss(out, targets, torch.ones_like(targets, dtype=torch.float32))[1]
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return F.cross_entropy(logits.float(), targets, reduction="none")
-    return vocab_parallel_cross_entropy(logits.float().unsqueeze(1), targets.unsqueeze(1)
+        return F.cross_entropy(out.float(), targets, reduction="none")
+    return vocab_parallel_cross_entropy(out.float().unsqueeze(1), targets.unsqueeze(1)
                                         ).squeeze(1)

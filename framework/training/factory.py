@@ -28,7 +28,7 @@ from framework.config import (Config, ConfigError, EvalConfig, ModelConfig, chec
                               to_dict, to_yaml)
 from framework.evaluation.validator import HeldOutSet, Validator
 from framework.model.model import Layer, LLaDAModel, piece_specs, transformer_config
-from framework.model.model import vocab_cross_entropy
+from framework.model.model import head_loss, vocab_cross_entropy
 from framework.model.params import total_params
 from framework.model.pipeline import LLaDAPipeline
 from framework.model.weights import init_weights
@@ -96,7 +96,7 @@ def build_trainer(cfg: Config, stop: Optional[StopRequest] = None,
     # model, loss, optimizer, engine
     guard, loss_by_t = NonFiniteGuard(world.device), LossByT()
     # the autoregressive objective masks nothing: it has no loss by mask ratio
-    loss_fn = ObjectiveLoss(vocab_cross_entropy, guard.observe,
+    loss_fn = ObjectiveLoss(head_loss, guard.observe,
                             None if kind == "ar" else loss_by_t)
     bounds = stage_bounds(cfg.model.num_layers, world.pp, cfg.parallel.pp_layers)
     torch.manual_seed(cfg.run.seed)
@@ -107,7 +107,8 @@ def build_trainer(cfg: Config, stop: Optional[StopRequest] = None,
                          recompute=recompute_flags(cfg.model.num_layers, bounds,
                                                    tc.activation_checkpointing,
                                                    tc.checkpoint_layers),
-                         compile=tc.compile, causal=kind == "ar")
+                         compile=tc.compile, causal=kind == "ar",
+                         fused_head=_fused_head(tc, cfg.deepspeed.zero_stage, log))
     init_weights(model, cfg.model, cfg.run.seed, world.tp_rank, world.tp)
     if cfg.init.from_ and resume is None:  # a resumed run has its own weights
         src = init_from(model, Path(cfg.init.from_), cfg.model, world.tp_rank, world.tp,
@@ -220,16 +221,27 @@ def _collator(cfg: ObjectiveConfig, mask_id: int, seq_len: int, length_multiple:
     return MaskCollator(cfg, mask_id, seq_len, length_multiple)
 
 
+def _fused_head(tc, zero_stage: int, log) -> bool:
+    """Whether the head hands the loss its input and weight (kernels/linear_cross_entropy.py).
+    ZeRO-3 gathers a weight only inside its own module's forward, which the fused loss is not."""
+    if tc.fused_head and zero_stage >= 3:
+        log("llada: train.fused_head: the unfused head runs under ZeRO-3 (its weight is gathered "
+            "only inside the output layer's own forward)")
+        return False
+    return tc.fused_head
+
+
 def _build_model(cfg: ModelConfig, world: World, bounds: List[int], loss_fn: ObjectiveLoss, *,
                  bf16: bool, sequence_parallel: bool, recompute: List[bool],
-                 compile: bool, causal: bool = False) -> torch.nn.Module:
+                 compile: bool, causal: bool = False, fused_head: bool = False
+                 ) -> torch.nn.Module:
     """The pieces of the model, all in one module or cut into this rank's pipeline stage
     (initialised by the caller, alike under every layout)."""
     on_gpu = world.device.type == "cuda"
     mcfg = transformer_config(cfg, tensor_parallel=world.tp,
                               params_dtype=torch.bfloat16 if bf16 else torch.float32,
                               on_cpu=not on_gpu, sequence_parallel=sequence_parallel)
-    specs = piece_specs(cfg, mcfg, recompute, causal)
+    specs = piece_specs(cfg, mcfg, recompute, causal, fused_head)
     if world.pp > 1:
         model = LLaDAPipeline(specs, bounds, loss_fn, tp=world.tp, pp=world.pp, dp=world.dp)
     else:

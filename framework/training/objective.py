@@ -12,12 +12,15 @@ The forward process (t per sequence, the masks, the 1% cut) is the data pipeline
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from data_pipeline.noise import T_BUCKETS, t_bucket_names
+
+# (head output, targets [N], scale [N]) -> (sum_i scale_i x CE_i, the terms [N] detached)
+HeadLoss = Callable[[object, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
 
 def llada_loss(
@@ -104,23 +107,33 @@ class LossByT:
         return {name: s / c for name, s, c in zip(t_bucket_names(), sums, counts) if c > 0}
 
 
+def weighted(cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> HeadLoss:
+    """A ``HeadLoss`` from a per-position CE of logits (the unfused head)."""
+    def head_loss(logits, targets, scale):
+        terms = cross_entropy(logits, targets).float() * scale.float()
+        return terms.sum(), terms.detach()
+    return head_loss
+
+
 class ObjectiveLoss:
-    """The loss of one micro-batch from the head's logits at the selected positions, with
+    """The loss of one micro-batch from the head's output at the selected positions, with
     ``labels`` = (targets [b, l], mask [b, l], p_mask [b], norm [b]) of a ``TrainBatch``. One
     callable for both engines: the trainer calls it after the forward, DeepSpeed's pipeline
-    engine as the last stage's loss_fn. ``observe`` sees every loss (the trainer's non-finite
-    guard); ``by_t`` collects the loss by mask ratio (None for the autoregressive objective,
-    which masks nothing); both are the trainer's: this only feeds them."""
+    engine as the last stage's loss_fn. ``head_loss(out, targets, scale)``: sum_i scale_i x CE_i
+    and the terms (framework/model/model.py ``head_loss``: the logits, or the head's input and
+    weight fused with the CE); ``observe`` sees every loss (the trainer's non-finite guard);
+    ``by_t`` collects the loss by mask ratio (None for the autoregressive objective, which masks
+    nothing); both are the trainer's: this only feeds them."""
 
-    def __init__(self, cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 observe: Callable[[torch.Tensor], None], by_t: Optional[LossByT]):
-        self.cross_entropy, self.observe, self.by_t = cross_entropy, observe, by_t
+    def __init__(self, head_loss: HeadLoss, observe: Callable[[torch.Tensor], None],
+                 by_t: Optional[LossByT]):
+        self.head_loss, self.observe, self.by_t = head_loss, observe, by_t
 
-    def __call__(self, logits: torch.Tensor, labels) -> torch.Tensor:
+    def __call__(self, out, labels) -> torch.Tensor:
         targets, mask, p_mask, norm = labels
         per_position = (p_mask.float() * norm.float())[:, None].expand_as(targets)[mask]
-        terms = llada_loss_terms(logits, targets[mask], per_position, self.cross_entropy)
-        loss = terms.sum() / targets.shape[0]
+        total, terms = self.head_loss(out, targets[mask], 1.0 / per_position)
+        loss = total / targets.shape[0]
         self.observe(loss)
         if self.by_t is not None:
             self.by_t.add(terms, mask, p_mask)

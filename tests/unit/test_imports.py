@@ -16,7 +16,7 @@ ALLOWED = {
     "framework.config": {"data_pipeline"},
     "framework.quiet": set(),
     "framework.parallel": {"framework.config"},
-    "framework.model": {"framework.config", "framework.parallel"},
+    "framework.model": {"framework.config", "framework.parallel", "kernels"},
     "framework.tracking": {"data_pipeline", "framework.config", "framework.parallel"},
     "framework.checkpoint": {"data_pipeline", "framework.config", "framework.parallel",
                              "framework.model"},

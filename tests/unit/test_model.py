@@ -133,3 +133,18 @@ def test_paper_sizes_on_meta_device(world, recipe, expected):
         model = build(cfg.model, torch.bfloat16)
     total = sum(p.numel() for p in model.parameters())
     assert abs(total - expected) / expected < 0.01, total
+
+
+def test_cuda_attention_never_falls_back_to_math():
+    from torch.nn.attention import SDPBackend
+
+    from framework.model.attention import cuda_backends
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for masked in (False, True):
+            for gqa in (False, True):
+                backends = cuda_backends(dtype, masked=masked, gqa=gqa)
+                assert backends and SDPBackend.MATH not in backends
+                if gqa:  # grouped key/value heads: only flash reads them unrepeated
+                    assert SDPBackend.CUDNN_ATTENTION not in backends
+    # training in bf16: flash, the grouped heads read in place
+    assert cuda_backends(torch.bfloat16, masked=False, gqa=True) == [SDPBackend.FLASH_ATTENTION]

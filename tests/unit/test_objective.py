@@ -59,7 +59,7 @@ def test_one_objective_loss_is_each_objectives_formula():
     import torch.nn.functional as F
 
     from data_pipeline.collate import next_token_targets
-    from framework.training.objective import LossByT, ObjectiveLoss, sft_loss
+    from framework.training.objective import LossByT, ObjectiveLoss, sft_loss, weighted
 
     torch.manual_seed(0)
     b, length, vocab = 3, 7, 11
@@ -67,7 +67,7 @@ def test_one_objective_loss_is_each_objectives_formula():
     tokens = torch.randint(vocab, (b, length))
     p_mask = torch.tensor([0.3, 0.6, 0.9])
     mask = torch.rand(b, length) < p_mask[:, None]
-    ce = lambda x, y: F.cross_entropy(x, y, reduction="none")  # noqa: E731
+    ce = weighted(lambda x, y: F.cross_entropy(x, y, reduction="none"))
     loss = ObjectiveLoss(ce, lambda _: None, LossByT())
     masked_p = p_mask[:, None].expand_as(tokens)[mask]
     pretrain = loss(logits[mask], (tokens, mask, p_mask, torch.full((b,), float(length))))

@@ -74,12 +74,13 @@ def test_collator_masks_responses_only_and_pads_them_with_eos(tmp_path, small_to
 
     # and the prompt never enters the loss: the training loss's gradient is zero at every prompt
     # position, nonzero at masked response positions
-    from framework.training.objective import LossByT, ObjectiveLoss
+    from framework.training.objective import LossByT, ObjectiveLoss, weighted
 
     b = col(rows, torch.tensor([0, 1]), 0)
     logits = torch.randn(*b.targets.shape, 64, requires_grad=True)
     targets = b.targets % 64
-    loss = ObjectiveLoss(lambda x, y: F.cross_entropy(x, y, reduction="none"), lambda _: None,
+    loss = ObjectiveLoss(weighted(lambda x, y: F.cross_entropy(x, y, reduction="none")),
+                         lambda _: None,
                          LossByT())(logits[b.mask], (targets, b.mask, b.p_mask, b.norm))
     loss.backward()
     touched = logits.grad.abs().sum(-1) > 0

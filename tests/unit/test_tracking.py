@@ -15,7 +15,7 @@ from framework.parallel.world import _free_port as free_port
 from framework.tracking.courier import Courier, mlflow_client, sync
 from framework.tracking.outbox import Outbox, RunState
 from framework.tracking.tracker import Tracker, flatten
-from framework.training.objective import LossByT, ObjectiveLoss, t_bucket_names
+from framework.training.objective import LossByT, ObjectiveLoss, t_bucket_names, weighted
 
 
 def test_flatten_names_nested_keys_and_writes_lists_as_json():
@@ -38,7 +38,7 @@ def test_loss_by_t_is_each_buckets_mean_sequence_loss_and_skipped_steps_do_not_c
     mask[:, 0] = True
     targets = torch.randint(vocab, (b, length))
     logits = torch.randn(b, length, vocab)
-    ce = lambda x, y: torch.nn.functional.cross_entropy(x, y, reduction="none")  # noqa: E731
+    ce = weighted(lambda x, y: torch.nn.functional.cross_entropy(x, y, reduction="none"))
     by_t = LossByT()
     loss_fn = ObjectiveLoss(ce, lambda loss: None, by_t)
     loss = loss_fn(logits[mask], (targets, mask, p_mask, torch.full((b,), float(length))))

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-import framework.training.objective as objective_mod
 from framework.config import load_config
 from framework.training.factory import build_trainer
 from framework.training.trainer import TrainingError
@@ -21,13 +20,14 @@ def make_trainer(tmp_path, dataset, *extra):
 def poison_steps(monkeypatch, trainer, bad_steps):
     """Make the loss NaN at the given optimizer steps (numbered from 1), as a diverging model
     would."""
-    real = objective_mod.llada_loss_terms
+    real = trainer.loss_fn.head_loss
 
     def loss(*args, **kwargs):
-        value = real(*args, **kwargs)
-        return value * float("nan") if trainer.step + 1 in bad_steps else value
+        total, terms = real(*args, **kwargs)
+        bad = float("nan") if trainer.step + 1 in bad_steps else 1.0
+        return total * bad, terms * bad
 
-    monkeypatch.setattr(objective_mod, "llada_loss_terms", loss)
+    monkeypatch.setattr(trainer.loss_fn, "head_loss", loss)
 
 
 def snapshot(trainer):
