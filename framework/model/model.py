@@ -112,7 +112,8 @@ class Embedding(MegatronModule):
             hidden = self.word_embeddings(input_ids)
         else:
             hidden = self.word_embeddings(input_ids).transpose(0, 1).contiguous()
-        return hidden, select.to(torch.uint8)
+        # flat positions (the trainer's, made on the host) pass as they are
+        return hidden, select if select.dtype == torch.int64 else select.to(torch.uint8)
 
 
 class Layer(MegatronModule):
@@ -175,11 +176,22 @@ class Head(MegatronModule):
         if self.config.sequence_parallel:
             # backward: the projection's all-reduced input gradient, split back by sequence
             hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
-        hidden = hidden.transpose(0, 1)[select.bool()]  # [N, h]
+        hidden = select_positions(hidden, select)  # [N, h]
         if self.fused:  # the loss all-reduces the input gradient, as the projection would
             return FusedHeadInput(hidden, self.output_layer.weight)
         logits, _ = self.output_layer(hidden.unsqueeze(1))
         return logits.squeeze(1)
+
+
+def select_positions(hidden: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+    """[N, h] of hidden [s, b, h] at the selected positions, batch-major: ``select`` a [b, s]
+    mask, or the flat indices into [b, s] (int64), which CUDA gathers without a host sync (a
+    mask's count must first come back from the device)."""
+    if select.dtype != torch.int64:
+        return hidden.transpose(0, 1)[select.bool()]
+    s, b = hidden.shape[:2]
+    seq_major = (select % s) * b + select // s  # the same positions in the [s, b] layout
+    return hidden.reshape(s * b, -1).index_select(0, seq_major)
 
 
 def piece_specs(cfg: ModelConfig, config: TransformerConfig, recompute: Sequence[bool],
@@ -194,8 +206,9 @@ def piece_specs(cfg: ModelConfig, config: TransformerConfig, recompute: Sequence
 
 
 class LLaDAModel(torch.nn.Module):
-    """All pieces in one process: ``model(input_ids [b, s], select [b, s] bool)`` -> logits
-    [N, V/tp] at the selected positions; without ``select``, [b, s, V/tp] at all of them.
+    """All pieces in one process: ``model(input_ids [b, s], select)`` -> logits [N, V/tp] at the
+    selected positions (``select``: a [b, s] bool mask or flat int64 indices into [b, s]);
+    without ``select``, [b, s, V/tp] at all of them.
     ``attend`` (inference): a padding mask and a key/value cache for every layer."""
 
     def __init__(self, pieces: Sequence[torch.nn.Module]):

@@ -12,7 +12,7 @@ The forward process (t per sequence, the masks, the 1% cut) is the data pipeline
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -78,11 +78,16 @@ class LossByT:
     def __init__(self):
         self.step_totals = self.window = None  # [2, T_BUCKETS]: loss sums, sequence counts
 
-    def add(self, terms: torch.Tensor, mask: torch.Tensor, p_mask: torch.Tensor) -> None:
+    def add(self, terms: torch.Tensor, mask: torch.Tensor, p_mask: torch.Tensor,
+            positions: Optional[torch.Tensor] = None) -> None:
         """``terms`` [N]: each selected position's share of its sequence's loss (already divided
-        by the sequence's divisor), so a sequence's sum is its loss."""
-        full = torch.zeros(mask.shape, dtype=torch.float64, device=terms.device)
-        per_seq = full.masked_scatter_(mask, terms.detach().double()).sum(1)
+        by the sequence's divisor), so a sequence's sum is its loss; ``positions``: their flat
+        indices in ``mask`` (else found from it)."""
+        if positions is None:
+            positions = mask.reshape(-1).nonzero().squeeze(1)
+        full = torch.zeros(mask.numel(), dtype=torch.float64, device=terms.device)
+        full[positions] = terms.detach().double()
+        per_seq = full.view(mask.shape).sum(1)
         bucket = (p_mask.float() * T_BUCKETS).long().clamp_(0, T_BUCKETS - 1)
         if self.step_totals is None:
             self.step_totals = torch.zeros(2, T_BUCKETS, dtype=torch.float64, device=terms.device)
@@ -115,26 +120,51 @@ def weighted(cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     return head_loss
 
 
+class MaskedLabels(NamedTuple):
+    """A micro-batch's labels at its selected positions, made on the host from the collator's
+    tensors (``masked_labels``) so that neither the head's selection nor the loss's needs the
+    device to say how many positions there are (boolean indexing on CUDA waits for the GPU)."""
+    positions: torch.Tensor  # [N] int64: flat indices into [b, l], row-major
+    targets: torch.Tensor  # [N]
+    scale: torch.Tensor  # [N] fp32: 1 / (p_mask x the sequence's divisor)
+    mask: torch.Tensor  # [b, l] bool
+    p_mask: torch.Tensor  # [b]
+
+    def to(self, device: torch.device) -> "MaskedLabels":
+        pin = device.type == "cuda"  # pinned: the copies run without blocking the host
+        return MaskedLabels(*(x.pin_memory().to(device, non_blocking=True) if pin else x.to(device)
+                              for x in self))
+
+
+def masked_labels(targets: torch.Tensor, mask: torch.Tensor, p_mask: torch.Tensor,
+                  norm: torch.Tensor) -> MaskedLabels:
+    positions = mask.reshape(-1).nonzero().squeeze(1)
+    per_position = (p_mask.float() * norm.float())[:, None].expand_as(targets).reshape(-1)
+    return MaskedLabels(positions, targets.reshape(-1)[positions],
+                        1.0 / per_position[positions], mask, p_mask)
+
+
 class ObjectiveLoss:
     """The loss of one micro-batch from the head's output at the selected positions, with
-    ``labels`` = (targets [b, l], mask [b, l], p_mask [b], norm [b]) of a ``TrainBatch``. One
-    callable for both engines: the trainer calls it after the forward, DeepSpeed's pipeline
-    engine as the last stage's loss_fn. ``head_loss(out, targets, scale)``: sum_i scale_i x CE_i
-    and the terms (framework/model/model.py ``head_loss``: the logits, or the head's input and
-    weight fused with the CE); ``observe`` sees every loss (the trainer's non-finite guard);
-    ``by_t`` collects the loss by mask ratio (None for the autoregressive objective, which masks
-    nothing); both are the trainer's: this only feeds them."""
+    ``labels`` a ``MaskedLabels`` (the trainer's, made on the host) or (targets [b, l],
+    mask [b, l], p_mask [b], norm [b]) of a ``TrainBatch`` (DeepSpeed's pipeline engine hands
+    the last stage these). One callable for both engines: the trainer calls it after the
+    forward, the pipeline engine as the last stage's loss_fn. ``head_loss(out, targets, scale)``:
+    sum_i scale_i x CE_i and the terms (framework/model/model.py ``head_loss``: the logits, or
+    the head's input and weight fused with the CE); ``observe`` sees every loss (the trainer's
+    non-finite guard); ``by_t`` collects the loss by mask ratio (None for the autoregressive
+    objective, which masks nothing); both are the trainer's: this only feeds them."""
 
     def __init__(self, head_loss: HeadLoss, observe: Callable[[torch.Tensor], None],
                  by_t: Optional[LossByT]):
         self.head_loss, self.observe, self.by_t = head_loss, observe, by_t
 
     def __call__(self, out, labels) -> torch.Tensor:
-        targets, mask, p_mask, norm = labels
-        per_position = (p_mask.float() * norm.float())[:, None].expand_as(targets)[mask]
-        total, terms = self.head_loss(out, targets[mask], 1.0 / per_position)
-        loss = total / targets.shape[0]
+        if not isinstance(labels, MaskedLabels):
+            labels = masked_labels(*labels)
+        total, terms = self.head_loss(out, labels.targets, labels.scale)
+        loss = total / labels.mask.shape[0]
         self.observe(loss)
         if self.by_t is not None:
-            self.by_t.add(terms, mask, p_mask)
+            self.by_t.add(terms, labels.mask, labels.p_mask, labels.positions)
         return loss

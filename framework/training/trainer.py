@@ -33,7 +33,7 @@ from framework.parallel.world import World
 from framework.training.metrics import (CONSUMED_TOKENS, MetricsStream, StepResult, Window,
                                         sum_over_data_parallel)
 from framework.training.metrics import summary as make_summary
-from framework.training.objective import LossByT, ObjectiveLoss
+from framework.training.objective import LossByT, ObjectiveLoss, masked_labels
 from framework.training.optimizer import NonFiniteGuard
 from framework.training.preemption import StopRequest
 
@@ -108,11 +108,11 @@ class Trainer:
         engine, device = self.engine, self.world.device
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # no host sync per micro
         for batch in batches:
-            noisy, targets, mask, p_mask, norm = (
-                x.to(device, non_blocking=True) for x in
-                (batch.noisy, batch.targets, batch.mask, batch.p_mask, batch.norm))
-            logits = engine(noisy, select=mask)  # the head runs where the loss needs it only
-            loss = self.loss_fn(logits, (targets, mask, p_mask, norm))
+            # the selected positions and their labels found on the host: no device sync
+            labels = masked_labels(batch.targets, batch.mask, batch.p_mask, batch.norm).to(device)
+            noisy = batch.noisy.to(device, non_blocking=True)
+            out = engine(noisy, select=labels.positions)  # the head runs where the loss needs it
+            loss = self.loss_fn(out, labels)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().double()

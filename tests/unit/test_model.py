@@ -62,6 +62,31 @@ def test_head_at_selected_positions_matches_full_head(world):
     full = model(x)
     assert full.shape == (3, 11, padded_vocab_size(300, 128))
     assert torch.allclose(model(x, select), full[select], atol=1e-5)
+    # the same positions as flat indices (the trainer's, found on the host: no device sync)
+    positions = select.reshape(-1).nonzero().squeeze(1)
+    assert torch.allclose(model(x, positions), full[select], atol=1e-5)
+
+
+def test_fused_head_gives_the_unfused_loss_and_gradients(world):
+    """The model's fused head (train.fused_head) against its unfused one: same weights, same
+    loss through ObjectiveLoss and the same gradients of every parameter."""
+    from framework.model.model import head_loss
+    from framework.training.objective import ObjectiveLoss, masked_labels
+    torch.manual_seed(2)
+    x, targets = torch.randint(0, 300, (3, 11)), torch.randint(0, 300, (3, 11))
+    mask = torch.rand(3, 11) < 0.5
+    labels = masked_labels(targets, mask, torch.tensor([0.3, 0.5, 0.9]), torch.full((3,), 11.0))
+    results = []
+    for fused in (False, True):
+        model = build(TINY)
+        model.get_submodule(str(TINY.num_layers + 1)).fused = fused
+        loss = ObjectiveLoss(head_loss, lambda _: None, None)(model(x, labels.positions), labels)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (unfused, unfused_grads), (fused, fused_grads) = results
+    assert torch.allclose(fused, unfused, rtol=1e-6)
+    for got, want in zip(fused_grads, unfused_grads):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
 def test_layers_follow_the_llada_spec(world):
