@@ -97,7 +97,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             step.softmax_grad_(logits, local, lse, scale[lo:hi])  # logits := d loss / d logits
             grad_hidden[lo:hi] = logits @ weight
             if many:
-                grad_weight += (logits.t() @ h).float()
+                grad_weight += logits.t() @ h  # cast to fp32 element by element, no fp32 copy
             else:
                 grad_weight = logits.t() @ h
         if need_grad and grad_weight is None:  # no position selected: a zero gradient, not none
