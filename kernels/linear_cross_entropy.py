@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-# Elements of one chunk's logits: 2^26 (256 MiB in fp32); the PyTorch step holds about three
-# such buffers, the Triton one only the logits. At the 1B shape (V = 126464) that is 530 rows:
+# Elements of one chunk's logits: 2^26 (256 MiB in fp32); the PyTorch step holds an fp32 copy of
+# a bf16 chunk besides, the Triton one only the logits. At the 1B shape (V = 126464) that is 530 rows:
 # matmuls of 530 x 2048 x 126464, large enough to run at the GPU's matmul speed.
 CHUNK_ELEMENTS = 1 << 26
 
@@ -97,7 +97,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             step.softmax_grad_(logits, local, lse, scale[lo:hi])  # logits := d loss / d logits
             grad_hidden[lo:hi] = logits @ weight
             if many:
-                grad_weight += logits.t() @ h  # cast to fp32 element by element, no fp32 copy
+                if logits.dtype == torch.float32:
+                    grad_weight.addmm_(logits.t(), h)  # in place: no [V, h] product held
+                else:  # the product in bf16 (half an fp32 one), added in fp32
+                    grad_weight += logits.t() @ h
             else:
                 grad_weight = logits.t() @ h
         if need_grad and grad_weight is None:  # no position selected: a zero gradient, not none
@@ -115,9 +118,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if grad_hidden is None:
             raise RuntimeError("linear_cross_entropy: backward of a forward that ran without "
                                "gradients (under no_grad, or inputs that need none)")
-        g = grad_sum.float()
+        g = grad_sum.float()  # e.g. 1 / accumulation: scaled in fp32, not rounded to bf16 first
         dh = (grad_hidden.float() * g).to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
-        dw = (grad_weight.float() * g).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            # the fp32 accumulator scaled in place (used once: no double backward), so that an
+            # fp32 weight's gradient is the accumulator itself, with no [V, h] copy
+            dw = (grad_weight.mul_(g) if grad_weight.dtype == torch.float32
+                  else grad_weight.float() * g).to(ctx.weight_dtype)
         return dh, dw, None, None, None, None, None, None, None
 
 
@@ -134,25 +142,29 @@ def _combine(row_max, sum_exp, target_logit, group):
 
 
 class TorchStep:
-    """The per-chunk step in plain PyTorch (fp32 temporaries of the chunk's size)."""
+    """The per-chunk step in plain PyTorch: each row's log-sum-exp stands for its (max, sum) pair
+    (a max of lse and a sum of 1), the gradient made in place (one fp32 copy of a bf16 chunk)."""
 
     @staticmethod
     def row_stats(logits: torch.Tensor, local: torch.Tensor):
         x = logits.float()
-        row_max = x.max(dim=1).values
-        sum_exp = torch.exp(x - row_max[:, None]).sum(dim=1)
+        lse = torch.logsumexp(x, dim=1)
         held = (local >= 0) & (local < x.shape[1])
         target = x.gather(1, local.clamp(0, x.shape[1] - 1)[:, None]).squeeze(1)
-        return row_max, sum_exp, torch.where(held, target, torch.zeros_like(target))
+        return lse, torch.ones_like(lse), torch.where(held, target, torch.zeros_like(target))
 
     @staticmethod
     def softmax_grad_(logits: torch.Tensor, local: torch.Tensor, lse: torch.Tensor,
                       scale: torch.Tensor) -> None:
-        grad = torch.exp(logits.float() - lse[:, None])
+        grad = logits.float()  # fp32 logits: this very buffer
+        grad.sub_(lse[:, None]).exp_()
         held = (local >= 0) & (local < logits.shape[1])
-        rows = torch.nonzero(held).squeeze(1)
-        grad[rows, local[rows]] -= 1.0
-        logits.copy_(grad * scale[:, None])
+        # minus the one-hot where this slice holds the target (a scatter: no host sync)
+        grad.scatter_add_(1, local.clamp(0, logits.shape[1] - 1)[:, None],
+                          -held.to(grad.dtype)[:, None])
+        grad.mul_(scale[:, None])
+        if grad is not logits:
+            logits.copy_(grad)
 
 
 def _step_backend(backend: str, device: torch.device):

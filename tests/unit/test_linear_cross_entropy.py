@@ -23,19 +23,20 @@ SHAPES = [(37, 24, 131, None), (37, 24, 131, 10), (5, 16, 5000, 2), (1, 8, 7, 1)
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=1e-2)}
 
 
-def case(n, h, v, dtype, seed=0):
+def case(n, h, v, dtype, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, h, generator=g).to(dtype).requires_grad_()
-    weight = (torch.randn(v, h, generator=g) * 0.3).to(dtype).requires_grad_()
-    targets = torch.randint(0, v, (n,), generator=g)
-    scale = torch.rand(n, generator=g) * 3 + 0.1  # 1 / (p_mask x divisor): any positive weight
+    hidden = torch.randn(n, h, generator=g).to(device, dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) * 0.3).to(device, dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=g).to(device)
+    # 1 / (p_mask x divisor): any positive weight
+    scale = (torch.rand(n, generator=g) * 3 + 0.1).to(device)
     return hidden, weight, targets, scale
 
 
-def check_against_reference(backend: str) -> None:
+def check_against_reference(backend: str, device: str = "cpu") -> None:
     for dtype in (torch.float32, torch.bfloat16):
         for n, h, v, rows in SHAPES:
-            hidden, weight, targets, scale = case(n, h, v, dtype)
+            hidden, weight, targets, scale = case(n, h, v, dtype, device=device)
             total, terms = linear_cross_entropy(hidden, weight, targets, scale, chunk_rows=rows,
                                                 backend=backend)
             ref_total, ref_terms = reference_linear_cross_entropy(hidden, weight, targets, scale)
@@ -65,6 +66,14 @@ def test_triton_kernels_equal_the_unfused_reference_under_the_interpreter():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the GPU machine runs it)")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cuda_equals_the_unfused_reference(backend):
+    """The same checks on the GPU, the Triton kernels compiled for real (the GPU machine's
+    script, benchmarks/gpu_train_step.sh, runs this file)."""
+    check_against_reference(backend, "cuda")
 
 
 def test_no_gradient_work_without_gradients():
