@@ -91,7 +91,8 @@ def main() -> None:
 
         ref_file = work / "reference.pt"
         tensors = reference_tensors(trainer)
-        ref_save_s, _ = timed(lambda: (torch.save(tensors, ref_file), os.sync()))
+        # bound as a default: the del below frees them once the lambda is gone
+        ref_save_s, _ = timed(lambda t=tensors: (torch.save(t, ref_file), os.sync()))
         del tensors
         ref_load_s, loaded = timed(lambda: torch.load(ref_file, map_location="cpu",
                                                       weights_only=False))

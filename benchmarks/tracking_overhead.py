@@ -75,7 +75,7 @@ def main() -> None:
                 for _ in range(args.block_steps):
                     result = trainer.train_step()
                     trainer.history.append(result)
-                    trainer._record(result)  # the metrics stream, as in fit()
+                    trainer._record(result, {})  # the metrics stream, as in fit()
                     if trainer.step % args.plot_interval == 0:
                         stream.checkpoint(trainer.step, root / "run", 0.0)
                 sync()

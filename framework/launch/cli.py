@@ -25,6 +25,8 @@ from framework.config import ConfigError
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 BAD_INPUT = (ConfigError, DataConfigError)  # bad input, of every package: one line, exit 2
+# benchmarks/train_step.py's measurements, beside the framework package in a checkout
+MEASURED = Path(__file__).resolve().parents[2] / "benchmarks" / "measured.json"
 
 
 def _error(msg: str, code: int) -> int:
@@ -74,12 +76,51 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if cfg.parallel.world_size is None:
             raise ConfigError("parallel.world_size: llada plan needs the number of GPUs, e.g. "
                               "parallel.world_size=1024")
-        if not 0 < args.mfu <= 1:
+        if args.mfu is not None and not 0 < args.mfu <= 1:
             raise ConfigError(f"--mfu: must be in (0, 1], got {args.mfu}")
-        print(plan(cfg, mfu=args.mfu, peak_flops=args.peak_tflops * 1e12))
+        peak, mfu, mfu_from = _plan_peak_and_mfu(args, cfg)
+        print(plan(cfg, mfu=mfu, peak_flops=peak, mfu_from=mfu_from))
     except ConfigError as e:
         return _error(str(e), EXIT_BAD_INPUT)
     return 0
+
+
+def _plan_peak_and_mfu(args: argparse.Namespace, cfg) -> Tuple[float, float, str]:
+    """The peak (--gpu's datasheet figure, --peak-tflops, or the H100 SXM's) and the MFU: an
+    explicit --mfu, else the one measured on --gpu for this model shape and sequence length
+    (benchmarks/train_step.py's records in --measured), else the guess; and a line that says
+    which."""
+    from framework.launch.plan import GUESSED_MFU, find_measured, load_measured
+    from framework.training.flops import DENSE_BF16_PEAK, H100_SXM
+
+    if args.gpu is not None and args.peak_tflops is not None:
+        raise ConfigError("--gpu and --peak-tflops: give one (--gpu takes the GPU's datasheet "
+                          "peak)")
+    if args.gpu is not None and args.gpu not in DENSE_BF16_PEAK:
+        raise ConfigError(f"--gpu {args.gpu!r}: unknown; known (torch.cuda device names): "
+                          f"{', '.join(sorted(DENSE_BF16_PEAK))}")
+    peak = (DENSE_BF16_PEAK[args.gpu] if args.gpu is not None else
+            H100_SXM if args.peak_tflops is None else args.peak_tflops * 1e12)
+    given = args.mfu is not None
+    mfu = args.mfu if given else GUESSED_MFU
+    how = "as given (--mfu)" if given else "guessed"
+    if args.gpu is None:
+        return peak, mfu, (f"{100 * mfu:.0f}% {how}; --gpu NAME takes a measured one from "
+                           f"{args.measured} where it has one")
+    # a checkout without measurements yet: the guess; a file named with --measured must exist
+    records = ([] if args.measured == MEASURED and not MEASURED.exists()
+               else load_measured(args.measured))
+    found = find_measured(records, args.gpu, cfg.model, cfg.data.seq_len)
+    if found is not None:
+        what = (f"measured on {found['gpu']} on {found['date']} by benchmarks/train_step.py "
+                f"({found['recipe']}, one GPU, micro-batch "
+                f"{found.get('micro_batch_size', '?')} x {found['seq_len']}; {args.measured})")
+        if given:
+            return peak, mfu, (f"{100 * mfu:.0f}% as given (--mfu wins over the "
+                               f"{100 * found['mfu']:.1f}% {what})")
+        return peak, found["mfu"], f"{100 * found['mfu']:.1f}% {what}"
+    return peak, mfu, (f"{100 * mfu:.0f}% {how}: {args.measured} has no measurement on "
+                       f"{args.gpu} of this model shape at sequence length {cfg.data.seq_len}")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -320,18 +361,29 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_arguments(train)
     train.set_defaults(func=cmd_train)
 
+    from framework.launch.plan import GUESSED_MFU
     from framework.training.flops import H100_SXM
     plan = sub.add_parser(
         "plan", help="check and size a parallel layout without launching anything",
         description="Check that tp x pp x dp fits the model and batch for parallel.world_size "
         "GPUs, and print per-GPU parameters and memory (weights, gradients, optimizer state by "
-        "ZeRO stage, activations), FLOPs per step and the step time at a stated MFU. E.g. "
+        "ZeRO stage, activations), FLOPs per step and the step time at an MFU: measured on --gpu "
+        "by benchmarks/train_step.py where benchmarks/measured.json has it, else --mfu. E.g. "
         "llada plan recipes/llada-8b.yaml parallel.tp=8 parallel.pp=4 parallel.world_size=1024")
     _recipe_arguments(plan)
-    plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume")
-    plan.add_argument("--peak-tflops", type=float, default=H100_SXM / 1e12,
-                      help="dense bf16 peak per GPU, as MFU counts it (default: the H100 SXM "
-                      "datasheet's 989)")
+    plan.add_argument("--mfu", type=float, default=None,
+                      help="model FLOPs utilisation to assume (default: the one measured on "
+                      f"--gpu where --measured has it, else {GUESSED_MFU})")
+    plan.add_argument("--gpu", default=None, metavar="NAME",
+                      help="the GPU by its torch.cuda device name, e.g. 'NVIDIA H200': its "
+                      "datasheet peak, and its MFU measured by benchmarks/train_step.py for "
+                      "this model shape and sequence length where --measured has one")
+    plan.add_argument("--measured", type=Path, default=MEASURED,
+                      help="benchmark records (default: the repository's "
+                      "benchmarks/measured.json)")
+    plan.add_argument("--peak-tflops", type=float, default=None,
+                      help="dense bf16 peak per GPU, as MFU counts it (default: --gpu's, or the "
+                      f"H100 SXM datasheet's {H100_SXM / 1e12:.0f})")
     plan.set_defaults(func=cmd_plan)
 
     export = sub.add_parser(

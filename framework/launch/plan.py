@@ -3,7 +3,9 @@
 For ``parallel.world_size`` GPUs and the recipe's tp x pp: the divisibility of heads, kv heads,
 FFN, vocabulary, layers and batch; parameters per GPU (the largest pipeline stage); memory per GPU
 for weights, gradients and optimizer state by ZeRO stage, plus an activation estimate; FLOPs per
-step and the step time expected at a stated MFU.
+step and the step time expected at an MFU: one measured on the GPU named by ``--gpu`` where
+benchmarks/measured.json (written by benchmarks/train_step.py) has a record of that GPU, model
+shape and sequence length, else the ``--mfu`` guess; an explicit ``--mfu`` always wins.
 
 Memory model (bytes per parameter, the ZeRO paper's accounting): bf16 weights 2, gradients 2,
 optimizer state 12 (fp32 master copy, Adam m and v); fp32: 4, 4, 8. ZeRO-1 divides the optimizer
@@ -16,15 +18,56 @@ only its input. It is an estimate: allocator slack and communication buffers com
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import List
+from pathlib import Path
+from typing import List, Optional
 
-from framework.config import Config, ModelConfig, check_world
+from framework.config import Config, ConfigError, ModelConfig, check_world
 from framework.model.params import padded_vocab_size, param_table, total_params
 from framework.parallel.layout import recompute_flags, stage_bounds
 from framework.training.flops import FlopCounter
+from kernels.linear_cross_entropy import CHUNK_ELEMENTS
 
 GIB = 1024 ** 3
+GUESSED_MFU = 0.4  # without a measurement: about what Megatron-LM publishes on H100s
+# the model shape a measured.json record names (benchmarks/train_step.py writes it)
+MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads",
+              "ffn_hidden_size", "vocab_size")
+RECORD_KEYS = ("gpu", "model", "seq_len", "mfu", "date", "recipe")
+
+
+def load_measured(path: Path) -> List[dict]:
+    """The records of a measured.json: a list of objects with RECORD_KEYS; a file that is
+    not one is a ConfigError naming it."""
+    try:
+        records = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the measurements: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ConfigError(f"{path}: not JSON ({' '.join(str(e).split())})") from None
+    if not isinstance(records, list):
+        raise ConfigError(f"{path}: expected a JSON list of benchmark records, got "
+                          f"{type(records).__name__}")
+    for i, r in enumerate(records):
+        missing = [k for k in RECORD_KEYS if not isinstance(r, dict) or k not in r]
+        if missing:
+            raise ConfigError(f"{path}: record {i} lacks {', '.join(missing)}")
+        if r["mfu"] is not None and not (isinstance(r["mfu"], (int, float))
+                                         and 0 < r["mfu"] <= 1):
+            raise ConfigError(f"{path}: record {i}: mfu must be in (0, 1] or null, got "
+                              f"{r['mfu']!r}")
+    return records
+
+
+def find_measured(records: List[dict], gpu: str, model: ModelConfig,
+                  seq_len: int) -> Optional[dict]:
+    """The record of ``gpu`` (the torch.cuda device name) for this model shape and sequence
+    length that has an MFU (CPU rows have none), the newest if several."""
+    shape = {k: getattr(model, k) for k in MODEL_KEYS}
+    found = [r for r in records if r["gpu"] == gpu and r["model"] == shape
+             and r["seq_len"] == seq_len and r["mfu"] is not None]
+    return max(found, key=lambda r: str(r["date"])) if found else None
 
 
 @dataclass
@@ -55,7 +98,8 @@ def layer_activation_bytes(cfg: ModelConfig, tokens: int, tp: int, sp: bool) -> 
     return 2.0 * tokens * (full + split)
 
 
-def plan(cfg: Config, mfu: float, peak_flops: float) -> str:
+def plan(cfg: Config, mfu: float, peak_flops: float, mfu_from: Optional[str] = None) -> str:
+    """The plan's text; ``mfu_from``: where ``mfu`` came from (a measurement, a guess)."""
     par, tc, mc = cfg.parallel, cfg.train, cfg.model
     world = par.world_size
     dp = check_world(tc, par, world)
@@ -76,8 +120,13 @@ def plan(cfg: Config, mfu: float, peak_flops: float) -> str:
     kept = layer_activation_bytes(mc, tokens, par.tp, par.sequence_parallel)
     checkpointed = 2.0 * tokens * mc.hidden_size / (par.tp if par.sequence_parallel else 1)
     vocab = padded_vocab_size(mc.vocab_size, mc.pad_vocab_to_multiple_of)
-    # head at the masked half of the positions on average: bf16 logits and their fp32 copy
-    head = tokens * 0.5 * vocab / par.tp * (2 + 4)
+    if tc.fused_head and zero < 3:
+        # kernels/linear_cross_entropy.py: one chunk's logits (bf16) and their fp32 copy at most,
+        # the weight gradient's fp32 accumulator and the input gradient of the masked half
+        head = (CHUNK_ELEMENTS * (2 + 4) + vocab / par.tp * mc.hidden_size * 4
+                + tokens * 0.5 * mc.hidden_size * 2)
+    else:  # the masked half of the positions on average: bf16 logits and their fp32 copy
+        head = tokens * 0.5 * vocab / par.tp * (2 + 4)
     in_flight = min(par.pp, accum)  # 1F1B: stage s holds pp - s micro-batches
 
     rows = []
@@ -114,6 +163,7 @@ def plan(cfg: Config, mfu: float, peak_flops: float) -> str:
         f"the mean mask ratio)",
         f"expected step time at {100 * mfu:.0f}% MFU of {peak_flops / 1e12:.0f} TFLOP/s per GPU: "
         f"{step_s:.2f} s ({tc.global_batch_size * cfg.data.seq_len / step_s:,.0f} tokens/s)",
+        *([f"MFU: {mfu_from}"] if mfu_from else []),
         "activations are an estimate (bf16, flash attention, 1F1B); allocator slack and "
         "communication buffers come on top",
     ]

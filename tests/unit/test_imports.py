@@ -27,7 +27,7 @@ ALLOWED = {
     "framework.training": {"data_pipeline", "kernels", "framework.config", "framework.parallel",
                            "framework.model", "framework.checkpoint", "framework.tracking",
                            "framework.evaluation"},
-    "framework.launch": {"data_pipeline", "framework.config", "framework.parallel",
+    "framework.launch": {"data_pipeline", "kernels", "framework.config", "framework.parallel",
                          "framework.model", "framework.checkpoint", "framework.tracking",
                          "framework.training", "framework.evaluation", "framework.inference"},
     "framework": {"framework.quiet", "framework.launch"},  # the package and its __main__
