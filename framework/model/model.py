@@ -234,6 +234,12 @@ def build_model(cfg: ModelConfig, config: TransformerConfig, recompute: bool = F
         causal)])
 
 
+def head_logits(out) -> torch.Tensor:
+    """The logits [N, V/tp] of the head's output, whether it is logits already or a fused head's
+    ``FusedHeadInput`` (all N x V/tp of them at once: for inspection, not for the loss)."""
+    return out.hidden @ out.weight.t() if isinstance(out, FusedHeadInput) else out
+
+
 def head_loss(out, targets: torch.Tensor, scale: torch.Tensor
               ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(sum_i scale_i x CE_i, the terms [N] fp32 detached) from the head's output, logits

@@ -7,6 +7,7 @@ import torch
 
 from framework.launch.cli import main
 from framework.config import ConfigError, load_config
+from framework.model.model import head_logits
 from framework.training.factory import build_trainer
 from tests.conftest import DEBUG_RECIPE, quick_overrides
 
@@ -19,7 +20,8 @@ def make_trainer(run_dir, dataset, *extra):
 def logits(trainer, tokens):
     module = trainer.engine.module.eval()
     with torch.no_grad():
-        return module(tokens, select=torch.ones_like(tokens, dtype=torch.bool))
+        # the training model's head is fused (train.fused_head): its logits made whole here
+        return head_logits(module(tokens, select=torch.ones_like(tokens, dtype=torch.bool)))
 
 
 @pytest.fixture(scope="module")
