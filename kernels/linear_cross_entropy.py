@@ -35,10 +35,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-# Elements of one chunk's logits: 2^26 (256 MiB in fp32); the PyTorch step holds an fp32 copy of
-# a bf16 chunk besides, the Triton one only the logits. At the 1B shape (V = 126464) that is 530 rows:
-# matmuls of 530 x 2048 x 126464, large enough to run at the GPU's matmul speed.
-CHUNK_ELEMENTS = 1 << 26
+# Elements of one chunk's logits. The PyTorch step holds an fp32 copy of a bf16 chunk besides:
+# 2^26 (256 MiB in fp32). The Triton step holds only the logits: 2^28 (512 MiB in bf16), at the
+# 1B shape (V = 126464) 2122 rows, four chunks for 4 x 4096 tokens half masked. Fewer chunks
+# mean fewer passes over the [V, h] weight gradient (each chunk adds a [V, h] product to it).
+TORCH_CHUNK_ELEMENTS = 1 << 26
+TRITON_CHUNK_ELEMENTS = 1 << 28
 
 
 def reference_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
@@ -66,9 +68,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          f"{tuple(scale.shape)} must be [N] for hidden {tuple(hidden.shape)}")
     if group is not None and dist.get_world_size(group) == 1:
         group = None
-    rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     step = _step_backend(backend, hidden.device)
+    rows = chunk_rows or max(1, step.chunk_elements // weight.shape[0])
     return _LinearCrossEntropy.apply(hidden, weight, targets, scale, group, vocab_start, rows,
                                      step, need_grad)
 
@@ -80,9 +82,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         terms = torch.empty(n, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad else None
         # one chunk: the weight gradient straight from one matmul; more: summed in fp32
-        many = n > rows
-        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-                       if need_grad and many else None)
+        many, grad_weight = n > rows, None
         scale = scale.float()
         for lo in range(0, n, rows):
             hi = min(n, lo + rows)
@@ -96,13 +96,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             step.softmax_grad_(logits, local, lse, scale[lo:hi])  # logits := d loss / d logits
             grad_hidden[lo:hi] = logits @ weight
-            if many:
-                if logits.dtype == torch.float32:
-                    grad_weight.addmm_(logits.t(), h)  # in place: no [V, h] product held
-                else:  # the product in bf16 (half an fp32 one), added in fp32
-                    grad_weight += logits.t() @ h
-            else:
+            if grad_weight is None:  # the first chunk's product starts the sum
                 grad_weight = logits.t() @ h
+                grad_weight = grad_weight.float() if many else grad_weight
+            elif logits.dtype == torch.float32:
+                grad_weight.addmm_(logits.t(), h)  # in place: no [V, h] product held
+            else:  # the product in bf16 (half an fp32 one), added in fp32
+                grad_weight += logits.t() @ h
         if need_grad and grad_weight is None:  # no position selected: a zero gradient, not none
             grad_weight = torch.zeros_like(weight)
         if need_grad and group is not None:
@@ -144,6 +144,8 @@ def _combine(row_max, sum_exp, target_logit, group):
 class TorchStep:
     """The per-chunk step in plain PyTorch: each row's log-sum-exp stands for its (max, sum) pair
     (a max of lse and a sum of 1), the gradient made in place (one fp32 copy of a bf16 chunk)."""
+
+    chunk_elements = TORCH_CHUNK_ELEMENTS
 
     @staticmethod
     def row_stats(logits: torch.Tensor, local: torch.Tensor):

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.linear_cross_entropy import TRITON_CHUNK_ELEMENTS
+
 BLOCK = 4096  # vocabulary columns per iteration of a row's loop
 
 
@@ -65,6 +67,8 @@ def _block(v: int) -> int:
 class TritonStep:
     """The per-chunk step on Triton (``kernels/linear_cross_entropy.py`` ``TorchStep``'s
     contract)."""
+
+    chunk_elements = TRITON_CHUNK_ELEMENTS
 
     @staticmethod
     def row_stats(logits: torch.Tensor, local: torch.Tensor):

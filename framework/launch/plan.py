@@ -27,7 +27,7 @@ from framework.config import Config, ConfigError, ModelConfig, check_world
 from framework.model.params import padded_vocab_size, param_table, total_params
 from framework.parallel.layout import recompute_flags, stage_bounds
 from framework.training.flops import FlopCounter
-from kernels.linear_cross_entropy import CHUNK_ELEMENTS
+from kernels.linear_cross_entropy import TRITON_CHUNK_ELEMENTS
 
 GIB = 1024 ** 3
 GUESSED_MFU = 0.4  # without a measurement: about what Megatron-LM publishes on H100s
@@ -121,9 +121,10 @@ def plan(cfg: Config, mfu: float, peak_flops: float, mfu_from: Optional[str] = N
     checkpointed = 2.0 * tokens * mc.hidden_size / (par.tp if par.sequence_parallel else 1)
     vocab = padded_vocab_size(mc.vocab_size, mc.pad_vocab_to_multiple_of)
     if tc.fused_head and zero < 3:
-        # kernels/linear_cross_entropy.py: one chunk's logits (bf16) and their fp32 copy at most,
-        # the weight gradient's fp32 accumulator and the input gradient of the masked half
-        head = (CHUNK_ELEMENTS * (2 + 4) + vocab / par.tp * mc.hidden_size * 4
+        # kernels/linear_cross_entropy.py on the GPU: one chunk's bf16 logits (two while the next
+        # is made), the weight gradient's fp32 sum and the bf16 product added to it, and the
+        # input gradient of the masked half
+        head = (2 * TRITON_CHUNK_ELEMENTS * 2 + vocab / par.tp * mc.hidden_size * (4 + 2)
                 + tokens * 0.5 * mc.hidden_size * 2)
     else:  # the masked half of the positions on average: bf16 logits and their fp32 copy
         head = tokens * 0.5 * vocab / par.tp * (2 + 4)

@@ -48,8 +48,9 @@ class Attend:
 
 
 def cuda_backends(dtype: torch.dtype, *, masked: bool, gqa: bool) -> list:
-    """The SDPA backends allowed on CUDA, best first; never the math one. Flash takes no mask
-    and no fp32; cuDNN's and the memory-efficient kernels take no grouped key/value heads."""
+    """The SDPA backends allowed on CUDA (torch picks among them by its own priority, flash
+    first); never the math one. Flash takes no mask and no fp32; cuDNN's and the
+    memory-efficient kernels take no grouped key/value heads."""
     if not masked and dtype in (torch.bfloat16, torch.float16):
         return [SDPBackend.FLASH_ATTENTION] + ([] if gqa else [SDPBackend.CUDNN_ATTENTION])
     return [SDPBackend.EFFICIENT_ATTENTION]

@@ -134,6 +134,11 @@ class Layer(MegatronModule):
         out, _ = self.layer(hidden, attention_mask=attend, rotary_pos_emb=angles)
         return out
 
+    def compile_run(self) -> None:
+        """``train.compile``: the layer's computation under torch.compile, not its forward: the
+        flow's selected positions (a different count every batch) pass by outside the graph."""
+        self._run = torch.compile(self._run)
+
     def forward(self, inputs: Flow, attend: Optional[Attend] = None) -> Flow:
         """``attend``: inference only (padding mask, key/value cache: model/attention.py)."""
         hidden, select = inputs
@@ -261,6 +266,9 @@ def vocab_cross_entropy(out, targets: torch.Tensor) -> torch.Tensor:
     across the tensor-parallel vocabulary slices, without ever gathering the full logits."""
     from megatron.core import parallel_state
     if isinstance(out, FusedHeadInput):
+        if torch.is_grad_enabled() and (out.hidden.requires_grad or out.weight.requires_grad):
+            raise RuntimeError("vocab_cross_entropy: a fused head's per-position CE carries no "
+                               "gradient; a loss goes through head_loss")
         return head_loss(out, targets, torch.ones_like(targets, dtype=torch.float32))[1]
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
         return F.cross_entropy(out.float(), targets, reduction="none")

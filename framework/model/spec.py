@@ -28,6 +28,17 @@ class RMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
+class RowParallel(RowParallelLinear):
+    """megatron's row-parallel linear, handing its own tensor-parallel group down: megatron's
+    forward passes none, and the default it then looks up warns on rank 0 at every call, which
+    under torch.compile breaks each layer's graph at both of its row-parallel projections."""
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if kwargs.get("tp_group") is None:
+            kwargs["tp_group"] = self.tp_group
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
+
 def layer_spec(causal: bool = False) -> ModuleSpec:
     """The layer with bidirectional attention (LLaDA) or causal attention (``causal``: the
     autoregressive baseline); the same parameters either way."""
@@ -41,7 +52,7 @@ def layer_spec(causal: bool = False) -> ModuleSpec:
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
                     core_attention=SDPAttention,
-                    linear_proj=RowParallelLinear,
+                    linear_proj=RowParallel,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
                 ),
@@ -51,7 +62,7 @@ def layer_spec(causal: bool = False) -> ModuleSpec:
             mlp=ModuleSpec(
                 module=MLP,
                 submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                         linear_fc2=RowParallelLinear),
+                                         linear_fc2=RowParallel),
             ),
             mlp_bda=get_bias_dropout_add,
         ),

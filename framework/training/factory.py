@@ -251,5 +251,5 @@ def _build_model(cfg: ModelConfig, world: World, bounds: List[int], loss_fn: Obj
     if compile:
         for module in model.modules():
             if isinstance(module, Layer):
-                module.compile()
+                module.compile_run()
     return model

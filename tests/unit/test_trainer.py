@@ -94,3 +94,19 @@ def test_checkpoints_carry_each_data_parallel_ranks_stream_position(world, tmp_p
     assert state["consumed"] == 12 * trainer.accum  # every micro-batch of 12 steps, no more
     assert state["layout"]["dp_size"] == 1
     assert not (tmp_path / "checkpoints" / "step_00000006").exists()  # keep=1
+
+
+def test_compiled_layers_train_as_eager_in_one_graph(world, tmp_path, small_dataset):
+    """train.compile: every layer runs one compiled graph (shared, no graph break: megatron's
+    row-parallel layers would break it at each call on rank 0), and trains as eager does."""
+    from torch._dynamo.utils import counters
+
+    losses = []
+    for name, extra in (("eager", []), ("compiled", ["train.compile=true"])):
+        torch._dynamo.reset()
+        counters.clear()
+        trainer = make_trainer(tmp_path / name, small_dataset, *extra)
+        losses.append([trainer.train_step().loss for _ in range(2)])
+        trainer.data.close()
+    assert counters["frames"]["ok"] == 1 and not counters["graph_break"]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
