@@ -25,8 +25,6 @@ from framework.config import ConfigError
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 BAD_INPUT = (ConfigError, DataConfigError)  # bad input, of every package: one line, exit 2
-# benchmarks/train_step.py's measurements, beside the framework package in a checkout
-MEASURED = Path(__file__).resolve().parents[2] / "benchmarks" / "measured.json"
 
 
 def _error(msg: str, code: int) -> int:
@@ -69,7 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from framework.config import load_config
-    from framework.launch.plan import plan
+    from framework.launch.plan import peak_and_mfu, plan
 
     try:
         cfg = load_config(args.recipe, args.overrides, need_data=False)
@@ -78,49 +76,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
                               "parallel.world_size=1024")
         if args.mfu is not None and not 0 < args.mfu <= 1:
             raise ConfigError(f"--mfu: must be in (0, 1], got {args.mfu}")
-        peak, mfu, mfu_from = _plan_peak_and_mfu(args, cfg)
+        peak, mfu, mfu_from = peak_and_mfu(cfg, mfu=args.mfu, gpu=args.gpu,
+                                           peak_tflops=args.peak_tflops, measured=args.measured)
         print(plan(cfg, mfu=mfu, peak_flops=peak, mfu_from=mfu_from))
     except ConfigError as e:
         return _error(str(e), EXIT_BAD_INPUT)
     return 0
-
-
-def _plan_peak_and_mfu(args: argparse.Namespace, cfg) -> Tuple[float, float, str]:
-    """The peak (--gpu's datasheet figure, --peak-tflops, or the H100 SXM's) and the MFU: an
-    explicit --mfu, else the one measured on --gpu for this model shape and sequence length
-    (benchmarks/train_step.py's records in --measured), else the guess; and a line that says
-    which."""
-    from framework.launch.plan import GUESSED_MFU, find_measured, load_measured
-    from framework.training.flops import DENSE_BF16_PEAK, H100_SXM
-
-    if args.gpu is not None and args.peak_tflops is not None:
-        raise ConfigError("--gpu and --peak-tflops: give one (--gpu takes the GPU's datasheet "
-                          "peak)")
-    if args.gpu is not None and args.gpu not in DENSE_BF16_PEAK:
-        raise ConfigError(f"--gpu {args.gpu!r}: unknown; known (torch.cuda device names): "
-                          f"{', '.join(sorted(DENSE_BF16_PEAK))}")
-    peak = (DENSE_BF16_PEAK[args.gpu] if args.gpu is not None else
-            H100_SXM if args.peak_tflops is None else args.peak_tflops * 1e12)
-    given = args.mfu is not None
-    mfu = args.mfu if given else GUESSED_MFU
-    how = "as given (--mfu)" if given else "guessed"
-    if args.gpu is None:
-        return peak, mfu, (f"{100 * mfu:.0f}% {how}; --gpu NAME takes a measured one from "
-                           f"{args.measured} where it has one")
-    # a checkout without measurements yet: the guess; a file named with --measured must exist
-    records = ([] if args.measured == MEASURED and not MEASURED.exists()
-               else load_measured(args.measured))
-    found = find_measured(records, args.gpu, cfg.model, cfg.data.seq_len)
-    if found is not None:
-        what = (f"measured on {found['gpu']} on {found['date']} by benchmarks/train_step.py "
-                f"({found['recipe']}, one GPU, micro-batch "
-                f"{found.get('micro_batch_size', '?')} x {found['seq_len']}; {args.measured})")
-        if given:
-            return peak, mfu, (f"{100 * mfu:.0f}% as given (--mfu wins over the "
-                               f"{100 * found['mfu']:.1f}% {what})")
-        return peak, found["mfu"], f"{100 * found['mfu']:.1f}% {what}"
-    return peak, mfu, (f"{100 * mfu:.0f}% {how}: {args.measured} has no measurement on "
-                       f"{args.gpu} of this model shape at sequence length {cfg.data.seq_len}")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -361,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_arguments(train)
     train.set_defaults(func=cmd_train)
 
-    from framework.launch.plan import GUESSED_MFU
+    from framework.launch.plan import GUESSED_MFU, MEASURED
     from framework.training.flops import H100_SXM
     plan = sub.add_parser(
         "plan", help="check and size a parallel layout without launching anything",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from framework.config import Config, ConfigError, ModelConfig, check_world
 from framework.model.params import padded_vocab_size, param_table, total_params
@@ -170,3 +170,44 @@ def plan(cfg: Config, mfu: float, peak_flops: float, mfu_from: Optional[str] = N
     ]
     return "\n".join(out)
 
+
+# benchmarks/train_step.py's measurements, beside the framework package in a checkout
+MEASURED = Path(__file__).resolve().parents[2] / "benchmarks" / "measured.json"
+
+
+def peak_and_mfu(cfg: Config, *, mfu: Optional[float], gpu: Optional[str],
+                 peak_tflops: Optional[float], measured: Path) -> Tuple[float, float, str]:
+    """``llada plan``'s peak (``gpu``'s datasheet figure, ``peak_tflops``, or the H100 SXM's)
+    and MFU: an explicit ``mfu``, else the one measured on ``gpu`` for this model shape and
+    sequence length (benchmarks/train_step.py's records in ``measured``), else the guess; and a
+    line that says which."""
+    from framework.training.flops import DENSE_BF16_PEAK, H100_SXM
+
+    if gpu is not None and peak_tflops is not None:
+        raise ConfigError("--gpu and --peak-tflops: give one (--gpu takes the GPU's datasheet "
+                          "peak)")
+    if gpu is not None and gpu not in DENSE_BF16_PEAK:
+        raise ConfigError(f"--gpu {gpu!r}: unknown; known (torch.cuda device names): "
+                          f"{', '.join(sorted(DENSE_BF16_PEAK))}")
+    peak = (DENSE_BF16_PEAK[gpu] if gpu is not None else
+            H100_SXM if peak_tflops is None else peak_tflops * 1e12)
+    given = mfu is not None
+    mfu = mfu if given else GUESSED_MFU
+    how = "as given (--mfu)" if given else "guessed"
+    if gpu is None:
+        return peak, mfu, (f"{100 * mfu:.0f}% {how}; --gpu NAME takes a measured one from "
+                           f"{measured} where it has one")
+    # a checkout without measurements yet: the guess; a file named with --measured must exist
+    records = ([] if measured == MEASURED and not MEASURED.exists()
+               else load_measured(measured))
+    found = find_measured(records, gpu, cfg.model, cfg.data.seq_len)
+    if found is not None:
+        what = (f"measured on {found['gpu']} on {found['date']} by benchmarks/train_step.py "
+                f"({found['recipe']}, one GPU, micro-batch "
+                f"{found.get('micro_batch_size', '?')} x {found['seq_len']}; {measured})")
+        if given:
+            return peak, mfu, (f"{100 * mfu:.0f}% as given (--mfu wins over the "
+                               f"{100 * found['mfu']:.1f}% {what})")
+        return peak, found["mfu"], f"{100 * found['mfu']:.1f}% {what}"
+    return peak, mfu, (f"{100 * mfu:.0f}% {how}: {measured} has no measurement on "
+                       f"{gpu} of this model shape at sequence length {cfg.data.seq_len}")
