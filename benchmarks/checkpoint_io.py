@@ -8,18 +8,31 @@ tensors, in the same run.
 (b) reference: the model weights and the optimizer's fp32 master weights and Adam moments as one
     dict, ``torch.save`` then ``os.sync()`` (durable, as ours is), and ``torch.load``.
 
+(c) verification: our save with its content checksums (each file hashed as it is written) against
+    the same save with hashing switched off, and our load after the resume's check of the files
+    it reads against their checksums against the load alone, from a cold page cache. Target: at
+    most 1.1x each.
+
 The model is the 1B recipe's, after one optimizer step so that the Adam state exists. A 1B model
 with its fp32 optimizer state (16 bytes per parameter) does not fit twice in a small CPU
 machine's memory: ``model.num_layers=...`` / ``model.vocab_size=...`` scale it down there, and the
 table records the parameter count and bytes written.
 
-    python benchmarks/checkpoint_io.py [--repeats 2] [key=value ...]
+    [BENCH_DIR=/dev/shm] python benchmarks/checkpoint_io.py [--repeats 2] [key=value ...]
+
+BENCH_DIR: where the checkpoints go (default: the system's temp directory). On a RAM disk the
+save and load take no disk time, so the verification rows show the checksums' cost at its
+largest share.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import os
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -43,6 +56,53 @@ def reference_tensors(trainer) -> dict:
     return state
 
 
+@contextlib.contextmanager
+def checksums_off():
+    """Our save without any hashing: DeepSpeed's plain torch.save engine, no checksum of the
+    small files (for the verification rows' reference only)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from framework.checkpoint import checkpointer
+
+    class Plain(TorchCheckpointEngine):
+        def take(self):
+            return {}
+
+    saved = checkpointer.hash_bytes, checkpointer.hash_file, checkpointer.hashing_engine
+    checkpointer.hash_bytes = checkpointer.hash_file = lambda _: "-"
+    checkpointer.hashing_engine = lambda engine: setattr(
+        engine, "checkpoint_engine", Plain(engine._config)) or engine.checkpoint_engine
+    try:
+        yield
+    finally:
+        checkpointer.hash_bytes, checkpointer.hash_file, checkpointer.hashing_engine = saved
+
+
+@contextlib.contextmanager
+def check_off():
+    """A resume without the check of the checkpoint's content (the reference only)."""
+    from framework.checkpoint import resume
+
+    saved = resume._damaged_here
+    resume._damaged_here = lambda *_: []
+    try:
+        yield
+    finally:
+        resume._damaged_here = saved
+
+
+def evict(tag_dir: Path) -> None:
+    """The checkpoint's files out of the page cache (written back first), as after a restart."""
+    os.sync()
+    for path in tag_dir.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def timed(fn):
     start = time.perf_counter()
     out = fn()
@@ -62,6 +122,8 @@ def main() -> None:
     from benchmarks.results import machine, record, today
     from data_pipeline.shards import load_manifest
     from framework.checkpoint.checkpointer import read_meta
+    from framework.checkpoint.files import files_read
+    from framework.checkpoint.integrity import damaged
     from framework.checkpoint.resume import load_checkpoint
     from framework.config import load_config
     from framework.training.factory import build_trainer
@@ -80,14 +142,27 @@ def main() -> None:
     trainer.data.close()
     params = trainer.facts["parameters"]
 
-    rows = []
+    rows, checks = [], []
+
+    def load(path):
+        load_checkpoint(path, trainer.engine, trainer.data, trainer.world,
+                        read_meta(path)["layout"], log=lambda _: None)
+        trainer.data.close()
+
+    def verified_load(path):
+        # what a resume checks before it loads: the files this rank reads, then the load
+        meta = read_meta(path)
+        rels = files_read(meta["layout"], rank=0, dp_rank=0, mp_rank=0, world_size=1, dp=1)
+        assert damaged(path, meta, rels) == [], path
+        load(path)
+
+    model = f"{params / 1e6:.0f}M params ({' '.join(args.overrides) or 'recipe as is'})"
+    where = f"BENCH_DIR={os.environ['BENCH_DIR']} " if os.environ.get("BENCH_DIR") else ""
+    command = f"`{where}python benchmarks/checkpoint_io.py {' '.join(sys.argv[1:])}`"
     for _ in range(args.repeats):
         save_s, path = timed(trainer.save_checkpoint)
         written = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        load_s, _ = timed(lambda: load_checkpoint(path, trainer.engine, trainer.data,
-                                                  trainer.world, read_meta(path)["layout"],
-                                                  log=lambda _: None))
-        trainer.data.close()
+        load_s, _ = timed(lambda: load(path))
 
         ref_file = work / "reference.pt"
         tensors = reference_tensors(trainer)
@@ -100,12 +175,61 @@ def main() -> None:
         ref_bytes = ref_file.stat().st_size
         ref_file.unlink()
         trainer.step += 1  # the next save is a new checkpoint, as in a run
-        rows.append([today(), machine(), f"{params / 1e6:.0f}M params "
-                     f"({' '.join(args.overrides) or 'recipe as is'})",
+        rows.append([today(), machine(), model,
                      f"{written / 2**30:.2f}", f"{ref_bytes / 2**30:.2f}",
                      f"{save_s:.2f}", f"{ref_save_s:.2f}", f"{save_s / ref_save_s:.2f}",
                      f"{load_s:.2f}", f"{ref_load_s:.2f}", f"{load_s / ref_load_s:.2f}",
-                     f"`python benchmarks/checkpoint_io.py {' '.join(sys.argv[1:])}`"])
+                     command])
+
+        # verification: the same save and load with checksums and without, in alternating
+        # order, each save after the last one's retention, each load from a cold page cache
+        # (as a restarted job reads), so neither side inherits the other's disk state
+        order = [False, True] if len(checks) % 2 == 0 else [True, False]
+        save_s, saved_at = {}, {}
+        for hashed in order:
+            trainer.checkpointer.wait()
+            with contextlib.nullcontext() if hashed else checksums_off():
+                save_s[hashed], saved_at[hashed] = timed(trainer.save_checkpoint)
+            trainer.step += 1
+        trainer.checkpointer.wait()
+        load_s = {}
+        for hashed in order:
+            evict(saved_at[hashed])
+            load_s[hashed], _ = timed(lambda h=hashed: (verified_load if h else load)(
+                saved_at[h]))
+        # its checksums are placeholders: no resume may pick it
+        shutil.rmtree(saved_at[False], ignore_errors=True)
+        checks.append([today(), machine(), model, f"{written / 2**30:.2f}",
+                       f"{save_s[True]:.2f}", f"{save_s[False]:.2f}",
+                       f"{save_s[True] / save_s[False]:.2f}", f"{load_s[True]:.2f}",
+                       f"{load_s[False]:.2f}", f"{load_s[True] / load_s[False]:.2f}"])
+
+    # a restart as a job makes it: build the trainer, which checks the files it will read in
+    # the background while it builds the engine, then loads; against the same without the check
+    newest = saved_at[True]
+    trainer.data.close()
+    trainer.metrics.close("stopped")
+    trainer.engine.destroy()  # DeepSpeed's hooks keep an engine alive until it is destroyed
+    trainer = None  # its memory back before the resumes build theirs
+    gc.collect()
+    for i, row in enumerate(checks):
+        resume_s = {}
+        for check in ([True, False] if i % 2 == 0 else [False, True]):
+            evict(newest)
+            with contextlib.nullcontext() if check else check_off():
+                resume_s[check], resumed = timed(lambda: build_trainer(cfg))
+            assert resumed.resume.path == newest
+            resumed.data.close()
+            resumed.metrics.close("stopped")
+            resumed.engine.destroy()
+            del resumed
+            gc.collect()
+        row += [f"{resume_s[True]:.2f}", f"{resume_s[False]:.2f}",
+                f"{resume_s[True] / resume_s[False]:.2f}", command]
+    if len(checks) > 1:  # one pair is noise on a shared machine: the medians of all of them
+        checks.append([*checks[0][:2], f"{model}, **median of {len(checks)}**", checks[0][3],
+                       *(f"{statistics.median(float(r[i]) for r in checks):.2f}"
+                         for i in range(4, 13)), command])
     record("Checkpoint save and load: ours vs torch.save / torch.load",
            "Ours: DeepSpeed's shards + data/RNG state + meta.json, synced, renamed, `latest` "
            "moved; loaded into the live engine. Reference: the same weights, fp32 masters and "
@@ -114,6 +238,17 @@ def main() -> None:
            "One process, ZeRO-1, one optimizer step taken.",
            ["date", "machine", "model", "ours GiB", "reference GiB", "save s", "ref save s",
             "save ratio", "load s", "ref load s", "load ratio", "command"], rows)
+    record("Checkpoint verification: content checksums on vs off",
+           "Save: ours with every file hashed (XXH3-128) as its rank writes it, against the same "
+           "save with hashing off, in alternating order. Load: the files the rank reads checked "
+           "against their checksums (as a resume does before it loads), then the load, against "
+           "the load alone, each from a cold page cache (as a restarted job reads), back to back; "
+           "and a whole resume (build_trainer: the check runs in the background while the "
+           "engine is built, then the load) against the same resume without the check. ratio = with / "
+           "without (lower is better); target <= 1.1 (save, resume). One process, ZeRO-1.",
+           ["date", "machine", "model", "GiB", "save s", "save s, no checksums", "save ratio",
+            "check then load s", "load s", "back to back ratio", "resume s",
+            "resume s, no check", "resume ratio", "command"], checks)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@
 #    that imports mlflow alone: importlib-metadata, which the trainer's process found among
 #    setuptools' vendored packages; databricks-sdk only because mlflow asks
 #    importlib.util.find_spec("databricks.agents"), which fails without the namespace;
-#    typing-extensions because anyio and pydantic ask >= 4.16. The kernels need only triton,
+#    typing-extensions because anyio and pydantic ask >= 4.16; xxhash for the checkpoints'
+#    content checksums. The kernels need only triton,
 #    which the GPU machine has.
 #
 #      EXTRA_WHEELS="mlflow-skinny==3.17.2 protobuf==7.36.2 opentelemetry-api==1.45.2 \
@@ -25,7 +26,7 @@
 #        charset-normalizer==3.5.3 idna==3.20 certifi==2026.10.19.post1 sqlparse==0.6.1 \
 #        cachetools==7.3.3 click==8.5.1 fastapi==0.165.0 starlette==1.10.0 anyio==4.16.0 \
 #        annotated-doc==0.0.7 databricks-sdk==0.167.0 typing-extensions==4.16.0 \
-#        importlib-metadata==9.1.0 zipp==4.1.2" \
+#        importlib-metadata==9.1.0 zipp==4.1.2 xxhash==4.1.0" \
 #        bash ../shared/gpu/wheels.sh .whl
 #
 # 2. The device tool: run with carry [".whl"] and the command `bash benchmarks/gpu_train_step.sh`

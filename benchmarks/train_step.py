@@ -180,7 +180,7 @@ def run_framework(cfg, args, dev: Device):
     def step(i: int) -> None:  # fit's loop body, less validation and checkpoints
         result = trainer.train_step()
         trainer.history.append(result)
-        trainer._check_nonfinite(result)
+        trainer.divergence.observe(result)
         trainer._record(result, {})
         if i >= args.warmup:
             results.append(result)

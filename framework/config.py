@@ -269,7 +269,24 @@ class TrainConfig:
     micro_batch_size: int = 8  # sequences per data-parallel rank per forward/backward
     global_batch_size: int = 8  # = micro x accumulation x data-parallel size
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    max_consecutive_nonfinite: int = 5  # a NaN/Inf loss skips the step; this many in a row stop
+    max_consecutive_nonfinite: int = 5  # a NaN/Inf loss skips the step; this many in a row diverge
+    # a diverged run (framework/training/divergence.py): stop (exit 1), or rollback: back to the
+    # newest complete checkpoint before the divergence, the learning rate times
+    # rollback_lr_factor from there on (LLaDA's 4e-4 -> 1e-4), the same data replayed
+    on_divergence: str = "stop"
+    # with rollback, a loss above spike_factor x the median of the last 100 steps' for spike_steps
+    # steps in a row diverges too
+    spike_factor: float = 3.0
+    spike_steps: int = 3
+    rollback_lr_factor: float = 0.25
+    max_rollbacks: int = 3  # over the run; one more divergence then stops it
+    # hang watchdog (framework/training/watchdog.py): a rank whose step makes no progress this
+    # long prints every thread's stack and exits 4 (a crash: the sbatch script requeues the job).
+    # null: 10 x the slowest step so far, at least 5 minutes; 0: no watchdog
+    hang_timeout_minutes: Optional[float] = None
+    # the first step of a start, validations and saves wait at least this long (compilation,
+    # a slow filesystem); saves and validations also 3 x their last duration
+    hang_floor_minutes: float = 30.0
     compile: bool = False  # torch.compile each Transformer layer
     # the head's projection fused with the loss (kernels/linear_cross_entropy.py): the masked
     # positions' logits never held whole; off under ZeRO-3 (the weight is gathered by its module)
@@ -283,6 +300,16 @@ class TrainConfig:
             _positive(self, "train", "steps")
         _positive(self, "train", "micro_batch_size", "global_batch_size",
                   "max_consecutive_nonfinite")
+        _require(self.on_divergence in ("stop", "rollback"), "train.on_divergence",
+                 f"must be stop or rollback, got {self.on_divergence!r}")
+        _require(self.spike_factor > 1, "train.spike_factor", f"must be > 1, got {self.spike_factor}")
+        _positive(self, "train", "spike_steps", "hang_floor_minutes")
+        _require(0 < self.rollback_lr_factor <= 1, "train.rollback_lr_factor",
+                 f"must be in (0, 1], got {self.rollback_lr_factor}")
+        _require(self.max_rollbacks >= 0, "train.max_rollbacks", "must be >= 0")
+        _require(self.hang_timeout_minutes is None or self.hang_timeout_minutes >= 0,
+                 "train.hang_timeout_minutes",
+                 f"must be >= 0 (0: off) or null (automatic), got {self.hang_timeout_minutes}")
         _require(self.precision in ("auto", "bf16", "fp32"), "train.precision",
                  f"must be one of auto, bf16, fp32; got {self.precision!r}")
         _require(self.checkpoint_layers is None or self.checkpoint_layers >= 0,
@@ -331,6 +358,10 @@ class Config:
                  "checkpoint.keep_best", f"needs checkpoint.interval (={ck.interval}) to be a "
                  f"multiple of eval.interval (={ev.interval}), both > 0, so that checkpoints are "
                  "evaluated")
+        _require(self.train.on_divergence != "rollback" or ck.interval > 0
+                 or ck.interval_minutes > 0, "train.on_divergence",
+                 "rollback needs checkpoints to roll back to: set checkpoint.interval or "
+                 "checkpoint.interval_minutes")
         _require(not self.parallel.sequence_parallel or self.data.seq_len % self.parallel.tp == 0,
                  "parallel.sequence_parallel", f"data.seq_len={self.data.seq_len} is not a "
                  f"multiple of parallel.tp={self.parallel.tp}")

@@ -2,11 +2,14 @@
 which checkpoints are complete, which one a run resumes from, and retention. What the directory
 holds, by name: framework/checkpoint/files.py.
 
-Atomicity: every rank writes into ``step_N.tmp``; after a barrier each node syncs its page cache,
-then rank 0 lists what is there into meta.json, renames the directory to ``step_N`` and only then
-moves ``latest``. A checkpoint is *complete* when meta.json parses and every file it lists is there
-with its recorded size; on resume an incomplete or corrupt newest one is skipped with a warning and
-the previous complete one is used. Old checkpoints are deleted only after a newer one is complete.
+Atomicity: every rank writes into ``step_N.tmp``, hashing each file as it writes it; after a
+barrier each node syncs its page cache, then rank 0 lists what is there, with the sizes and the
+checksums every rank sent it, into meta.json, renames the directory to ``step_N`` and only then
+moves ``latest``. A checkpoint is *complete* when meta.json parses, matches its own checksum and
+every file it lists is there with its recorded size; its content is checked against the checksums
+at resume (framework/checkpoint/integrity.py, resume.py). On resume an incomplete, corrupt or
+damaged newest one is skipped with a warning and the previous complete one is used. Old
+checkpoints are deleted only after a newer one is complete.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import torch.distributed as dist
 from data_pipeline.files import atomic_write
 from framework.checkpoint.files import (FORMAT, LATEST, META, TOKENIZER, deepspeed_files,
                                         rank_file, step_of, tag_for)
+from framework.checkpoint.integrity import (ALGORITHM, damaged, hash_bytes, hash_file,
+                                            hashing_engine, meta_bytes, meta_problem)
 from framework.config import CheckpointConfig, ConfigError
 from framework.parallel.world import World
 
@@ -57,6 +62,8 @@ def problem(tag_dir: Path) -> Optional[str]:
         return f"no {META}"
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"{META} unreadable ({type(e).__name__})"
+    if meta_problem(meta) is not None:
+        return meta_problem(meta)
     for rel in required:
         if rel not in files:
             return f"{rel} missing"
@@ -85,39 +92,87 @@ def complete_checkpoints(root: Path, warn: Callable[[str], None]) -> List[Tuple[
     return sorted(found)
 
 
-def resolve_resume(spec: str, root: Path, warn: Callable[[str], None]) -> Optional[Path]:
-    """The checkpoint to resume from for ``checkpoint.resume`` (auto | never | PATH), or None
-    to start fresh."""
+def resume_candidates(spec: str, root: Path, warn: Callable[[str], None],
+                      before: Optional[int] = None) -> Tuple[List[Path], bool]:
+    """The checkpoints ``checkpoint.resume`` (auto | never | PATH) may resume from, newest first,
+    each complete by its sizes, and whether the first must be used (strict: a PATH naming one
+    step_N), or a damaged one gives way to the next. ``before``: a rollback, to the newest
+    complete checkpoint before that step. Their content is checked by the caller."""
     ours = [p for p in root.glob("step_*") if step_of(p) is not None]
+    if before is not None:
+        found = [path for step, path in complete_checkpoints(root, warn) if step < before]
+        if not found:
+            raise ConfigError(f"train.on_divergence=rollback: no complete checkpoint under {root} "
+                              f"before step {before} to roll back to")
+        return found[::-1], False
     if spec == "never":
         if ours:
             raise ConfigError(f"checkpoint.resume=never, but {root} holds checkpoints: resume "
                               "(checkpoint.resume=auto) or choose another run.dir")
-        return None
+        return [], False
     if spec == "auto":
         found = complete_checkpoints(root, warn)
         if ours and not found:  # never silently start over a run whose checkpoints all fail
             raise ConfigError(f"checkpoint.resume=auto: none of the {len(ours)} checkpoints "
                               f"under {root} is complete (see the warnings); move them away or "
                               "name one with checkpoint.resume=PATH")
-        return found[-1][1] if found else None
-    return resolve_checkpoint(Path(spec), warn, key="checkpoint.resume")
+        return [path for _, path in found[::-1]], False
+    return checkpoint_candidates(Path(spec), warn, key="checkpoint.resume")
 
 
-def resolve_checkpoint(path: Path, warn: Callable[[str], None], key: str) -> Path:
-    """A checkpoint named by its step_N directory (exactly that one) or by a checkpoints
-    directory (its newest complete one)."""
+def checkpoint_candidates(path: Path, warn: Callable[[str], None],
+                          key: str) -> Tuple[List[Path], bool]:
+    """A checkpoint named by its step_N directory (exactly that one: strict) or by a checkpoints
+    directory (its complete ones, newest first)."""
     if (path / META).exists() or step_of(path) is not None:
         why = problem(path)
         if why is not None:
             raise ConfigError(f"{key}: {path} cannot be used ({why})")
-        return path
+        return [path], True
     if not path.is_dir():
         raise ConfigError(f"{key}: {path} is not a checkpoint or checkpoints directory")
     found = complete_checkpoints(path, warn)
     if not found:
         raise ConfigError(f"{key}: no complete checkpoint under {path}")
-    return found[-1][1]
+    return [p for _, p in found[::-1]], False
+
+
+def resolve_checkpoint(path: Path, warn: Callable[[str], None], key: str,
+                       verify: bool = True) -> Path:
+    """The checkpoint ``path`` names. ``verify`` (one process: export, validation, inference):
+    its content checked in full, a damaged newest one of a checkpoints directory giving way to
+    the one before; without it, by its sizes only (``init.from``, where the ranks check the
+    content together: framework/checkpoint/resume.py ``damaged_anywhere``)."""
+    found, strict = checkpoint_candidates(path, warn, key)
+    if not verify:
+        return found[0]
+    for tag_dir in found:
+        bad = damaged(tag_dir, read_meta(tag_dir), sorted(read_meta(tag_dir)["files"]))
+        if not bad:
+            return tag_dir
+        if strict:
+            raise ConfigError(f"{key}: {tag_dir} is damaged: {'; '.join(bad)}")
+        warn(f"checkpoint {tag_dir} is damaged ({'; '.join(bad)}); not used")
+    raise ConfigError(f"{key}: every complete checkpoint under {path} is damaged (see the "
+                      "warnings)")
+
+
+def verify_checkpoint(tag_dir: Path) -> List[str]:
+    """Everything wrong with one checkpoint, content included: [] when it is intact."""
+    why = problem(tag_dir)
+    if why is not None:
+        return [why]
+    meta = read_meta(tag_dir)
+    return damaged(tag_dir, meta, sorted(meta["files"]))
+
+
+def checkpoints_under(path: Path) -> List[Path]:
+    """The step_N directories a path names: itself, those of a checkpoints directory, or those
+    of a run directory's checkpoints/."""
+    if (path / META).exists() or step_of(path) is not None:
+        return [path]
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    return sorted(p for p in root.glob("step_*") if step_of(p) is not None and p.is_dir())
 
 
 def set_aside_newer(root: Path, step: int, warn: Callable[[str], None]) -> None:
@@ -217,19 +272,31 @@ class Checkpointer:
         tag = tag_for(step)
         final, tmp = self.root / tag, self.root / f"{tag}.tmp"
         self.wait()  # the previous save's retention
+        sums: Dict[str, str] = {}  # this rank's files (relative to tmp) -> checksum
         if self.world.is_main:
             for stale in [*self.root.glob("step_*.tmp"), *self.root.glob("step_*.replaced")]:
                 shutil.rmtree(stale, ignore_errors=True)  # saves that died half-way
             tmp.mkdir(parents=True)
             shutil.copyfile(self.tokenizer, tmp / TOKENIZER)
+            sums[TOKENIZER] = hash_file(tmp / TOKENIZER)
         dist.barrier()
+        writer = hashing_engine(engine)
         engine.save_checkpoint(str(self.root), tag=tmp.name, client_state={"step": step},
                                save_latest=False)
-        atomic_write(tmp / rank_file("rng", self.world.rank), _torch_bytes(rng_state()))
+        sums.update({os.path.relpath(p, os.path.abspath(tmp)): h
+                     for p, h in writer.take().items()})
+
+        def write(rel: str, data: bytes) -> None:
+            atomic_write(tmp / rel, data)
+            sums[rel] = hash_bytes(data)
+
+        write(rank_file("rng", self.world.rank), _torch_bytes(rng_state()))
         # one writer per data-parallel rank: its tensor/pipeline peers hold the same stream
         if data_state is not None and self.world.tp_rank == 0 and self.world.pp_rank == 0:
-            atomic_write(tmp / rank_file("data", self.world.dp_rank),
-                         json.dumps(data_state).encode())
+            write(rank_file("data", self.world.dp_rank), json.dumps(data_state).encode())
+        every: Optional[List[Dict[str, str]]] = [{} for _ in range(self.world.world_size)] \
+            if self.world.is_main else None
+        dist.gather_object(sums, every, dst=0)
         dist.barrier()
         # every rank's shards on disk before meta.json claims them: one sync per node, which
         # flushes what all of its ranks wrote (cheaper than each rank fsyncing each file)
@@ -239,7 +306,8 @@ class Checkpointer:
         verdict: List[Optional[str]] = [None]
         if self.world.is_main:
             try:
-                self._publish(tmp, final, {**meta, "format": FORMAT, "step": step})
+                sums = {rel: h for rank_sums in every for rel, h in rank_sums.items()}
+                self._publish(tmp, final, {**meta, "format": FORMAT, "step": step}, sums)
             except (OSError, CheckpointError) as e:
                 verdict[0] = f"checkpoint at step {step}: {e}"
         dist.broadcast_object_list(verdict, src=0)
@@ -253,12 +321,15 @@ class Checkpointer:
             self._retention.start()
         return final
 
-    def _publish(self, tmp: Path, final: Path, meta: dict) -> None:
-        """Rank 0, once every rank's files are on disk: meta.json, the rename, then ``latest``."""
+    def _publish(self, tmp: Path, final: Path, meta: dict, sums: Dict[str, str]) -> None:
+        """Rank 0, once every rank's files are on disk: meta.json (sizes and the checksums the
+        writers computed), the rename, then ``latest``."""
         files = {str(p.relative_to(tmp)): p.stat().st_size
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
-        atomic_write(tmp / META, json.dumps({**meta, "files": files}, indent=1).encode(),
-                     durable=True)
+        # a file no writer hashed (one DeepSpeed writes past its checkpoint engine): read back
+        checksums = {rel: sums[rel] if rel in sums else hash_file(tmp / rel) for rel in files}
+        atomic_write(tmp / META, meta_bytes({**meta, "files": files, "checksums": {
+            "algorithm": ALGORITHM, "files": checksums}}), durable=True)
         why = problem(tmp)
         if why is not None:
             raise CheckpointError(f"{tmp} is incomplete after every rank saved ({why}); run.dir "

@@ -9,13 +9,22 @@ Layout under ``<run.dir>/checkpoints``::
         rng/rank_00000.pt          each rank's Python, NumPy, torch and CUDA generator states
         tokenizer.model            the tokenizer the data was cut with (export is self-contained)
         meta.json                  written last: step, consumed samples/tokens, resolved config,
-                                   layout, tokenizer hashes, and every file above with its size
+                                   layout, tokenizer hashes, and every file above with its size and
+                                   content checksum
     step_00000600.tmp/             a save in progress (or one that died): never read
     step_00000700.abandoned/       after a resume to an earlier step: kept, never chosen
     latest                         the newest complete tag (DeepSpeed's pointer format)
     rollback.json                  a rollback decided but not yet carried out by metrics.jsonl and
                                    MLflow: {"to": step}; a start that fails before them decides it
                                    again from this, not from the (by then abandoned) checkpoints
+    rollbacks.json                 the run's automatic rollbacks (train.on_divergence=rollback),
+                                   oldest first, never deleted: [{"at_step", "to", "lr_factor",
+                                   "rollbacks", "reason", "time"}]; a resume from step ``to``
+                                   continues at that rate until a newer checkpoint records it
+
+meta.json also records each file's content checksum (``checksums``: the algorithm and file ->
+hex digest, computed by the rank that wrote the file) and its own (``meta_checksum``): see
+framework/checkpoint/integrity.py.
 
 DeepSpeed's shards (engine._get_ckpt_name / _get_zero_ckpt_name), per model-parallel rank
 m = pp_rank x tp + tp_rank (DeepSpeed's pipeline grid and megatron-core's model-parallel group
@@ -42,6 +51,7 @@ FORMAT = 1  # of meta.json
 META = "meta.json"
 LATEST = "latest"
 ROLLBACK = "rollback.json"
+ROLLBACKS = "rollbacks.json"
 TOKENIZER = "tokenizer.model"
 _TAG = re.compile(r"^step_(\d+)$")
 
@@ -83,4 +93,22 @@ def deepspeed_files(layout: dict) -> List[str]:
     files = [model_states(m) for m in range(mp)]
     if zero > 0:
         files += [optim_states(d, m, bf16) for m in range(mp) for d in range(dp)]
+    return files
+
+
+def files_read(layout: dict, *, rank: int, dp_rank: int, mp_rank: int, world_size: int,
+               dp: int) -> List[str]:
+    """The files one rank reads to resume a checkpoint of ``layout`` under the same shard layout
+    and no pipeline parallelism (DeepSpeed's own load: its model-parallel rank's weights, its
+    data-parallel rank's optimizer slice), with its RNG state and data stream."""
+    zero, bf16 = layout["zero_stage"], layout["precision"] == "bf16"
+    if zero == 3:
+        files = [zero3_model_states(dp_rank, mp_rank), optim_states(dp_rank, mp_rank, bf16)]
+    else:
+        files = [model_states(mp_rank)] + ([optim_states(dp_rank, mp_rank, bf16)] if zero else [])
+    if layout["world_size"] == world_size:
+        files.append(rank_file("rng", rank))
+    saved_dp = layout["dp"]
+    files += [rank_file("data", dp_rank)] if saved_dp == dp else \
+        [rank_file("data", r) for r in range(saved_dp)]
     return files

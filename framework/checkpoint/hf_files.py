@@ -264,13 +264,14 @@ def read_hf_dir(hf_dir: Path, cfg: ModelConfig) -> Dict[str, Tensor]:
     return from_hf(tensors, cfg, weight_tying=tied)
 
 
-def open_checkpoint(source: Path, warn=print, key: str = "CHECKPOINT") -> tuple:
+def open_checkpoint(source: Path, warn=print, key: str = "CHECKPOINT",
+                    verify: bool = True) -> tuple:
     """(the checkpoint, its meta.json, its ModelConfig) named by a step_N directory, a
     checkpoints directory or a run directory (their newest complete checkpoint)."""
     source = Path(source)
     if (source / "checkpoints").is_dir():  # a run directory
         source = source / "checkpoints"
-    tag = resolve_checkpoint(source, warn, key)
+    tag = resolve_checkpoint(source, warn, key, verify=verify)
     meta = read_meta(tag)
     model = from_data(ModelConfig, meta["config"]["model"],
                       key=f"{tag}: its model config does not fit this version's")

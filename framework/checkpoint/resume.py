@@ -7,6 +7,7 @@ Also what a checkpoint's meta.json records, so that saving and resuming read one
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,10 @@ import torch
 import torch.distributed as dist
 
 from framework.checkpoint.checkpointer import (CheckpointError, complete_checkpoints, read_meta,
-                                               resolve_resume, set_aside_newer, set_rng_state)
+                                               resume_candidates, set_aside_newer, set_rng_state)
 from data_pipeline.files import atomic_write
-from framework.checkpoint.files import ROLLBACK, rank_file
+from framework.checkpoint.files import ROLLBACK, ROLLBACKS, files_read, rank_file
+from framework.checkpoint.integrity import damaged, share
 from framework.config import ConfigError
 from framework.parallel.world import World
 
@@ -34,6 +36,20 @@ class Resume:
     # the newest): the steps after it take another path, so MLflow and metrics.jsonl keep the
     # old records apart (a child run; a side file) instead of treating them as already logged
     rollback: bool
+    # the learning-rate factor and rollback count of an automatic rollback to this step
+    # (rollbacks.json), which override the checkpoint's own; None: the checkpoint's
+    divergence: Optional[dict] = None
+    history: tuple = ()  # every automatic rollback of the run, oldest first (rollbacks.json)
+
+
+@dataclass(frozen=True)
+class RollbackRequest:
+    """train.on_divergence=rollback: back to the newest complete checkpoint before step
+    ``before``, continuing at ``lr_factor`` times the schedule; the run's ``rollbacks``-th."""
+    before: int
+    lr_factor: float
+    rollbacks: int
+    reason: str
 
 
 @dataclass
@@ -43,6 +59,8 @@ class Progress:
     consumed_tokens: int = 0  # over the whole run, resumes included
     skipped_steps: int = 0  # non-finite steps skipped, over the whole run
     run_id: Optional[str] = None  # the MLflow run
+    lr_factor: float = 1.0  # times the schedule: lowered by each automatic rollback
+    rollbacks: int = 0  # automatic rollbacks so far (train.max_rollbacks)
 
 
 def layout(world: World, *, zero_stage: int, bf16: bool, stages: Sequence[int],
@@ -59,6 +77,7 @@ def checkpoint_meta(progress: Progress, *, global_batch_size: int, layout: dict,
     import deepspeed
     return {"consumed_samples": progress.step * global_batch_size,
             "consumed_tokens": progress.consumed_tokens, "skipped_steps": progress.skipped_steps,
+            "lr_factor": progress.lr_factor, "rollbacks": progress.rollbacks,
             "tracking": {"run_id": progress.run_id}, "layout": layout,
             "tokenizer_sha256": tokenizer_sha256, "special_ids": special_ids, "config": config,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -66,37 +85,160 @@ def checkpoint_meta(progress: Progress, *, global_batch_size: int, layout: dict,
 
 
 def agree_on_resume(spec: str, root: Path, world: World, check: Callable[[Path, dict], None],
-                    log: Callable[[str], None]) -> Optional[Resume]:
-    """``checkpoint.resume`` resolved and ``check``-ed against this config on rank 0 (its
-    warnings printed once), checkpoints after it set aside, agreed by all ranks."""
-    answer: List[Optional[object]] = [None, None]  # [(path, step, rollback), error]
+                    log: Callable[[str], None], now: dict,
+                    request: Optional[RollbackRequest] = None) -> "PendingResume":
+    """``checkpoint.resume`` resolved on rank 0 (its warnings printed once) into the checkpoints
+    the run may resume from, the newest ``check``-ed against this config, agreed by all ranks;
+    each rank starts checking the content of the files it will read from the newest, in the
+    background, while the caller builds the engine. ``now``: this run's shard layout
+    (``layout``). ``request``: an automatic rollback, to the newest intact checkpoint before its
+    step."""
+    warn = (lambda msg: log(f"llada: warning: {msg}")) if world.is_main else (lambda _: None)
+
+    def candidates():
+        found, strict = resume_candidates(spec, root, warn,
+                                          before=None if request is None else request.before)
+        if found:  # a config that does not fit fails now, before anything is built
+            check(found[0], read_meta(found[0]))
+        return [str(p) for p in found], strict
+
+    plan: List[Optional[object]] = [None, None]  # [([paths], strict), error]
     if world.is_main:
-        warn = lambda msg: log(f"llada: warning: {msg}")  # noqa: E731
-        try:
-            path = resolve_resume(spec, root, warn)
-            if path is not None:
-                meta = read_meta(path)
-                check(path, meta)
-                step = meta["step"]
-                newest = max((s for s, _ in complete_checkpoints(root, lambda _: None)),
-                             default=-1)
-                rollback = newest > step or _pending_rollback(root) == step
-                if rollback:  # durable before the evidence (the newer checkpoints) goes aside
-                    atomic_write(root / ROLLBACK, json.dumps({"to": step}).encode(),
-                                 durable=True)
-                set_aside_newer(root, step, warn)
-                answer[0] = (str(path), step, rollback)
-        except ConfigError as e:
-            answer[1] = str(e)
-        except Exception as e:  # noqa: BLE001 - every rank must hear of it, not only rank 0
-            answer[1] = f"checkpoint.resume: {type(e).__name__}: {e}"
-    dist.broadcast_object_list(answer, src=0)
-    if answer[1] is not None:
-        raise ConfigError(answer[1])
-    if answer[0] is None:
-        return None
-    path, step, rollback = answer[0]
-    return Resume(Path(path), step, rollback)
+        plan = _on_rank0(candidates)
+    dist.broadcast_object_list(plan, src=0)
+    if plan[1] is not None:
+        raise ConfigError(plan[1])
+    found, strict = plan[0]
+    return PendingResume([Path(p) for p in found], strict, root, world, check, warn, now,
+                         request)
+
+
+class PendingResume:
+    """The checkpoints a start may resume from, agreed; the newest one's content being checked
+    in a background thread (reading only: no collective) until ``finish``."""
+
+    def __init__(self, candidates: List[Path], strict: bool, root: Path, world: World, check,
+                 warn, now: dict, request: Optional[RollbackRequest]):
+        self.candidates, self.strict, self.root, self.world = candidates, strict, root, world
+        self.check, self.warn, self.now, self.request = check, warn, now, request
+        self.resuming = bool(candidates)  # a checkpoint will be loaded (or the start fails)
+        self._first: List[List[str]] = []
+        self._thread = None
+        if candidates:
+            self._thread = threading.Thread(
+                target=lambda: self._first.append(_damaged_here(candidates[0], world, now)),
+                name="checkpoint-verify", daemon=True)
+            self._thread.start()
+
+    def finish(self) -> Optional[Resume]:
+        """The checkpoint resumed from, intact on every rank (collective): a damaged one is
+        passed over with a warning, or refused when named exactly; then this config's check,
+        whether it is a rollback, and the newer checkpoints moved aside (rank 0)."""
+        chosen, passed_over = None, []
+        for i, path in enumerate(self.candidates):
+            if i == 0:
+                self._thread.join()
+                bad = _agree(self._first[0], self.world)
+            else:
+                bad = damaged_anywhere(path, self.world, self.now)
+            if not bad:
+                chosen = path
+                break
+            if self.strict:  # a checkpoint named exactly is never silently replaced by another
+                raise ConfigError(f"checkpoint.resume: {path} is damaged: {'; '.join(bad)}")
+            self.warn(f"checkpoint {path} is damaged ({'; '.join(bad)}); not used")
+            passed_over.append(path)
+        if self.candidates and chosen is None:
+            raise ConfigError(f"checkpoint.resume: every complete checkpoint under {self.root} "
+                              "is damaged (see the warnings); `llada checkpoint verify` lists "
+                              "them")
+        if chosen is None:
+            return None
+        answer: List[Optional[object]] = [None, None]
+        if self.world.is_main:
+            answer = _on_rank0(lambda: _decide(chosen, self.root, self.check, self.warn,
+                                               self.request, passed_over))
+        dist.broadcast_object_list(answer, src=0)
+        if answer[1] is not None:
+            raise ConfigError(answer[1])
+        path, step, rollback, divergence, history = answer[0]
+        return Resume(Path(path), step, rollback, divergence, history)
+
+
+def _on_rank0(fn) -> list:
+    """[fn(), None], or [None, the one-line error] that every rank must hear of."""
+    try:
+        return [fn(), None]
+    except ConfigError as e:
+        return [None, str(e)]
+    except Exception as e:  # noqa: BLE001 - every rank must hear of it, not only rank 0
+        return [None, f"checkpoint.resume: {type(e).__name__}: {e}"]
+
+
+def damaged_anywhere(path: Path, world: World, now: Optional[dict] = None) -> List[str]:
+    """The damaged files of a checkpoint, checked over the world (collective, one answer on
+    every rank); ``now``: the shard layout it is about to be loaded into, if any."""
+    return _agree(_damaged_here(path, world, now), world)
+
+
+def _agree(local: List[str], world: World) -> List[str]:
+    every: List[List[str]] = [[] for _ in range(world.world_size)]
+    dist.all_gather_object(every, local)
+    return sorted({b for rank_bad in every for b in rank_bad})
+
+
+def _damaged_here(path: Path, world: World, now: Optional[dict]) -> List[str]:
+    """This rank's share of the check of a checkpoint's content. Under the same layout each rank
+    checks the files it is about to read, which leaves them in the page cache for the load;
+    otherwise (resharding, pipeline stages' layer files) every file is checked once over the
+    world."""
+    try:
+        meta = read_meta(path)
+        saved = meta["layout"]
+        if now is not None and world.pp == 1 and all(saved[k] == now[k] for k in SHARD_LAYOUT):
+            rels = files_read(saved, rank=world.rank, dp_rank=world.dp_rank,
+                              mp_rank=world.tp_rank, world_size=world.world_size, dp=world.dp)
+        else:
+            rels = share(meta, world.rank, world.world_size)
+        return damaged(path, meta, rels)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"meta.json: unreadable ({type(e).__name__})"]
+
+
+def _decide(path: Path, root: Path, check, warn, request: Optional[RollbackRequest],
+            passed_over: List[Path]) -> tuple:
+    """Rank 0: the chosen checkpoint against this config, whether resuming there is a rollback,
+    the rollback's record, and the newer checkpoints moved aside."""
+    meta = read_meta(path)
+    check(path, meta)
+    step = meta["step"]
+    newest = max((s for s, p in complete_checkpoints(root, lambda _: None)
+                  if p not in passed_over), default=-1)
+    rollback = newest > step or _pending_rollback(root) == step or request is not None
+    divergence = None
+    if request is not None:  # durable before anything moves: a failed start decides it again
+        divergence = {"at_step": request.before, "to": step, "lr_factor": request.lr_factor,
+                      "rollbacks": request.rollbacks, "reason": request.reason,
+                      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        atomic_write(root / ROLLBACKS, json.dumps(rollbacks(root) + [divergence],
+                                                  indent=1).encode(), durable=True)
+    else:
+        divergence = next((r for r in reversed(rollbacks(root)) if r.get("to") == step), None)
+    if rollback:  # durable before the evidence (the newer checkpoints) goes aside
+        atomic_write(root / ROLLBACK, json.dumps({"to": step}).encode(), durable=True)
+    set_aside_newer(root, step, warn)
+    return str(path), step, rollback, divergence, rollbacks(root)
+
+
+def rollbacks(root: Path) -> List[dict]:
+    """The run's automatic rollbacks (train.on_divergence=rollback), oldest first."""
+    try:
+        return list(json.loads((root / ROLLBACKS).read_text()))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"{root / ROLLBACKS}: unreadable ({type(e).__name__}); it records the "
+                          "run's rollbacks and their learning-rate factors") from None
 
 
 def _pending_rollback(root: Path) -> Optional[int]:
@@ -165,7 +307,8 @@ def load_checkpoint(path: Path, engine, data, world: World, now: dict,
     log(f"llada: resumed from {path} at step {meta['step']} ({how})")
     return Progress(step=meta["step"], consumed_tokens=meta["consumed_tokens"],
                     skipped_steps=meta.get("skipped_steps", 0),
-                    run_id=meta.get("tracking", {}).get("run_id"))
+                    run_id=meta.get("tracking", {}).get("run_id"),
+                    lr_factor=meta.get("lr_factor", 1.0), rollbacks=meta.get("rollbacks", 0))
 
 
 def _reshard(path: Path, saved: dict, engine, world: World) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -35,7 +35,7 @@ def is_export_dir(path: Path) -> bool:
     return (Path(path) / EXPORT_CONFIG).is_file() and not (Path(path) / "meta.json").is_file()
 
 
-def read_source(path, warn=print, key: str = "MODEL") -> WeightSource:
+def read_source(path, warn=print, key: str = "MODEL", verify: bool = True) -> WeightSource:
     """The weights at ``path``. ConfigError naming ``key`` when it is neither a checkpoint nor
     an export; the readers' own errors (HFFormatError, ReshardError) for damaged ones."""
     from framework.checkpoint.files import TOKENIZER
@@ -54,7 +54,7 @@ def read_source(path, warn=print, key: str = "MODEL") -> WeightSource:
                             path / "tokenizer.model",
                             int(config_value(config, "max_sequence_length") or 4096), str(path))
     try:
-        tag, meta, cfg = open_checkpoint(path, warn, key)
+        tag, meta, cfg = open_checkpoint(path, warn, key, verify=verify)
     except ConfigError as e:
         if (path / "meta.json").is_file() or (path / "checkpoints").is_dir():
             raise  # a checkpoint, but a damaged or incomplete one: its own message
@@ -82,10 +82,12 @@ def copy_weights(model: torch.nn.Module, src: WeightSource, key: str,
 
 
 def init_from(model: torch.nn.Module, path: Path, cfg: ModelConfig, tp_rank: int, tp: int,
-              tokenizer_sha256: str, warn=print) -> WeightSource:
+              tokenizer_sha256: str, warn=print,
+              damaged: Callable[[Path], List[str]] = lambda _: []) -> WeightSource:
     """``init.from``: this rank's slice of the weights at ``path`` (a checkpoint or an export),
     which must be of ``cfg``'s architecture and tokenised like the run's data (``tokenizer_sha256``:
-    the datasets' tokenizer): the same ids must mean the same tokens."""
+    the datasets' tokenizer): the same ids must mean the same tokens. ``damaged``: a
+    checkpoint's damaged files, checked by all ranks together (collective)."""
     from framework.checkpoint.hf_mapping import HFFormatError
     from framework.checkpoint.reshard import ReshardError
     from framework.config import to_dict
@@ -93,9 +95,12 @@ def init_from(model: torch.nn.Module, path: Path, cfg: ModelConfig, tp_rank: int
     from framework.model.weights import shard
 
     try:
-        src = read_source(path, warn, key="init.from")
+        src = read_source(path, warn, key="init.from", verify=False)
     except (HFFormatError, ReshardError) as e:
         raise ConfigError(f"init.from: {e}") from None
+    bad = damaged(Path(src.source)) if src.step is not None else []  # a checkpoint's
+    if bad:
+        raise ConfigError(f"init.from: {src.source} is damaged: {'; '.join(bad)}")
     # the shapes and the math: init_std is how a run starts, and an export writes its padded
     # vocabulary as rows, not as the multiple it was padded to
     theirs, ours = to_dict(src.model), to_dict(cfg)

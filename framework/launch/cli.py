@@ -1,6 +1,7 @@
 """``llada``: the command line. ``llada train RECIPE [key=value ...]``,
 ``llada plan RECIPE [key=value ...]``, ``llada prepare INPUT... -o DIR [options]``,
-``llada export CHECKPOINT OUT_DIR``, ``llada validate RUN_DIR|CHECKPOINT [--data MANIFEST]``,
+``llada export CHECKPOINT OUT_DIR``, ``llada checkpoint verify PATH``
+(framework/launch/checkpoint_cli.py), ``llada validate RUN_DIR|CHECKPOINT [--data MANIFEST]``,
 ``llada slurm submit RECIPE --nodes N --gpus-per-node G --time T [key=value ...]``,
 ``llada slurm prepare INPUT... -o DIR --array N --time T [options]``,
 ``llada tracking sync RUN_DIR``, ``llada generate MODEL``, ``llada eval MODEL``,
@@ -8,7 +9,8 @@
 
 Bad input (a missing recipe, an unknown key, a wrong type, sizes that do not divide) prints one
 line naming the key or file and exits 2, without a traceback. A failed run exits 1; a run stopped
-early by a signal or the job's deadline, with its checkpoint saved, exits 3 (``EXIT_REQUEUE``).
+early by a signal or the job's deadline, with its checkpoint saved, exits 3 (``EXIT_REQUEUE``); a
+rank the hang watchdog ends exits 4 (framework/training/watchdog.py: a crash, to be restarted).
 """
 
 from __future__ import annotations
@@ -50,12 +52,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from framework.checkpoint.checkpointer import CheckpointError
     from framework.parallel.world import shutdown_world
-    from framework.training.factory import build_trainer
+    from framework.training.run import run_training
     from framework.training.trainer import TrainingError
 
     try:
         recipe = " ".join([str(args.recipe), *args.overrides])
-        summary = build_trainer(cfg, stop, recipe=recipe).fit()
+        summary = run_training(cfg, stop, recipe=recipe)
     except BAD_INPUT as e:
         return _error(str(e), EXIT_BAD_INPUT)
     except (TrainingError, CheckpointError) as e:
@@ -81,26 +83,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(plan(cfg, mfu=mfu, peak_flops=peak, mfu_from=mfu_from))
     except ConfigError as e:
         return _error(str(e), EXIT_BAD_INPUT)
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    """A checkpoint's consolidated weights, config and tokenizer in the layout of the public
-    LLaDA Hugging Face release; ``init.from=OUT_DIR`` starts a run from them."""
-    import torch
-
-    from framework.checkpoint.hf_files import HFFormatError, export_checkpoint
-    from framework.checkpoint.reshard import ReshardError
-
-    try:
-        tag, meta = export_checkpoint(Path(args.checkpoint), Path(args.out_dir),
-                                      getattr(torch, args.dtype), overwrite=args.overwrite,
-                                      warn=lambda m: print(f"llada: warning: {m}"))
-    except (*BAD_INPUT, HFFormatError, ReshardError, FileExistsError) as e:
-        return _error(str(e), EXIT_BAD_INPUT)
-    except OSError as e:
-        return _error(f"{args.out_dir}: {e.strerror or e}", EXIT_FAILED)
-    print(f"llada: exported {tag} (step {meta['step']}) to {args.out_dir}")
     return 0
 
 
@@ -347,19 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
                       f"H100 SXM datasheet's {H100_SXM / 1e12:.0f})")
     plan.set_defaults(func=cmd_plan)
 
-    export = sub.add_parser(
-        "export", help="write a checkpoint as a Hugging Face LLaDA directory",
-        description="Consolidate a checkpoint (any layout) into safetensors weights with "
-        "LLaDAModelLM keys, config.json and the tokenizer, as the public LLaDA release lays them "
-        "out. CHECKPOINT: a step_N directory, a checkpoints directory or a run directory (its "
-        "newest complete checkpoint). `llada train RECIPE init.from=OUT_DIR` starts from it.")
-    export.add_argument("checkpoint", help="step_N, checkpoints/ or run directory")
-    export.add_argument("out_dir", help="output directory (must not exist)")
-    export.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
-                        help="weights' dtype (the release's is bfloat16)")
-    export.add_argument("--overwrite", action="store_true",
-                        help="replace OUT_DIR once the new export is complete")
-    export.set_defaults(func=cmd_export)
+    from framework.launch.checkpoint_cli import add_parsers as checkpoint_parsers
+    checkpoint_parsers(sub)
 
     slurm = sub.add_parser("slurm", help="run on a Slurm cluster",
                            description="Slurm jobs that checkpoint and requeue themselves "

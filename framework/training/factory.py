@@ -20,9 +20,10 @@ from data_pipeline.loader import PretrainLoader
 from data_pipeline.sft import SFTCollator
 from data_pipeline.shards import ShardSet
 from framework.checkpoint.checkpointer import Checkpointer
-from framework.checkpoint.resume import (Progress, agree_on_resume, check_resumable,
-                                         checkpoint_meta, layout, load_checkpoint,
-                                         rollback_done)
+from framework.checkpoint.resume import (Progress, RollbackRequest, agree_on_resume,
+                                         check_resumable, checkpoint_meta, damaged_anywhere,
+                                         layout,
+                                         load_checkpoint, rollback_done)
 from framework.checkpoint.source import init_from
 from framework.config import (Config, ConfigError, EvalConfig, ModelConfig, check_world,
                               to_dict, to_yaml)
@@ -47,10 +48,12 @@ from framework.training.trainer import Trainer
 
 
 def build_trainer(cfg: Config, stop: Optional[StopRequest] = None,
-                  recipe: Optional[str] = None) -> Trainer:
+                  recipe: Optional[str] = None,
+                  rollback: Optional[RollbackRequest] = None) -> Trainer:
     """``stop``: the signal handler the CLI installed before anything slow started; by default
     only the deadline guard (``LLADA_DEADLINE``) can stop the run early. ``recipe``: where the
-    config came from (a tag of the MLflow run)."""
+    config came from (a tag of the MLflow run). ``rollback``: the run diverged: resume from the
+    newest complete checkpoint before the divergence (framework/training/run.py)."""
     import deepspeed
 
     stop = stop if stop is not None else StopRequest(cfg.preemption, deadline_from_env())
@@ -88,17 +91,21 @@ def build_trainer(cfg: Config, stop: Optional[StopRequest] = None,
     # the checkpoint to resume from, agreed by every rank before anything is built
     tokenizer, hashes = sets[0].tokenizer_path, [ds.tokenizer_sha256 for ds in sets]
     config = to_dict(cfg)
+    bounds = stage_bounds(cfg.model.num_layers, world.pp, cfg.parallel.pp_layers)
+    shard_layout = layout(world, zero_stage=cfg.deepspeed.zero_stage, bf16=bf16, stages=bounds,
+                          data_workers=data.workers)
     checkpointer = Checkpointer(cfg.checkpoint, run_dir / "checkpoints", world, tokenizer, log)
-    resume = agree_on_resume(
+    # ... and the content of the files each rank will read from it checked meanwhile
+    pending = agree_on_resume(
         cfg.checkpoint.resume, checkpointer.root, world,
-        lambda path, meta: check_resumable(path, meta, config, hashes, tokenizer), log)
+        lambda path, meta: check_resumable(path, meta, config, hashes, tokenizer), log,
+        now=shard_layout, request=rollback)
 
     # model, loss, optimizer, engine
     guard, loss_by_t = NonFiniteGuard(world.device), LossByT()
     # the autoregressive objective masks nothing: it has no loss by mask ratio
     loss_fn = ObjectiveLoss(head_loss, guard.observe,
                             None if kind == "ar" else loss_by_t)
-    bounds = stage_bounds(cfg.model.num_layers, world.pp, cfg.parallel.pp_layers)
     torch.manual_seed(cfg.run.seed)
     if on_gpu:  # megatron's per-tensor-rank CUDA generators
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -110,9 +117,9 @@ def build_trainer(cfg: Config, stop: Optional[StopRequest] = None,
                          compile=tc.compile, causal=kind == "ar",
                          fused_head=_fused_head(tc, cfg.deepspeed.zero_stage, log))
     init_weights(model, cfg.model, cfg.run.seed, world.tp_rank, world.tp)
-    if cfg.init.from_ and resume is None:  # a resumed run has its own weights
+    if cfg.init.from_ and not pending.resuming:  # a resumed run has its own weights
         src = init_from(model, Path(cfg.init.from_), cfg.model, world.tp_rank, world.tp,
-                        hashes[0], warn=log)
+                        hashes[0], warn=log, damaged=lambda tag: damaged_anywhere(tag, world))
         log(f"llada: weights from {src.source} (trained with objective {src.objective})")
     oc = cfg.optimizer
     optimizer = SkippableAdamW(param_groups(model, oc.weight_decay), lr=oc.lr,
@@ -124,10 +131,14 @@ def build_trainer(cfg: Config, stop: Optional[StopRequest] = None,
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            mpu=None if world.pp > 1 else DeepSpeedMPU)
 
-    shard_layout = layout(world, zero_stage=cfg.deepspeed.zero_stage, bf16=bf16, stages=bounds,
-                          data_workers=data.workers)
+    resume = pending.finish()  # the check's verdict, agreed; a damaged checkpoint passed over
     progress = Progress() if resume is None else load_checkpoint(resume.path, engine, data,
                                                                  world, shard_layout, log)
+    if resume is not None and resume.divergence is not None:  # rolled back to this step
+        progress = replace(progress, lr_factor=resume.divergence["lr_factor"],
+                           rollbacks=resume.divergence["rollbacks"])
+        log(f"llada: the learning rate is x{progress.lr_factor:g} of the schedule from step "
+            f"{progress.step} on (rollback {progress.rollbacks}: {resume.divergence['reason']})")
     if world.is_main:  # only now: a refused resume leaves the run's config as it was
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -160,7 +171,9 @@ def build_trainer(cfg: Config, stop: Optional[StopRequest] = None,
              "data_parallel": world.dp, "tensor_parallel": world.tp,
              "pipeline_parallel": world.pp, "sequence_parallel": sp,
              "zero_stage": cfg.deepspeed.zero_stage, "precision": "bf16" if bf16 else "fp32",
-             "device": str(world.device)}
+             "device": str(world.device),
+             # the run's automatic rollbacks so far (train.on_divergence=rollback)
+             "rollbacks": [] if resume is None else list(resume.history)}
     log(f"llada: {facts['parameters'] / 1e6:.2f}M parameters on {world.device}, world "
         f"{world.world_size} (tp {world.tp}, pp {world.pp}, dp {world.dp}), "
         f"ZeRO-{cfg.deepspeed.zero_stage}, {facts['precision']}, global batch "

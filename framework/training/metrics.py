@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -41,6 +42,9 @@ CONSUMED_TOKENS, SKIPPED_STEPS = "train/consumed_tokens", "train/skipped_steps"
 LOSS_BY_T = "train/loss_by_t/"  # + the tenth of [0, 1] the mask ratio falls in: 0.0-0.1 ...
 DATA = "data/"  # + missing_shards, corrupt_shards, bad_samples (skipped, over the run)
 STEP_SECONDS = "time/step_seconds"
+# stragglers: each rank's own part of its steps (framework/training/phases.py), over the window
+RANK_SECONDS_MAX, RANK_SECONDS_MEDIAN = "time/rank_seconds_max", "time/rank_seconds_median"
+STRAGGLER_RATIO, SLOWEST_RANK = "time/straggler_ratio", "time/slowest_rank"
 PEAK_MEMORY = "memory/peak_allocated_gib"
 CHECKPOINT_SECONDS = "checkpoint/save_seconds"
 # val/<set>/... and time/val_seconds: framework/evaluation/validator.py
@@ -60,6 +64,8 @@ class StepResult:
     masked: int  # masked positions in this data-parallel rank's batches: where the head ran
     seconds: float  # wall time of the step (data, forward, backward, optimizer step)
     skipped: bool
+    # this rank's own part of the step: until it waits for the others (phases.py)
+    own_seconds: float = 0.0
 
 
 class Window:
@@ -73,7 +79,7 @@ class Window:
 
     def _reset(self) -> None:
         self.steps = self.tokens = 0
-        self.seconds = 0.0
+        self.seconds = self.own_seconds = 0.0
         self.dense_flops = 0.0  # the FLOPs that do not depend on this rank's masks
         self.masked = 0  # this rank's masked positions: the head's FLOPs, summed at take
         if self.world.device.type == "cuda":
@@ -83,6 +89,7 @@ class Window:
         self.steps += 1
         self.tokens += result.tokens
         self.seconds += result.seconds
+        self.own_seconds += result.own_seconds
         self.dense_flops += self.flops.step(result.tokens, result.seq_len, 0)
         self.masked += result.masked
 
@@ -104,6 +111,7 @@ class Window:
             SKIPPED_STEPS: skipped_steps, STEP_SECONDS: seconds / self.steps,
             **{f"{DATA}{k}": v for k, v in counts.items()},
             **{f"{LOSS_BY_T}{k}": v for k, v in by_t.items()},
+            **self._stragglers(),
         }
         if self.world.device.type == "cuda":
             values[PEAK_MEMORY] = torch.cuda.max_memory_allocated(self.world.device) / 2**30
@@ -111,6 +119,21 @@ class Window:
         self.total_seconds += seconds
         self._reset()
         return {k: v for k, v in values.items() if v is not None}
+
+    def _stragglers(self) -> Dict[str, float]:
+        """The spread of the ranks' own step time over the window: slowest / median and which
+        rank (one small all-gather over the world; nothing on one process)."""
+        if self.world.world_size == 1:
+            return {}
+        mine = torch.tensor([self.own_seconds / max(self.steps, 1)], dtype=torch.float64,
+                            device=self.world.device)
+        every = [torch.empty_like(mine) for _ in range(self.world.world_size)]
+        dist.all_gather(every, mine)
+        times = torch.cat(every).tolist()
+        median = statistics.median(times)
+        slowest = max(range(len(times)), key=lambda r: (times[r], -r))
+        return {RANK_SECONDS_MAX: times[slowest], RANK_SECONDS_MEDIAN: median,
+                STRAGGLER_RATIO: times[slowest] / max(median, 1e-9), SLOWEST_RANK: slowest}
 
     def _mfu(self, flops: float, seconds: float) -> Optional[float]:
         """Model FLOPs utilisation of the whole world against the accelerators' datasheet peak;
@@ -172,11 +195,12 @@ class MetricsStream:
             self.tracker.plot()
 
     def close(self, status: str) -> None:
-        """``status``: the run's (completed, stopped, diverged, failed)."""
+        """``status``: the run's (completed, stopped, rolled_back, diverged, failed)."""
         self.bar.close()
-        if self.tracker is not None:  # a stopped run is resumed: KILLED until it is
-            self.tracker.close({"completed": "FINISHED", "stopped": "KILLED"}.get(status,
-                                                                                  "FAILED"))
+        if self.tracker is not None:  # a stopped run is resumed: KILLED until it is; a rolled
+            # back one goes on in a child run
+            self.tracker.close({"completed": "FINISHED", "stopped": "KILLED",
+                                "rolled_back": "KILLED"}.get(status, "FAILED"))
 
     def _reopen(self, path: Path, resumed_at: Optional[int], rollback: bool) -> int:
         """metrics.jsonl as this job continues it; returns its highest step. A line a crash cut
@@ -225,6 +249,9 @@ def console_line(step: int, total: int, values: Dict[str, float]) -> str:
     if MFU in values:
         line += f" | mfu {100 * values[MFU]:.1f}%"
     line += f" | skipped {values[SKIPPED_STEPS]:.0f}"
+    if STRAGGLER_RATIO in values:
+        line += (f" | slowest rank {values[SLOWEST_RANK]:.0f} "
+                 f"{values[STRAGGLER_RATIO]:.2f}x median")
     bad = {k.removeprefix(DATA): v for k, v in values.items() if k.startswith(DATA) and v}
     if bad:
         line += " | data skipped " + ", ".join(f"{k} {v:.0f}" for k, v in bad.items())

@@ -33,13 +33,15 @@ from framework.parallel.world import World
 from framework.training.metrics import (CONSUMED_TOKENS, MetricsStream, StepResult, Window,
                                         sum_over_data_parallel)
 from framework.training.metrics import summary as make_summary
+from framework.training.divergence import DivergenceWatch, RollbackNeeded, TrainingError
 from framework.training.objective import LossByT, ObjectiveLoss, masked_labels
 from framework.training.optimizer import NonFiniteGuard
+from framework.training.phases import (DATA, FINISH, FORWARD_BACKWARD, LOG, OPTIMIZER, PIPELINE,
+                                       SAVE, SYNC, VALIDATE, Heartbeat)
 from framework.training.preemption import StopRequest
+from framework.training.watchdog import Watchdog, hang_forever, hang_hook
 
-
-class TrainingError(RuntimeError):
-    """The run cannot continue (e.g. the loss keeps diverging). One line, names the cause."""
+__all__ = ["Trainer", "TrainingError"]
 
 
 class Trainer:
@@ -66,14 +68,23 @@ class Trainer:
         self.step = progress.step
         self.consumed_tokens = progress.consumed_tokens  # over the whole run, resumes included
         self.skipped_steps = progress.skipped_steps  # over the whole run, resumes included
+        self.lr_factor, self.rollbacks = progress.lr_factor, progress.rollbacks
         self.history: List[StepResult] = []  # this job's steps
-        self.consecutive_nonfinite = 0
+        self.divergence = DivergenceWatch(cfg, progress.lr_factor, progress.rollbacks, log,
+                                          agree=self._any_rank)
         self.pipe_length: Optional[int] = None  # activation shape the pipeline last sent
+        # the phases, marked once here: the watchdog watches them, the records time them
+        self.beat = Heartbeat(world.device)
+        self.watchdog = Watchdog(cfg, self.beat, world.rank)
+        self._hang_at = hang_hook(world.rank) if progress.step == 0 else None  # tests only
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self) -> StepResult:
         start = time.perf_counter()
-        lr = self.lr_at(self.step)
+        self.beat.mark(DATA, self.step + 1)
+        if self._hang_at == self.step + 1:
+            hang_forever(self.world.rank, self.step + 1)
+        lr = self.lr_factor * self.lr_at(self.step)  # the factor: lowered by each rollback
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
@@ -86,9 +97,12 @@ class Trainer:
         self.guard.reset()
         # forward, loss, backward, clip + optimizer step (skipped on a non-finite loss)
         if self.world.pp > 1:
+            self.beat.mark(PIPELINE)
             loss = self._pipeline_step(batches, length)
         else:
+            self.beat.mark(FORWARD_BACKWARD)
             loss = self._micro_steps(batches)
+        own = self.beat.own_seconds()  # the loss is on the host: the step's device work is done
         skipped = self.guard.verdict()
         self.loss_by_t.end_step(keep=not skipped)
         grad_norm = None if skipped else self.engine.get_global_grad_norm()
@@ -100,20 +114,26 @@ class Trainer:
         return StepResult(step=self.step, loss=float("nan") if skipped else loss, lr=lr,
                           grad_norm=None if grad_norm is None else float(grad_norm),
                           tokens=tokens, seq_len=length, masked=masked,
-                          seconds=time.perf_counter() - start, skipped=skipped)
+                          seconds=time.perf_counter() - start, skipped=skipped,
+                          own_seconds=own)
 
     def _micro_steps(self, batches) -> float:
         """One process holds the whole model: forward, loss, backward per micro-batch; DeepSpeed
         scales by 1/accumulation, reduces over data parallel and steps at the boundary."""
         engine, device = self.engine, self.world.device
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # no host sync per micro
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
             # the selected positions and their labels found on the host: no device sync
             labels = masked_labels(batch.targets, batch.mask, batch.p_mask, batch.norm).to(device)
             noisy = batch.noisy.to(device, non_blocking=True)
             out = engine(noisy, select=labels.positions)  # the head runs where the loss needs it
             loss = self.loss_fn(out, labels)
+            if last:  # its backward reduces the gradients over data parallel: ranks wait there
+                self.beat.mark(SYNC)
             engine.backward(loss)
+            if last:
+                self.beat.mark(OPTIMIZER)
             engine.step()
             loss_sum += loss.detach().double()
         dist.all_reduce(loss_sum, group=parallel_state.get_data_parallel_group())
@@ -128,6 +148,12 @@ class Trainer:
         micro = iter([((b.noisy, b.mask), (b.targets, b.mask, b.p_mask, b.norm))
                       for b in batches])
         return float(self.engine.train_batch(micro))
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether any rank says so (collective): a verdict on a float every rank must share."""
+        t = torch.tensor([float(flag)], device=self.world.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
 
     def _next_batch(self):
         try:
@@ -147,16 +173,27 @@ class Trainer:
             self.log(f"llada: the job ends at {end}: the run saves and stops before then")
         start = time.perf_counter()
         status = "running"
+        self.watchdog.start()
         try:
             if self.step == 0 and self.validator is not None and self.eval_cfg.due(0, False):
+                self.beat.mark(VALIDATE)
                 self.metrics.write(0, {CONSUMED_TOKENS: 0, **self.validate()})
             while self.step < steps:
                 result = self.train_step()
+                self.beat.mark(LOG)
+                self.beat.step_done(result.seconds)
                 self.history.append(result)
-                self._check_nonfinite(result)
+                try:
+                    self.divergence.observe(result)
+                except (TrainingError, RollbackNeeded):
+                    self._record(result, {})  # the step that diverged is on record too
+                    raise
                 due = self.validator is not None and self.eval_cfg.due(self.step,
                                                                         self.step == steps)
+                if due:
+                    self.beat.mark(VALIDATE)
                 validation = self.validate() if due else {}
+                self.beat.mark(LOG)
                 # the deadline guard's slowest step: one that evaluates, when one does
                 self.stop.note_step(result.seconds + validation.get(VAL_SECONDS, 0.0))
                 self._record(result, validation)
@@ -169,33 +206,25 @@ class Trainer:
         except TrainingError:
             status = "diverged"
             raise
+        except RollbackNeeded:
+            status = "rolled_back"
+            raise
         finally:
-            self.data.close()
-            self.checkpointer.wait()
-            summary = self._summary(status, time.perf_counter() - start)
-            if self.world.is_main:
-                self.summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+            self.beat.mark(FINISH)
+            try:
+                self.data.close()
+                self.checkpointer.wait()
+                summary = self._summary(status, time.perf_counter() - start)
+                if self.world.is_main:
+                    self.summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+            finally:  # never left armed: it would end this process later
+                self.watchdog.stop()
             self.metrics.close(status)
         self.log(f"llada: {'done' if status == 'completed' else status}: {summary['steps']} "
                  f"steps, {summary['tokens']} tokens, loss {summary['first_loss']:.4f} -> "
                  f"{summary['last_loss']:.4f}, {summary['tokens_per_s']:.0f} tokens/s; "
                  f"{self.summary_path}")
         return summary
-
-    def _check_nonfinite(self, result: StepResult) -> None:
-        if not result.skipped:
-            self.consecutive_nonfinite = 0
-            return
-        self.consecutive_nonfinite += 1
-        limit = self.cfg.max_consecutive_nonfinite
-        self.log(f"llada: warning: step {result.step}: non-finite loss, step skipped "
-                 f"({self.consecutive_nonfinite} in a row, limit {limit})")
-        if self.consecutive_nonfinite >= limit:
-            raise TrainingError(
-                f"{limit} consecutive steps had a non-finite loss (steps "
-                f"{result.step - limit + 1}..{result.step}); stopping "
-                f"(train.max_consecutive_nonfinite={limit}); lower optimizer.lr or resume "
-                f"from an earlier checkpoint")
 
     def _record(self, result: StepResult, validation: dict) -> None:
         """The step into the window; at a logged or evaluated step, its one record to every
@@ -229,7 +258,9 @@ class Trainer:
         save, stop = self.checkpointer.due(self.step, final, stop=self.stop.reason is not None)
         if save:
             start = time.perf_counter()
+            self.beat.mark(SAVE)
             path = self.save_checkpoint()
+            self.beat.mark(LOG)
             seconds = time.perf_counter() - start
             self.stop.note_save(seconds)
             self.metrics.checkpoint(self.step, path, seconds)
@@ -237,7 +268,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """The complete checkpoint of this step (collective)."""
-        progress = Progress(self.step, self.consumed_tokens, self.skipped_steps)
+        progress = Progress(self.step, self.consumed_tokens, self.skipped_steps,
+                            lr_factor=self.lr_factor, rollbacks=self.rollbacks)
         meta = self.checkpoint_meta(progress)
         if self.validations:  # the first set's loss at this very step: checkpoint.keep_best
             name, entry = next(iter(self.validations.items()))

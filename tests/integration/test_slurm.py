@@ -22,6 +22,7 @@ import pytest
 from framework.checkpoint.checkpointer import complete_checkpoints
 from framework.checkpoint.files import tag_for
 from framework.launch.cli import main
+from framework.training.watchdog import EXIT_HUNG, HANG_HOOK
 from tests.conftest import DEBUG_RECIPE, REPO, quick_overrides, stdlib_glob
 from tests.integration.slurm_cluster import SlurmCluster, why_not_available
 from tests.unit.data_helpers import documents_in, packed_stream
@@ -165,6 +166,31 @@ def test_crashing_job_is_retried_then_fails_with_the_error(slurm_env, capsys, tm
     assert log.count("task 1: Killed") == 2
     assert f"crashed (exit {rc}), 1 of at most 1 in a row: requeueing job {job}" in log
     assert f"crashed (exit {rc}) 2 times in a row without a new checkpoint: giving up" in log
+
+
+def test_hung_job_is_requeued_once_and_resumes(slurm_env, capsys, tmp_path, small_dataset,
+                                               monkeypatch):
+    # rank 1 hangs in step 5 of the first start (the trainer's test hook, handed on by sbatch);
+    # both watchdogs end their ranks 6 s later with the crash status; the job is requeued once
+    monkeypatch.setenv(HANG_HOOK, "1:5")
+    cluster, steps = slurm_env, 8
+    job = submit(capsys, tmp_path, small_dataset, steps, "checkpoint.interval=2",
+                 f"train.hang_timeout_minutes={6 / 60}")
+    release_when_requeued(cluster, tmp_path, job, restarts=1)
+    wait_for(cluster, tmp_path, job, "the job to end",
+             lambda: cluster.job(job)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"))
+    log, state = job_log(tmp_path, job), cluster.job(job)
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", (state, log[-4000:])
+    assert "rank 1 hangs in step 5" in log
+    for rank in (0, 1):
+        assert f"llada: watchdog: rank {rank}: no progress for" in log
+        assert f"[rank {rank}] thread MainThread:" in log
+    assert f"crashed (exit {EXIT_HUNG}), 1 of at most 3 in a row: requeueing job {job}" in log
+    ckpt = tmp_path / "checkpoints"
+    assert f"resumed from {ckpt / tag_for(4)} at step 4" in log
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["final_step"] == steps
+    assert logged_steps(tmp_path) == list(range(1, steps + 1))
 
 
 def test_8b_script_is_accepted_by_sbatch_test_only(slurm_env, capsys, tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from framework.checkpoint.checkpointer import complete_checkpoints, resolve_resume, to_keep
+from framework.checkpoint.checkpointer import complete_checkpoints, resume_candidates, to_keep
 from framework.checkpoint.files import step_of, tag_for
 from framework.config import ConfigError, load_config
 from framework.training.factory import build_trainer
@@ -111,12 +111,13 @@ def test_resume_choices_and_refusals(world, tmp_path, small_dataset):
     make_trainer(tmp_path, small_dataset, 2, "checkpoint.interval=1").fit()
     root = tmp_path / "checkpoints"
     with pytest.raises(ConfigError, match="checkpoint.resume=never, but .* holds checkpoints"):
-        resolve_resume("never", root, warn=print)
+        resume_candidates("never", root, warn=print)
     # an explicit path is used as given, never silently replaced by another
-    assert resolve_resume(str(root / tag_for(1)), root, warn=print) == root / tag_for(1)
+    assert resume_candidates(str(root / tag_for(1)), root, warn=print) == ([root / tag_for(1)],
+                                                                           True)
     (root / tag_for(1) / "meta.json").unlink()
     with pytest.raises(ConfigError, match=f"{tag_for(1)} cannot be used \\(no meta.json\\)"):
-        resolve_resume(str(root / tag_for(1)), root, warn=print)
+        resume_candidates(str(root / tag_for(1)), root, warn=print)
     with pytest.raises(ConfigError, match="model.hidden_size=128, the config has 64"):
         make_trainer(tmp_path, small_dataset, 4, "model.hidden_size=64")
     with pytest.raises(ConfigError, match="train.global_batch_size=16, the config has 32"):
