@@ -197,7 +197,7 @@ def main() -> None:
             evict(saved_at[hashed])
             load_s[hashed], _ = timed(lambda h=hashed: (verified_load if h else load)(
                 saved_at[h]))
-        # its checksums are placeholders: no resume may pick it
+        # written with hashing off, its checksums are dashes: no resume may pick it
         shutil.rmtree(saved_at[False], ignore_errors=True)
         checks.append([today(), machine(), model, f"{written / 2**30:.2f}",
                        f"{save_s[True]:.2f}", f"{save_s[False]:.2f}",

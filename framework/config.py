@@ -94,10 +94,8 @@ class OptimizerConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Warmup-Stable-Decay (LLaDA): linear warmup to optimizer.lr, stable, an optional drop to
-    drop_lr at a fraction of the run, then a linear decay to final_lr over the last fraction.
-    Fractions of train.steps, each rounded to the nearest step (framework/training/schedule.py),
-    so a short run of the same recipe keeps the shape of the schedule."""
+    """Warmup-Stable-Decay (LLaDA; framework/training/schedule.py): warmup to optimizer.lr, stable,
+    an optional drop, a linear decay to final_lr; fractions of train.steps, rounded to steps."""
 
     warmup_steps: int = 2000
     drop_at: Optional[float] = None  # fraction of train.steps; None: no drop
@@ -164,9 +162,8 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep, permanently, every checkpoint whose step is a multiple of it
     # also keep the checkpoint with the lowest validation loss (of data.validation's first set)
     keep_best: bool = False
-    # auto: the newest complete checkpoint under <run.dir>/checkpoints, if any; never: start fresh
-    # (refused when checkpoints exist, so a run is never overwritten by accident); or a path to a
-    # checkpoint (step_N directory) or to a checkpoints directory
+    # auto: the newest complete checkpoint under <run.dir>/checkpoints; never: start fresh (refused
+    # over existing checkpoints); or a path to a step_N directory or to a checkpoints directory
     resume: str = "auto"
 
     def __post_init__(self):
@@ -184,10 +181,8 @@ _UNCATCHABLE = {"KILL", "STOP", "SEGV", "BUS", "FPE", "ILL", "ABRT", "CHLD"}
 
 @dataclass
 class PreemptionConfig:
-    """Stopping early without losing work: on one of ``signals`` (Slurm sends USR1 ahead of the
-    time limit, TERM on preemption), or when the job's deadline (``LLADA_DEADLINE``, epoch
-    seconds, set by framework/launch/llada.sbatch) is too close for another step and a save, the trainer
-    finishes the step it is in, saves a checkpoint and exits with status 3 (requeue me)."""
+    """Stopping early without losing work (framework/training/preemption.py): on one of
+    ``signals`` or near the job's deadline, the trainer saves after its step and exits 3."""
     signals: List[str] = field(default_factory=lambda: ["USR1", "TERM"])
     # time kept free before the deadline on top of two steps and one save (as measured)
     deadline_margin_minutes: float = 3.0
@@ -206,9 +201,8 @@ class PreemptionConfig:
 
 @dataclass
 class InitConfig:
-    # `init.from` in recipes and overrides (``from`` is a Python keyword): a Hugging Face LLaDA
-    # directory (``llada export`` writes one) whose weights start a fresh run; a resumed run
-    # loads its own checkpoint instead
+    # `init.from` in recipes (``from`` is a Python keyword): a checkpoint or an ``llada export``
+    # directory whose weights start a fresh run; a resumed run loads its own checkpoint instead
     from_: Optional[str] = None
 
 
@@ -236,10 +230,8 @@ class TrackingConfig:
 
 @dataclass
 class EvalConfig:
-    """Validation during training (framework/evaluation/): the LLaDA bound on ``sequences``
-    sequences of each of data.validation's sets (every n/N-th), ``t_samples`` stratified draws per
-    sequence, masks seeded by (``seed``, the sequence's index), so every evaluation of every run
-    sees the same masks."""
+    """Validation during training (framework/evaluation/): the LLaDA bound on ``sequences`` of each
+    held-out set, ``t_samples`` stratified draws each, masks seeded by (``seed``, sequence)."""
 
     interval: int = 0  # steps between evaluations; 0: none by step count
     at_start: bool = False  # the weights a fresh run starts from (step 0)
@@ -270,46 +262,38 @@ class TrainConfig:
     global_batch_size: int = 8  # = micro x accumulation x data-parallel size
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     max_consecutive_nonfinite: int = 5  # a NaN/Inf loss skips the step; this many in a row diverge
-    # a diverged run (framework/training/divergence.py): stop (exit 1), or rollback: back to the
-    # newest complete checkpoint before the divergence, the learning rate times
-    # rollback_lr_factor from there on (LLaDA's 4e-4 -> 1e-4), the same data replayed
-    on_divergence: str = "stop"
-    # with rollback, a loss above spike_factor x the median of the last 100 steps' for spike_steps
-    # steps in a row diverges too
-    spike_factor: float = 3.0
-    spike_steps: int = 3
-    rollback_lr_factor: float = 0.25
-    max_rollbacks: int = 3  # over the run; one more divergence then stops it
-    # hang watchdog (framework/training/watchdog.py): a rank whose step makes no progress this
-    # long prints every thread's stack and exits 4 (a crash: the sbatch script requeues the job).
-    # null: 10 x the slowest step so far, at least 5 minutes; 0: no watchdog
-    hang_timeout_minutes: Optional[float] = None
-    # the first step of a start, validations and saves wait at least this long (compilation,
-    # a slow filesystem); saves and validations also 3 x their last duration
-    hang_floor_minutes: float = 30.0
     compile: bool = False  # torch.compile each Transformer layer
     # the head's projection fused with the loss (kernels/linear_cross_entropy.py): the masked
     # positions' logits never held whole; off under ZeRO-3 (the weight is gathered by its module)
     fused_head: bool = True
-    # recompute activations in backward: saves memory for one more forward per layer
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # recompute in backward: memory for a forward per layer
     checkpoint_layers: Optional[int] = None  # None: every layer; N: the first N of each stage
+    # divergence (framework/training/divergence.py): stop (exit 1) | rollback (to the newest
+    # checkpoint before it, the rate x rollback_lr_factor from there; README, Faults); with
+    # rollback, spike_steps losses in a row above spike_factor x the recent median diverge too
+    on_divergence: str = "stop"
+    spike_factor: float = 3.0
+    spike_steps: int = 3
+    rollback_lr_factor: float = 0.25
+    max_rollbacks: int = 3  # over the run
+    # hang watchdog (framework/training/watchdog.py): null: 10 x the slowest step, >= 5 min; 0: off
+    hang_timeout_minutes: Optional[float] = None
+    hang_floor_minutes: float = 30.0  # for the first step of a start, validations and saves
 
     def __post_init__(self):
         if self.steps != MISSING:  # the schema itself is built with steps unset
             _positive(self, "train", "steps")
         _positive(self, "train", "micro_batch_size", "global_batch_size",
                   "max_consecutive_nonfinite")
-        _require(self.on_divergence in ("stop", "rollback"), "train.on_divergence",
-                 f"must be stop or rollback, got {self.on_divergence!r}")
-        _require(self.spike_factor > 1, "train.spike_factor", f"must be > 1, got {self.spike_factor}")
+        for key, ok, want in (
+                ("on_divergence", self.on_divergence in ("stop", "rollback"), "stop or rollback"),
+                ("spike_factor", self.spike_factor > 1, "> 1"),
+                ("rollback_lr_factor", 0 < self.rollback_lr_factor <= 1, "in (0, 1]"),
+                ("max_rollbacks", self.max_rollbacks >= 0, ">= 0"),
+                ("hang_timeout_minutes", self.hang_timeout_minutes is None
+                 or self.hang_timeout_minutes >= 0, ">= 0 (0: off) or null (automatic)")):
+            _require(ok, f"train.{key}", f"must be {want}, got {getattr(self, key)!r}")
         _positive(self, "train", "spike_steps", "hang_floor_minutes")
-        _require(0 < self.rollback_lr_factor <= 1, "train.rollback_lr_factor",
-                 f"must be in (0, 1], got {self.rollback_lr_factor}")
-        _require(self.max_rollbacks >= 0, "train.max_rollbacks", "must be >= 0")
-        _require(self.hang_timeout_minutes is None or self.hang_timeout_minutes >= 0,
-                 "train.hang_timeout_minutes",
-                 f"must be >= 0 (0: off) or null (automatic), got {self.hang_timeout_minutes}")
         _require(self.precision in ("auto", "bf16", "fp32"), "train.precision",
                  f"must be one of auto, bf16, fp32; got {self.precision!r}")
         _require(self.checkpoint_layers is None or self.checkpoint_layers >= 0,
@@ -358,10 +342,9 @@ class Config:
                  "checkpoint.keep_best", f"needs checkpoint.interval (={ck.interval}) to be a "
                  f"multiple of eval.interval (={ev.interval}), both > 0, so that checkpoints are "
                  "evaluated")
-        _require(self.train.on_divergence != "rollback" or ck.interval > 0
-                 or ck.interval_minutes > 0, "train.on_divergence",
-                 "rollback needs checkpoints to roll back to: set checkpoint.interval or "
-                 "checkpoint.interval_minutes")
+        _require(self.train.on_divergence != "rollback" or ck.interval > 0 or ck.interval_minutes
+                 > 0, "train.on_divergence", "rollback needs checkpoints to roll back to: set "
+                 "checkpoint.interval or checkpoint.interval_minutes")
         _require(not self.parallel.sequence_parallel or self.data.seq_len % self.parallel.tp == 0,
                  "parallel.sequence_parallel", f"data.seq_len={self.data.seq_len} is not a "
                  f"multiple of parallel.tp={self.parallel.tp}")
