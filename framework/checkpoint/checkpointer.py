@@ -147,7 +147,7 @@ def resolve_checkpoint(path: Path, warn: Callable[[str], None], key: str,
     if not verify:
         return found[0]
     for tag_dir in found:
-        bad = damaged(tag_dir, read_meta(tag_dir), sorted(read_meta(tag_dir)["files"]))
+        bad = verify_checkpoint(tag_dir)
         if not bad:
             return tag_dir
         if strict:

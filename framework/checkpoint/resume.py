@@ -215,19 +215,19 @@ def _decide(path: Path, root: Path, check, warn, request: Optional[RollbackReque
     newest = max((s for s, p in complete_checkpoints(root, lambda _: None)
                   if p not in passed_over), default=-1)
     rollback = newest > step or _pending_rollback(root) == step or request is not None
-    divergence = None
+    history = rollbacks(root)
     if request is not None:  # durable before anything moves: a failed start decides it again
         divergence = {"at_step": request.before, "to": step, "lr_factor": request.lr_factor,
                       "rollbacks": request.rollbacks, "reason": request.reason,
                       "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        atomic_write(root / ROLLBACKS, json.dumps(rollbacks(root) + [divergence],
-                                                  indent=1).encode(), durable=True)
+        history.append(divergence)
+        atomic_write(root / ROLLBACKS, json.dumps(history, indent=1).encode(), durable=True)
     else:
-        divergence = next((r for r in reversed(rollbacks(root)) if r.get("to") == step), None)
+        divergence = next((r for r in reversed(history) if r.get("to") == step), None)
     if rollback:  # durable before the evidence (the newer checkpoints) goes aside
         atomic_write(root / ROLLBACK, json.dumps({"to": step}).encode(), durable=True)
     set_aside_newer(root, step, warn)
-    return str(path), step, rollback, divergence, rollbacks(root)
+    return str(path), step, rollback, divergence, history
 
 
 def rollbacks(root: Path) -> List[dict]:

@@ -29,8 +29,8 @@ class Heartbeat:
     own part of the current step, from its start to the gradient synchronisation."""
 
     def __init__(self, device: torch.device):
-        self.phase, self.step, self.since = SETUP, 0, time.monotonic()
-        self.now = (self.phase, self.since, self.step)  # the three at once, for the watchdog
+        # (phase, since, step): one tuple, stored at once, so the watchdog never reads half a mark
+        self.now = (SETUP, time.monotonic(), 0)
         self.steps_done = 0  # by this job
         self.slowest_step = 0.0  # seconds, of this job's steps
         self.last = {VALIDATE: 0.0, SAVE: 0.0}  # the last duration of each long phase
@@ -40,12 +40,10 @@ class Heartbeat:
 
     def mark(self, phase: str, step: Optional[int] = None) -> None:
         now = time.monotonic()
-        if self.phase in self.last:
-            self.last[self.phase] = now - self.since
-        if step is not None:
-            self.step = step
-        self.phase, self.since = phase, now
-        self.now = (phase, now, self.step)  # one store: the watchdog never sees half a mark
+        before, since, current = self.now
+        if before in self.last:
+            self.last[before] = now - since
+        self.now = (phase, now, current if step is None else step)
         if phase == DATA:
             self._start, self._split = self._point(now), None
         elif phase == SYNC:
