@@ -11,7 +11,10 @@ as at a checkpoint. Step time = a block's wall time / its steps; the first block
 warms up and is dropped; the ratio compares the medians.
 
 The courier's start (importing MLflow, opening the store: a few CPU seconds once per job) is
-not in the blocks; on a 2-core machine it slows the first seconds of a job.
+not in the blocks; on a 2-core machine it slows the first seconds of a job. The courier process,
+and the system-metrics sampler in it (``tracking.system_metrics_interval_s``), run through both
+modes: their cost is on the machine, not the trainer's thread (a sample every 10 s takes
+milliseconds).
 
     python benchmarks/tracking_overhead.py [--recipe recipes/debug-cpu.yaml] [--blocks 12]
         [--block-steps 10] [--store server|local] [key=value ...]

@@ -184,8 +184,7 @@ class PreemptionConfig:
     """Stopping early without losing work (framework/training/preemption.py): on one of
     ``signals`` or near the job's deadline, the trainer saves after its step and exits 3."""
     signals: List[str] = field(default_factory=lambda: ["USR1", "TERM"])
-    # time kept free before the deadline on top of two steps and one save (as measured)
-    deadline_margin_minutes: float = 3.0
+    deadline_margin_minutes: float = 3.0  # kept free before the deadline, beyond 2 steps + 1 save
 
     def __post_init__(self):
         import signal
@@ -201,8 +200,7 @@ class PreemptionConfig:
 
 @dataclass
 class InitConfig:
-    # `init.from` in recipes (``from`` is a Python keyword): a checkpoint or an ``llada export``
-    # directory whose weights start a fresh run; a resumed run loads its own checkpoint instead
+    # `init.from` in recipes: a checkpoint or `llada export` whose weights start a fresh run
     from_: Optional[str] = None
 
 
@@ -211,18 +209,20 @@ class TrackingConfig:
     log_interval: int = 10  # steps between log lines and metric records
     metrics_file: bool = True  # <run.dir>/metrics.jsonl, one record per logged step
     progress_bar: bool = True  # on the rank that logs, when its output is a terminal
-    # MLflow (framework/tracking/), from the rank that holds the loss
-    enabled: bool = True
+    enabled: bool = True  # MLflow (framework/tracking/), from the rank that holds the loss
     uri: Optional[str] = None  # None: an SQLite store <run.dir>/mlflow.db; or http(s)://host:port
     experiment: str = "llada"
     run_name: Optional[str] = None  # None: run.name
     send_interval_s: float = 1.0  # records collect this long into one request (log_batch)
     retry_interval_s: float = 30.0  # while the server is unreachable, how often to try again
     close_timeout_s: float = 120.0  # at the end, how long the last records may take to send
+    system_metrics_interval_s: float = 10.0  # MLflow's system metrics of the node; 0: none
 
     def __post_init__(self):
         _positive(self, "tracking", "log_interval", "send_interval_s", "retry_interval_s",
                   "close_timeout_s")
+        _require(self.system_metrics_interval_s >= 0, "tracking.system_metrics_interval_s",
+                 f"must be >= 0 (0: off), got {self.system_metrics_interval_s}")
         _require(self.uri is None or bool(self.uri.strip()), "tracking.uri",
                  "must not be empty (unset it for the local store under run.dir)")
         _require(bool(self.experiment.strip()), "tracking.experiment", "must not be empty")

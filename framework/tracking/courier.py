@@ -16,6 +16,8 @@ from typing import Callable, Dict, List, Optional
 
 from framework.config import ConfigError
 from framework.tracking.outbox import PLOT, STATE, Outbox, RunState, hold_lock
+from framework.tracking.plot import draw_curve
+from framework.tracking.system import SystemSampler, next_step, optional_sampler
 
 # the curve of a plot record written before plot records named their metrics (and metrics had
 # no group prefix): an outbox kept from then still sends
@@ -38,12 +40,18 @@ def mlflow_client(uri: str):
 
 
 class Sender:
-    """Sends an outbox's pending records to MLflow, creating or continuing the run."""
+    """Sends an outbox's pending records to MLflow, creating or continuing the run, and the
+    system metrics ``system`` has sampled (None: none)."""
 
-    def __init__(self, box: Outbox, log: Callable[[str], None]):
-        self.box, self.log = box, log
+    def __init__(self, box: Outbox, log: Callable[[str], None],
+                 system: Optional[SystemSampler] = None):
+        self.box, self.log, self.system = box, log, system
         self.client = mlflow_client(box.state.uri)
         self.server_params: Optional[Dict[str, str]] = None  # known once the run is reached
+        self.system_step = 0  # MLflow's step of the first system sample: the run's next
+
+    def waiting(self) -> bool:
+        return bool(self.box.pending or (self.system and self.system.pending(1)))
 
     def send(self) -> int:
         """Everything pending, oldest first; how many records went. Raises when the server
@@ -54,7 +62,19 @@ class Sender:
             count = self._send_some([r for _, r in self.box.pending[:MAX_METRICS]])
             self.box.mark_sent(count)
             sent += count
+        self._send_system()
         return sent
+
+    def _send_system(self) -> None:
+        from mlflow.entities import Metric
+        while self.system is not None:
+            samples = self.system.pending(MAX_METRICS)
+            if not samples:
+                return
+            self.client.log_batch(self.box.state.run_id, synchronous=True, metrics=[
+                Metric(k, v, ms, self.system_step + n) for ms, n, m in samples
+                for k, v in m.items()])
+            self.system.done(samples[-1][1])
 
     def _ensure_run(self) -> None:
         from mlflow.exceptions import MlflowException
@@ -72,6 +92,8 @@ class Sender:
                 if run.info.status != "RUNNING":
                     client.update_run(state.run_id, status="RUNNING")
                 self.server_params = dict(run.data.params)
+                # MLflow's own monitor reads the run's last steps from here as well
+                self.system_step = next_step(getattr(run.data, "_metric_objs", []))
         if state.run_id is None:
             experiment = client.get_experiment_by_name(state.experiment)
             if experiment is None:
@@ -82,7 +104,11 @@ class Sender:
                     exp_id = client.get_experiment_by_name(state.experiment).experiment_id
             else:
                 exp_id = experiment.experiment_id
-            state.run_id = client.create_run(exp_id, run_name=state.run_name).info.run_id
+            # created with the run's tags: MLflow takes its user (Created by) from them then only
+            tags = {k: v for _, r in self.box.pending if r["kind"] == "tags"
+                    for k, v in r["tags"].items()}
+            state.run_id = client.create_run(exp_id, run_name=state.run_name,
+                                             tags=tags).info.run_id
             state.save(self.box.dir / STATE)
             self.server_params = {}
             self.log(f"llada: MLflow run {state.run_id} ({state.run_name}) in experiment "
@@ -136,9 +162,7 @@ class Sender:
             return 1
         if kind == "plot":  # drawn now, from every step record of the run so far
             path = self.box.dir / PLOT
-            spec = {**LEGACY_PLOT, **first}
-            if draw_curve(self.box.steps, path, spec["x"], spec["y"], spec["by"],
-                          spec.get("val")):
+            if draw_curve(self.box.steps, path, {**LEGACY_PLOT, **first}):
                 self.client.log_artifact(run_id, str(path), artifact_path="plots")
             return 1
         if kind == "status":
@@ -154,9 +178,10 @@ class Courier:
     """The sending side: polls the outbox, sends in batches, one warning per outage."""
 
     def __init__(self, directory: Path, send_interval_s: float, retry_interval_s: float,
-                 log: Callable[[str], None]):
+                 log: Callable[[str], None], system_interval_s: float = 0.0):
+        """``system_interval_s``: MLflow's system metrics every this many seconds (0: none)."""
         self.box = Outbox(directory, RunState.load(directory / STATE))
-        self.sender = Sender(self.box, log)
+        self.sender = Sender(self.box, log, optional_sampler(system_interval_s, log))
         self.send_interval_s, self.retry_interval_s, self.log = (send_interval_s,
                                                                  retry_interval_s, log)
         self.online: Optional[bool] = None  # None: not tried yet
@@ -166,8 +191,10 @@ class Courier:
         """Until ``closing`` is set (the trainer's end), then a last try with everything."""
         while True:
             done = closing.is_set()
+            if done and self.sender.system is not None:
+                self.sender.system.close()
             self.box.poll()
-            if self.box.pending and (done or time.monotonic() >= self.next_send):
+            if self.sender.waiting() and (done or time.monotonic() >= self.next_send):
                 self.send(final=done)
             if done:
                 return
@@ -192,49 +219,6 @@ class Courier:
             self.log(f"llada: MLflow at {uri} answers again: {sent} kept records sent")
         self.online = True
         self.next_send = time.monotonic() + self.send_interval_s
-
-
-def draw_curve(steps: List[dict], path: Path, x: str, y: str, by: str,
-               val: Optional[str] = None) -> bool:
-    """``y`` vs ``x`` with each held-out set's ``val<set>/loss`` beside it, and each metric
-    named ``by...`` vs ``x`` (the loss by mask ratio), from the step records, with matplotlib's
-    Agg canvas; False when there is nothing to draw."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if not steps:
-        return False
-    fig = Figure(figsize=(12, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    left, right = fig.subplots(1, 2)
-
-    def at(r: dict) -> float:
-        return r["metrics"].get(x, r["step"])
-
-    def curve(ax, key: str, **kw) -> None:  # the records that have the metric: no gaps
-        points = [(at(r), r["metrics"][key]) for r in steps if key in r["metrics"]]
-        if points:
-            ax.plot(*zip(*points), **kw)
-
-    curve(left, y, label=y)
-    vals = sorted({k for r in steps for k in r["metrics"]
-                   if val and k.startswith(val) and k.endswith("/loss")})
-    for key in vals:
-        curve(left, key, label=key, marker="o", markersize=3)
-    left.set(xlabel=x, ylabel=y, title=f"{y} and held-out bound" if vals else y)
-    if vals:
-        left.legend(fontsize="small")
-    for key in sorted({k for r in steps for k in r["metrics"] if k.startswith(by)}):
-        curve(right, key, label=key.removeprefix(by))
-    right.set(xlabel=x, ylabel=y, title=f"{by}*")
-    if right.lines:
-        right.legend(fontsize="small", ncols=2)
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-    tmp = path.with_name(f"tmp-{path.name}")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
-    return True
 
 
 def sync(directory: Path, log: Callable[[str], None] = print) -> int:
@@ -263,6 +247,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--send-interval", type=float, required=True)
     parser.add_argument("--retry-interval", type=float, required=True)
     parser.add_argument("--ignore-signals", default="")
+    parser.add_argument("--system-metrics-interval", type=float, default=0.0)
     args = parser.parse_args(argv)
     for sig in filter(None, args.ignore_signals.split(",")):
         signal.signal(int(sig), signal.SIG_IGN)
@@ -277,7 +262,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         closing.set()
 
     threading.Thread(target=wait_for_the_trainer, daemon=True).start()
-    Courier(args.directory, args.send_interval, args.retry_interval, log).run(closing)
+    Courier(args.directory, args.send_interval, args.retry_interval, log,
+            args.system_metrics_interval).run(closing)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ outbox and starts the courier that sends them; ``open_tracker`` sets one up for 
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import socket
@@ -82,6 +83,7 @@ class Tracker:
             [sys.executable, "-m", "framework.tracking", str(directory),
              "--send-interval", str(cfg.send_interval_s),
              "--retry-interval", str(cfg.retry_interval_s),
+             "--system-metrics-interval", str(cfg.system_metrics_interval_s),
              "--ignore-signals", ",".join(str(int(s)) for s in ignore_signals)],
             stdin=subprocess.PIPE, pass_fds=(self._lock.fileno(),),
             start_new_session=True)  # a Ctrl-C to the terminal's group is the trainer's
@@ -160,9 +162,14 @@ def git_commit(source: Path = Path(__file__).resolve().parent) -> Dict[str, str]
 
 
 def run_tags(recipe: Optional[str], world: World, resumed_at: Optional[int]) -> Dict[str, object]:
-    """What this job ran: code, recipe, layout, where; tags are overwritten by each job."""
+    """What this job ran: code, recipe, layout, where, who; tags are overwritten by each job.
+    MLflow's UI shows ``mlflow.source.name`` as the run's Source (in full for a JOB) and
+    ``mlflow.user`` as Created by (the Sender creates the run with these tags)."""
+    command = f"llada train {recipe}" if recipe else "(in-process config)"
     tags: Dict[str, object] = {
         **git_commit(), "recipe": recipe or "(in-process config)",
+        "mlflow.source.name": command, "mlflow.source.type": "JOB",
+        "mlflow.user": _user(),
         "layout": f"TP{world.tp}xPP{world.pp}xDP{world.dp}", "world_size": world.world_size,
         "host": socket.gethostname(),
         "resumed_at_step": "no (fresh start)" if resumed_at is None else resumed_at,
@@ -171,6 +178,13 @@ def run_tags(recipe: Optional[str], world: World, resumed_at: Optional[int]) -> 
         tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
         tags["slurm_restart_count"] = os.environ.get("SLURM_RESTART_COUNT", "0")
     return tags
+
+
+def _user() -> str:
+    try:
+        return os.environ.get("SLURM_JOB_USER") or getpass.getuser()
+    except (KeyError, OSError):  # a container's uid with no name
+        return "unknown"
 
 
 def open_tracker(cfg: TrackingConfig, world: World, run_dir: Path, *, run_name: str,

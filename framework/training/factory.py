@@ -37,6 +37,7 @@ from framework.parallel.layout import recompute_flags, stage_bounds
 from framework.parallel.world import (DeepSpeedMPU, World, check_sequence_parallel, init_world,
                                       reduce_sequence_parallel_grads)
 from framework.tracking.tracker import flatten, open_tracker, run_id_for_rank0
+from framework.training.phases import OptimizerTimer
 from framework.training.deepspeed_config import deepspeed_json
 from framework.training.flops import FlopCounter, peak_flops
 from framework.training.metrics import PLOT, MetricsStream, Window
@@ -185,7 +186,11 @@ def build_trainer(cfg: Config, stop: Optional[StopRequest] = None,
                    loss_fn=loss_fn, guard=guard, loss_by_t=loss_by_t,
                    lr_at=lambda step: wsd_lr(step, tc.steps, oc.lr, cfg.schedule),
                    checkpointer=checkpointer, checkpoint_meta=meta_for, metrics=metrics,
-                   window=Window(world, FlopCounter(cfg.model, kind), peak), stop=stop,
+                   window=Window(world, FlopCounter(cfg.model, kind), peak,
+                                 # the pipeline's schedule is one call: its optimizer step timed
+                                 OptimizerTimer(engine.optimizer, world.device).take
+                                 if world.pp > 1 else None),
+                   stop=stop,
                    progress=progress, resume=resume, summary_path=run_dir / "summary.json",
                    facts=facts, log=log, validator=validator, eval_cfg=cfg.eval)
 

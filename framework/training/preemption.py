@@ -81,6 +81,10 @@ class StopRequest:
     def note_save(self, seconds: float) -> None:
         self.save_seconds = seconds
 
+    def seconds_left(self) -> Optional[float]:
+        """Until the job's end (None: no deadline known)."""
+        return None if self.deadline is None else self.deadline - self.clock()
+
     @property
     def reason(self) -> Optional[str]:
         """Why this rank wants to stop now, or None."""

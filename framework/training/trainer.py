@@ -102,7 +102,7 @@ class Trainer:
         else:
             self.beat.mark(FORWARD_BACKWARD)
             loss = self._micro_steps(batches)
-        own = self.beat.own_seconds()  # the loss is on the host: the step's device work is done
+        times = self.beat.times()  # the loss is on the host: the step's device work is done
         skipped = self.guard.verdict()
         self.loss_by_t.end_step(keep=not skipped)
         grad_norm = None if skipped else self.engine.get_global_grad_norm()
@@ -114,8 +114,7 @@ class Trainer:
         return StepResult(step=self.step, loss=float("nan") if skipped else loss, lr=lr,
                           grad_norm=None if grad_norm is None else float(grad_norm),
                           tokens=tokens, seq_len=length, masked=masked,
-                          seconds=time.perf_counter() - start, skipped=skipped,
-                          own_seconds=own)
+                          seconds=time.perf_counter() - start, skipped=skipped, times=times)
 
     def _micro_steps(self, batches) -> float:
         """One process holds the whole model: forward, loss, backward per micro-batch; DeepSpeed
@@ -136,6 +135,7 @@ class Trainer:
                 self.beat.mark(OPTIMIZER)
             engine.step()
             loss_sum += loss.detach().double()
+        self.beat.work_queued()  # what follows is the loss for the step's record
         dist.all_reduce(loss_sum, group=parallel_state.get_data_parallel_group())
         return loss_sum.item() / (len(batches) * self.world.dp)
 
@@ -234,7 +234,9 @@ class Trainer:
         if self.metrics.due(result.step):
             values = self.window.take(result, consumed_tokens=self.consumed_tokens,
                                       skipped_steps=self.skipped_steps,
-                                      data_counters=self.data.counters, loss_by_t=self.loss_by_t)
+                                      data_counters=self.data.counters, loss_by_t=self.loss_by_t,
+                                      steps_left=self.cfg.steps - self.step,
+                                      job_seconds_left=self.stop.seconds_left())
             self.metrics.write(result.step, {**values, **validation})
         elif validation:
             self.metrics.write(result.step, {CONSUMED_TOKENS: self.consumed_tokens, **validation})
@@ -243,6 +245,7 @@ class Trainer:
         """The held-out sets on the weights after ``self.step`` steps (collective); this job's
         last and best of each set kept for summary.json and checkpoint.keep_best."""
         values = self.validator.evaluate()
+        self.window.note("validation", values[VAL_SECONDS])
         for name, stats in self.validator.results.items():
             point = {"step": self.step, **{k: v for k, v in stats.items()
                                            if not k.startswith("loss_by_ratio/")}}
@@ -263,6 +266,7 @@ class Trainer:
             self.beat.mark(LOG)
             seconds = time.perf_counter() - start
             self.stop.note_save(seconds)
+            self.window.note("checkpoint", seconds)
             self.metrics.checkpoint(self.step, path, seconds)
         return stop
 

@@ -23,6 +23,7 @@ from megatron.core import parallel_state as ps
 from framework.config import load_config
 from framework.model.weights import full_state_dict
 from framework.training.factory import build_trainer
+from framework.training.metrics import FRACTION
 from tests.conftest import DEBUG_RECIPE, quick_overrides
 
 STEPS = 3
@@ -74,9 +75,14 @@ def run_layout(out: Path, manifest: Path, name: str, extra: list) -> None:
         trainer.train_step()  # and after a step: the engine's training state does not leak in
         result["after_a_step"] = trainer.validator.evaluate()
     else:
-        losses = [trainer.train_step().loss for _ in range(STEPS)]
+        steps = [trainer.train_step() for _ in range(STEPS)]
         weights = full_state_dict(trainer.engine.module, cfg.deepspeed.zero_stage)
-        result = {"losses": losses, "weights": weights}
+        for step in steps:  # the record's time split (collective); pipelines: DeepSpeed's timer
+            trainer.window.add(step)
+        values = trainer.window.take(steps[-1], consumed_tokens=0, skipped_steps=0,
+                                     data_counters={}, loss_by_t=trainer.loss_by_t)
+        split = {p: values[FRACTION.format(p)] for p in ("data", "forward_backward", "optimizer")}
+        result = {"losses": [s.loss for s in steps], "weights": weights, "split": split}
     trainer.data.close()
     if dist.get_rank() == 0:
         torch.save(result, out / f"{name}.pt")

@@ -126,6 +126,9 @@ def test_layouts_match_one_process(tmp_path, small_dataset, small_heldout, small
             continue
         ref_losses, ref_weights = {"ar": ar_reference, "sft": sft_reference}.get(
             name.split("-")[0], reference[:2])
+        split = got["split"]  # where the steps' time went: pipelines too (DeepSpeed's timer)
+        assert split["forward_backward"] > 0 and split["optimizer"] > 0, (name, split)
+        assert sum(split.values()) <= 1 + 1e-6, (name, split)
         for step, (a, b) in enumerate(zip(got["losses"], ref_losses)):
             assert abs(a - b) <= 1e-5 * abs(b), f"{name}: step {step} loss {a} vs {b}"
         assert got["weights"].keys() == ref_weights.keys(), name

@@ -96,7 +96,9 @@ def losses(run_dir):
             if "train/loss" in r]  # not the evaluation at step 0
 
 
-CONSOLE = re.compile(r"^step +(\d+)/\d+ \| loss ([\d.]+|nan) \| lr ([\d.e+-]+) \|", re.M)
+# the loss is over the steps the line names: here, one (tracking.log_interval=1)
+CONSOLE = re.compile(r"^step +(\d+)/\d+ \| loss ([\d.]+|nan) \(step \1[^)]*\) "
+                     r"\| lr ([\d.e+-]+) \|", re.M)
 
 
 def console(*outputs):

@@ -1,6 +1,7 @@
 """The README's main job, end to end: the debug recipe on CPU from the embedded default corpus,
 tracked in a real MLflow server and read back from it."""
 
+import getpass
 import json
 import re
 import socket
@@ -55,7 +56,10 @@ def test_debug_recipe_trains_and_the_loss_falls(debug_run, mlflow_server):
     assert (tmp_path / "checkpoints" / "step_00000040" / "meta.json").is_file()
     metrics = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 3  # the start's evaluation, step 25 and the last
-    assert "step     40/40 | loss" in proc.stdout
+    # the log line's window, time split and ETA (the operator reads the job log, no bar)
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("step     40/40 | loss")]
+    assert re.search(r"\(steps 26-40\) .* \| data wait \d+% fwd\+bwd \d+% optimizer \d+% .*"
+                     r"\| eta 0s \|", line), line
     # the held-out split was prepared with the data; its bound falls, in bits per byte too
     assert json.loads(held.read_text())["samples"] >= 128
     val = summary["validation"]["stdlib"]
@@ -113,10 +117,16 @@ def check_first_screen(proc):
     assert "each named in" in warning and "skipped-inputs.txt" in warning
 
 
-STEP_METRICS = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
-                "train/consumed_tokens", "train/skipped_steps", "train/seq_len",
-                "time/step_seconds", "data/bad_samples", "data/corrupt_shards",
-                "data/missing_shards", *(f"train/loss_by_t/{b}" for b in t_bucket_names())}
+STEP_METRICS = {"train/loss", "train/loss_step", "train/lr", "train/grad_norm",
+                "train/grad_norm_max", "train/window_steps", "train/window_skipped",
+                "train/tokens_per_s", "train/consumed_tokens", "train/skipped_steps",
+                "train/seq_len", "time/step_seconds", "time/step_seconds_median",
+                "time/step_seconds_p90", "time/eta_seconds",
+                *(f"time/{part}_fraction" for part in ("data", "forward_backward", "optimizer",
+                                                       "checkpoint", "validation")),
+                "memory/rss_gib", "memory/peak_rss_gib", "data/bad_samples",
+                "data/corrupt_shards", "data/missing_shards",
+                *(f"train/loss_by_t/{b}" for b in t_bucket_names())}
 VAL_METRICS = {"val/stdlib/loss", "val/stdlib/loss_mc_stderr", "val/stdlib/loss_seq_stderr",
                "val/stdlib/bpb", "val/stdlib/bpb_without_first", "time/val_seconds"}
 
@@ -134,6 +144,10 @@ def check_mlflow_run(client, run_dir, metrics_lines):
     assert re.fullmatch(r"[0-9a-f]{40}", tags["mlflow.source.git.commit"]), tags
     assert tags["recipe"].startswith(f"{DEBUG_RECIPE} run.dir={run_dir}")
     assert (tags["layout"], tags["world_size"]) == ("TP1xPP1xDP1", "1")
+    # the run page's Source and Created by
+    assert tags["mlflow.source.name"] == f"llada train {tags['recipe']}"
+    assert tags["mlflow.source.type"] == "JOB"
+    assert tags["mlflow.user"] == run.info.user_id == getpass.getuser()
     assert tags["host"] == socket.gethostname()
     assert json.loads((run_dir / "tracking" / "run.json").read_text())["run_id"] == run_id
 
@@ -143,8 +157,14 @@ def check_mlflow_run(client, run_dir, metrics_lines):
     # MFU needs the accelerator's peak: none on CPU, so none is made up; no GPU memory either
     by_ratio = {k for k in run.data.metrics if k.startswith("val/stdlib/loss_by_ratio/")}
     assert len(by_ratio) == 10
-    assert set(run.data.metrics) == STEP_METRICS | VAL_METRICS | by_ratio | {
+    system = {k for k in run.data.metrics if k.startswith("system/")}  # MLflow's system metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
+    assert set(run.data.metrics) == STEP_METRICS | VAL_METRICS | by_ratio | system | {
         "checkpoint/save_seconds"}
+    # the UI's chart sections are the names' first parts: one per concern, no catch-all
+    assert {k.split("/")[0] for k in run.data.metrics if "/" in k} == {
+        "train", "val", "time", "memory", "data", "checkpoint", "system"}
+    assert all("/" in k for k in run.data.metrics)
     for name in STEP_METRICS | VAL_METRICS:  # every metric of every record, same step and value
         history = {m.step: m.value for m in client.get_metric_history(run_id, name)}
         assert history == {r["step"]: r[name] for r in records if name in r}, name
