@@ -103,6 +103,49 @@ def evict(tag_dir: Path) -> None:
                 os.close(fd)
 
 
+def async_rows(trainer, cfg, repeats, model, command, machine, today, record) -> None:
+    """(d) The training's stall per save with checkpoint.async_save against the synchronous
+    save of the same state, alternating; the async save's whole time (its background write
+    included) beside it."""
+    from dataclasses import replace
+
+    from framework.checkpoint.checkpointer import Checkpointer
+
+    sync = trainer.checkpointer
+    background = Checkpointer(replace(cfg.checkpoint, async_save=True), sync.root,
+                              trainer.world, sync.tokenizer, sync.log)
+    rows = []
+    for i in range(repeats):
+        times = {}
+        for mode in (["sync", "async"] if i % 2 == 0 else ["async", "sync"]):
+            trainer.checkpointer = background if mode == "async" else sync
+            start = time.perf_counter()
+            path = trainer.save_checkpoint()
+            stall = time.perf_counter() - start
+            trainer.checkpointer.wait()
+            times[mode] = (stall, time.perf_counter() - start)
+            trainer.step += 1
+        written = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        rows.append([today, machine, model, f"{written / 2**30:.2f}",
+                     f"{times['sync'][0]:.2f}", f"{times['async'][0]:.2f}",
+                     f"{times['async'][1]:.2f}", f"{times['async'][0] / times['sync'][0]:.2f}",
+                     command])
+    trainer.checkpointer = sync
+    if len(rows) > 1:
+        rows.append([today, machine, f"{model}, **median of {len(rows)}**", rows[0][3],
+                     *(f"{statistics.median(float(r[i]) for r in rows):.2f}"
+                       for i in range(4, 8)), command])
+    record("Checkpoint save: the training's stall with checkpoint.async_save vs the sync save",
+           "stall = how long save_checkpoint keeps the training waiting: with async_save the "
+           "copy of every rank's state into host buffers (pinned on CUDA, reused); the writing, "
+           "hashing, sync, meta.json, rename and `latest` then run in a background thread "
+           "(async total: until that is done, measured with the training idle). Synchronous "
+           "and asynchronous saves alternate. ratio = async stall / sync save; target <= 0.33. "
+           "One process, ZeRO-1.",
+           ["date", "machine", "model", "GiB", "sync save s", "async stall s", "async total s",
+            "stall ratio", "command"], rows)
+
+
 def timed(fn):
     start = time.perf_counter()
     out = fn()
@@ -116,6 +159,8 @@ def main() -> None:
                                               "manifest.json"),
                         help="a prepared manifest (the debug recipe's, by default)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--only-async", action="store_true",
+                        help="only (d): the asynchronous save's stall against the synchronous save")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -143,6 +188,12 @@ def main() -> None:
     params = trainer.facts["parameters"]
 
     rows, checks = [], []
+    model = f"{params / 1e6:.0f}M params ({' '.join(args.overrides) or 'recipe as is'})"
+    where = f"BENCH_DIR={os.environ['BENCH_DIR']} " if os.environ.get("BENCH_DIR") else ""
+    command = f"`{where}python benchmarks/checkpoint_io.py {' '.join(sys.argv[1:])}`"
+    async_rows(trainer, cfg, args.repeats, model, command, machine(), today(), record)
+    if args.only_async:
+        return
 
     def load(path):
         load_checkpoint(path, trainer.engine, trainer.data, trainer.world,
@@ -156,9 +207,6 @@ def main() -> None:
         assert damaged(path, meta, rels) == [], path
         load(path)
 
-    model = f"{params / 1e6:.0f}M params ({' '.join(args.overrides) or 'recipe as is'})"
-    where = f"BENCH_DIR={os.environ['BENCH_DIR']} " if os.environ.get("BENCH_DIR") else ""
-    command = f"`{where}python benchmarks/checkpoint_io.py {' '.join(sys.argv[1:])}`"
     for _ in range(args.repeats):
         save_s, path = timed(trainer.save_checkpoint)
         written = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

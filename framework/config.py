@@ -160,8 +160,8 @@ class CheckpointConfig:
     save_final: bool = False
     keep: int = 2  # newest complete checkpoints kept; older ones deleted once a newer is complete
     keep_every: int = 0  # also keep, permanently, every checkpoint whose step is a multiple of it
-    # also keep the checkpoint with the lowest validation loss (of data.validation's first set)
-    keep_best: bool = False
+    keep_best: bool = False  # also keep the one of lowest loss on data.validation's first set
+    async_save: Optional[bool] = None  # write in the background (null: on CUDA); see README
     # auto: the newest complete checkpoint under <run.dir>/checkpoints; never: start fresh (refused
     # over existing checkpoints); or a path to a step_N directory or to a checkpoints directory
     resume: str = "auto"

@@ -14,6 +14,7 @@ checkpoints are deleted only after a newer one is complete.
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import os
@@ -29,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.files import atomic_write
+from framework.checkpoint.async_save import async_engine, test_delay
 from framework.checkpoint.files import (FORMAT, LATEST, META, TOKENIZER, deepspeed_files,
                                         rank_file, step_of, tag_for)
 from framework.checkpoint.integrity import (ALGORITHM, damaged, hash_bytes, hash_file,
@@ -239,9 +241,19 @@ class Checkpointer:
 
     def __init__(self, cfg: CheckpointConfig, root: Path, world: World, tokenizer: Path,
                  log: Callable[[str], None]):
-        """``tokenizer``: the data's SentencePiece model, copied into every checkpoint."""
+        """``tokenizer``: the data's SentencePiece model, copied into every checkpoint.
+        Collective where saves are asynchronous: their background collectives get a group."""
         self.cfg, self.root, self.world, self.log = cfg, root, world, log
         self.tokenizer = tokenizer
+        self.async_save = world.device.type == "cuda" if cfg.async_save is None \
+            else cfg.async_save
+        # a group of its own: its collectives run beside the training's, in another thread
+        self._group = dist.new_group(backend="gloo") if self.async_save else None
+        self._saving: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        # (step, path, seconds from the save's start) of background saves completed since
+        # the trainer last took them
+        self.completed: collections.deque = collections.deque()
         # [due by rank 0's clock, save requested, stop wanted]: agreed once per step
         self._flags = torch.zeros(3, device=world.device)
         self._last_save = time.monotonic()
@@ -268,10 +280,12 @@ class Checkpointer:
         return by_step or timed or requested or stop, stop
 
     def save(self, engine, step: int, meta: dict, data_state: Optional[dict]) -> Path:
-        """Every rank calls this. Returns the complete checkpoint's path."""
+        """Every rank calls this. Returns the checkpoint's path: complete, or (async_save) once
+        every rank's state is copied to host memory, its files being written in the background
+        (``wait`` for them; ``latest`` names it once every rank's files are complete)."""
+        self.wait()  # the previous save complete, and its retention
         tag = tag_for(step)
         final, tmp = self.root / tag, self.root / f"{tag}.tmp"
-        self.wait()  # the previous save's retention
         sums: Dict[str, str] = {}  # this rank's files (relative to tmp) -> checksum
         if self.world.is_main:
             for stale in [*self.root.glob("step_*.tmp"), *self.root.glob("step_*.replaced")]:
@@ -280,46 +294,78 @@ class Checkpointer:
             shutil.copyfile(self.tokenizer, tmp / TOKENIZER)
             sums[TOKENIZER] = hash_file(tmp / TOKENIZER)
         dist.barrier()
-        writer = hashing_engine(engine)
+        writer = async_engine(engine, self.world.device.type == "cuda") if self.async_save \
+            else hashing_engine(engine)
         engine.save_checkpoint(str(self.root), tag=tmp.name, client_state={"step": step},
                                save_latest=False)
-        sums.update({os.path.relpath(p, os.path.abspath(tmp)): h
-                     for p, h in writer.take().items()})
-
-        def write(rel: str, data: bytes) -> None:
-            atomic_write(tmp / rel, data)
-            sums[rel] = hash_bytes(data)
-
-        write(rank_file("rng", self.world.rank), _torch_bytes(rng_state()))
+        small = {rank_file("rng", self.world.rank): _torch_bytes(rng_state())}
         # one writer per data-parallel rank: its tensor/pipeline peers hold the same stream
         if data_state is not None and self.world.tp_rank == 0 and self.world.pp_rank == 0:
-            write(rank_file("data", self.world.dp_rank), json.dumps(data_state).encode())
-        every: Optional[List[Dict[str, str]]] = [{} for _ in range(self.world.world_size)] \
+            small[rank_file("data", self.world.dp_rank)] = json.dumps(data_state).encode()
+        meta = {**meta, "format": FORMAT, "step": step}
+        self._last_save, self._requested = time.monotonic(), False
+        if not self.async_save:
+            self._complete(step, tmp, final, meta, sums, small, writer, None)
+            return final
+        captured = writer.captured()  # all the step waits for
+        self._saving = threading.Thread(
+            target=self._background, name="checkpoint-save",
+            args=(step, tmp, final, meta, sums, small, writer, captured, time.monotonic()))
+        self._saving.start()
+        return final
+
+    def _background(self, step, tmp, final, meta, sums, small, writer, captured,
+                    start) -> None:
+        try:
+            self._complete(step, tmp, final, meta, sums, small, writer, captured)
+            self.completed.append((step, final, time.monotonic() - start))
+        except BaseException as e:  # noqa: BLE001 - raised again by wait, in the main thread
+            self._error = e
+
+    def _complete(self, step: int, tmp: Path, final: Path, meta: dict, sums: Dict[str, str],
+                  small: Dict[str, bytes], writer, captured) -> None:
+        """This rank's files written and hashed, then, once every rank's are on disk, rank 0
+        publishes (collective: on the world, or in the background on the save's own group)."""
+        group = self._group if captured is not None else None
+        problem_here = None
+        try:
+            if captured is not None:
+                test_delay(step)
+                writer.write(captured)
+            sums.update({os.path.relpath(p, os.path.abspath(tmp)): h
+                         for p, h in writer.take().items()})
+            for rel, data in small.items():
+                atomic_write(tmp / rel, data)
+                sums[rel] = hash_bytes(data)
+        except OSError as e:  # told to every rank below, which then all fail alike
+            problem_here = f"rank {self.world.rank} could not write its files: {e}"
+        every: Optional[List[tuple]] = [None] * self.world.world_size \
             if self.world.is_main else None
-        dist.gather_object(sums, every, dst=0)
-        dist.barrier()
+        dist.gather_object((sums, problem_here), every, dst=0, group=group)
+        dist.barrier(group=group)
         # every rank's shards on disk before meta.json claims them: one sync per node, which
         # flushes what all of its ranks wrote (cheaper than each rank fsyncing each file)
         if self.world.local_rank == 0:
             os.sync()
-        dist.barrier()
+        dist.barrier(group=group)
         verdict: List[Optional[str]] = [None]
         if self.world.is_main:
+            failed = next((why for _, why in every if why is not None), None)
             try:
-                sums = {rel: h for rank_sums in every for rel, h in rank_sums.items()}
-                self._publish(tmp, final, {**meta, "format": FORMAT, "step": step}, sums)
+                if failed is not None:
+                    raise CheckpointError(failed)
+                sums = {rel: h for rank_sums, _ in every for rel, h in rank_sums.items()}
+                self._publish(tmp, final, meta, sums)
             except (OSError, CheckpointError) as e:
                 verdict[0] = f"checkpoint at step {step}: {e}"
-        dist.broadcast_object_list(verdict, src=0)
+        dist.broadcast_object_list(verdict, src=0, group=group)
         if verdict[0] is not None:
             raise CheckpointError(verdict[0])
-        self._last_save, self._requested = time.monotonic(), False
         self.log(f"llada: checkpoint {final}")
         if self.world.is_main:  # deleting old trees can be slow on a parallel filesystem
             self._retention = threading.Thread(target=self._retain, args=(step,),
                                                name="checkpoint-retention")
             self._retention.start()
-        return final
 
     def _publish(self, tmp: Path, final: Path, meta: dict, sums: Dict[str, str]) -> None:
         """Rank 0, once every rank's files are on disk: meta.json (sizes and the checksums the
@@ -356,7 +402,14 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
 
     def wait(self) -> None:
-        """Until the last retention pass has finished (before a save, and at the end)."""
+        """Until the last save is complete (async_save) and its retention pass has finished:
+        before a save, and at the end. A background save that failed raises here."""
+        if self._saving is not None:
+            self._saving.join()
+            self._saving = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
         if self._retention is not None:
             self._retention.join()
             self._retention = None

@@ -78,7 +78,7 @@ class HashingCheckpointEngine(TorchCheckpointEngine):
 
 def hashing_engine(engine) -> HashingCheckpointEngine:
     """The engine's checkpoint engine, replaced by ours on first use."""
-    if not isinstance(engine.checkpoint_engine, HashingCheckpointEngine):
+    if type(engine.checkpoint_engine) is not HashingCheckpointEngine:  # nor the async one
         engine.checkpoint_engine = HashingCheckpointEngine(engine._config)
     return engine.checkpoint_engine
 

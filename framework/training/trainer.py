@@ -200,7 +200,8 @@ class Trainer:
                 if self.maybe_checkpoint(final=self.step == steps):
                     self.log(f"llada: stopping after step {self.step}/{steps}: "
                              f"{self.stop.reason or 'another rank asked to stop'}; the checkpoint "
-                             f"of step {self.step} is saved, the next start resumes from it")
+                             f"of step {self.step} is saved (this process ends once it is "
+                             f"complete), the next start resumes from it")
                     break
             status = "completed" if self.step == steps else "stopped"
         except TrainingError:
@@ -213,7 +214,8 @@ class Trainer:
             self.beat.mark(FINISH)
             try:
                 self.data.close()
-                self.checkpointer.wait()
+                self.checkpointer.wait()  # a stop exits only once its save is complete
+                self._report_saves()
                 summary = self._summary(status, time.perf_counter() - start)
                 if self.world.is_main:
                     self.summary_path.write_text(json.dumps(summary, indent=2) + "\n")
@@ -258,17 +260,27 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def maybe_checkpoint(self, final: bool) -> bool:
         """Save if due; whether the run stops here (both agreed by every rank)."""
+        self._report_saves()
         save, stop = self.checkpointer.due(self.step, final, stop=self.stop.reason is not None)
         if save:
             start = time.perf_counter()
             self.beat.mark(SAVE)
             path = self.save_checkpoint()
             self.beat.mark(LOG)
-            seconds = time.perf_counter() - start
-            self.stop.note_save(seconds)
+            seconds = time.perf_counter() - start  # what the training waited
             self.window.note("checkpoint", seconds)
-            self.metrics.checkpoint(self.step, path, seconds)
+            if not self.checkpointer.async_save:
+                self.stop.note_save(seconds)
+                self.metrics.checkpoint(self.step, path, seconds)
         return stop
+
+    def _report_saves(self) -> None:
+        """The background saves completed since the last look: their record (the whole save's
+        seconds, ``checkpoint/latest``) and the deadline guard's time for a save."""
+        while self.checkpointer.completed:
+            step, path, seconds = self.checkpointer.completed.popleft()
+            self.stop.note_save(seconds)
+            self.metrics.checkpoint(step, path, seconds)
 
     def save_checkpoint(self) -> Path:
         """The complete checkpoint of this step (collective)."""

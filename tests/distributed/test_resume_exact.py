@@ -51,16 +51,20 @@ def descendants(pid: int) -> list:
     return out
 
 
-def kill_9_past_checkpoint(args, run_dir, tag_dir: Path, logged_steps=None) -> None:
+def kill_9_past_checkpoint(args, run_dir, tag_dir: Path, logged_steps=None, ready=None,
+                           env_extra=None) -> None:
     """Start the run and SIGKILL it, torchrun and every worker and the tracking courier (they run
     in their own sessions), once the checkpoint at step N is complete and step N + 1 logged
-    (``logged_steps(run_dir)``: by default the MLflow outbox's)."""
+    (``logged_steps(run_dir)``: by default the MLflow outbox's), or once ``ready()``."""
     logged_steps = logged_steps or outbox_steps
+    ready = ready or (lambda: (tag_dir / "meta.json").exists() and
+                      N + 1 in logged_steps(run_dir))
     cmd, env = cli_command(args, nproc=2)
+    env.update(env_extra or {})
     with open(run_dir.parent / "killed.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
-        while not ((tag_dir / "meta.json").exists() and N + 1 in logged_steps(run_dir)):
+        while not ready():
             assert proc.poll() is None, (run_dir.parent / "killed.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint at step N, or no step N + 1"
             time.sleep(0.02)
@@ -198,6 +202,37 @@ def test_kill_9_and_resume_is_bitwise_identical(tmp_path, small_dataset, small_h
     for r in records(killed)[1:]:  # after the evaluation at step 0
         assert printed[r["step"]] == (f"{r['train/loss']:.4f}", f"{r['train/lr']:.3e}"), r
         assert lr[r["step"]] == r["train/lr"]
+
+
+def test_kill_9_during_a_background_save_resumes_from_the_one_before(tmp_path, small_dataset,
+                                                                    small_heldout, whole):
+    """checkpoint.async_save: killed while the final checkpoint's files are being written in
+    the background (held back there), the run resumes from step N's, complete before it, and
+    ends as the uninterrupted synchronous run did, bitwise: async checkpoints hold what the
+    synchronous ones do."""
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    args = overrides(killed, small_dataset, small_heldout) + ["checkpoint.async_save=true"]
+    last = killed / "checkpoints" / f"step_{2 * N:08d}.tmp"
+    seen = []
+
+    def writing_the_last_one():  # its save began 2 s ago: it is in its (held back) background
+        if last.exists() and not seen:
+            seen.append(time.monotonic())
+        return bool(seen) and time.monotonic() - seen[0] > 2.0
+
+    kill_9_past_checkpoint(args, killed, None, ready=writing_the_last_one,
+                           env_extra={"LLADA_TEST_SAVE_DELAY": f"{2 * N}:120"})
+    assert (killed / "checkpoints" / f"step_{N:08d}" / "meta.json").exists()
+    assert not (killed / "checkpoints" / f"step_{2 * N:08d}").exists()
+    assert (killed / "checkpoints" / "latest").read_text() == f"step_{N:08d}"
+    proc = run_cli(args, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {killed / 'checkpoints' / f'step_{N:08d}'} at step {N}" in proc.stdout
+    assert losses(killed) == losses(whole)
+    a, b = final_state(whole), final_state(killed)
+    assert a.keys() == b.keys() and len(a) > 10
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
 
 
 def test_resume_under_one_data_parallel_rank(tmp_path, small_dataset, small_heldout, whole):

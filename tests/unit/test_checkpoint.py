@@ -178,3 +178,37 @@ def test_a_rollback_whose_start_fails_is_still_a_rollback_on_the_next(world, tmp
     trainer.fit()
     again = make_trainer(tmp_path, small_dataset, 6, "checkpoint.interval=2")
     assert again.resume.step == 4 and not again.resume.rollback  # an ordinary resume now
+
+
+def test_an_async_save_holds_the_state_of_its_step_while_training_goes_on(world, tmp_path,
+                                                                         small_dataset,
+                                                                         monkeypatch):
+    """checkpoint.async_save: the save returns once the state is copied; its files, written
+    while two more steps change every weight (held back 1 s), hold the weights of its step,
+    and verify; ``latest`` names it only once it is complete."""
+    import torch
+
+    from framework.checkpoint.checkpointer import verify_checkpoint
+
+    monkeypatch.setenv("LLADA_TEST_SAVE_DELAY", "2:1")
+    trainer = make_trainer(tmp_path, small_dataset, 10, "checkpoint.async_save=true",
+                           "deepspeed.zero_stage=1")
+    for _ in range(2):
+        trainer.train_step()
+    weights = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()
+               if torch.is_tensor(v)}
+    path = trainer.save_checkpoint()
+    assert not path.exists() and not (tmp_path / "checkpoints" / "latest").exists()
+    trainer.train_step()
+    trainer.train_step()
+    trainer.checkpointer.wait()
+    assert (tmp_path / "checkpoints" / "latest").read_text() == tag_for(2)
+    assert verify_checkpoint(path) == []
+    saved = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu",
+                       weights_only=False)["module"]
+    now = trainer.engine.module.state_dict()
+    assert all(torch.equal(saved[k], weights[k]) for k in weights)
+    assert any(not torch.equal(now[k], weights[k]) for k in weights)  # the training went on
+    (step, done, seconds), = trainer.checkpointer.completed
+    assert (step, done) == (2, path) and seconds >= 1.0
+    trainer.data.close()
