@@ -75,6 +75,24 @@ class HashingCheckpointEngine(TorchCheckpointEngine):
         written, self._written = self._written, {}
         return written
 
+    def load(self, path: str, map_location=None):
+        """Memory-mapped: one pass over the file, into the tensors DeepSpeed copies from (the
+        resume's check has just read it, so from the page cache); none kept file-backed
+        (``detach_from_files``)."""
+        return torch.load(path, map_location=map_location, mmap=True, weights_only=False)
+
+
+def detach_from_files(engine) -> None:
+    """The optimizer state a load left memory-mapped from the checkpoint's files (torch's
+    Optimizer.load_state_dict keeps a tensor of the right device and dtype as it is) copied into
+    the process's own memory: the files may go (retention) and the pages are the training's."""
+    for opt in {id(o): o for o in (engine.optimizer,
+                                   getattr(engine.optimizer, "optimizer", None)) if o}.values():
+        for state in getattr(opt, "state", {}).values():
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.untyped_storage().filename is not None:
+                    state[key] = value.clone()
+
 
 def hashing_engine(engine) -> HashingCheckpointEngine:
     """The engine's checkpoint engine, replaced by ours on first use."""

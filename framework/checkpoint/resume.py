@@ -20,7 +20,7 @@ from framework.checkpoint.checkpointer import (CheckpointError, complete_checkpo
                                                resume_candidates, set_aside_newer, set_rng_state)
 from data_pipeline.files import atomic_write
 from framework.checkpoint.files import ROLLBACK, ROLLBACKS, files_read, rank_file
-from framework.checkpoint.integrity import damaged, share
+from framework.checkpoint.integrity import damaged, detach_from_files, hashing_engine, share
 from framework.config import ConfigError
 from framework.parallel.world import World
 
@@ -282,11 +282,13 @@ def load_checkpoint(path: Path, engine, data, world: World, now: dict,
     meta = read_meta(path)
     saved = meta["layout"]
     if all(saved[k] == now[k] for k in SHARD_LAYOUT):
+        hashing_engine(engine)  # its load: memory-mapped
         loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name,
                                            load_optimizer_states=True,
                                            load_lr_scheduler_states=False)
         if loaded is None:  # DeepSpeed only logs a missing file; resuming without it is wrong
             raise CheckpointError(f"{path}: DeepSpeed found no model states to load")
+        detach_from_files(engine)
         how = "same layout"
     else:
         _reshard(path, saved, engine, world)
