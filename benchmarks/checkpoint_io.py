@@ -108,6 +108,15 @@ def evict(tag_dir: Path) -> None:
                 os.close(fd)
 
 
+def with_median(rows: list, model: str, end: int, command: str) -> None:
+    """A last row of the medians of columns 4..end-1 (after date, machine, model, size): one
+    repeat is noise on a shared machine."""
+    if len(rows) > 1:
+        rows.append([*rows[0][:2], f"{model}, **median of {len(rows)}**", rows[0][3],
+                     *(f"{statistics.median(float(r[i]) for r in rows):.2f}"
+                       for i in range(4, end)), command])
+
+
 def async_rows(trainer, cfg, repeats, model, command, machine, today, record) -> None:
     """(d) The training's stall per save with checkpoint.async_save against the synchronous
     save of the same state, alternating; the async save's whole time (its background write
@@ -136,10 +145,7 @@ def async_rows(trainer, cfg, repeats, model, command, machine, today, record) ->
                      f"{times['async'][1]:.2f}", f"{times['async'][0] / times['sync'][0]:.2f}",
                      command])
     trainer.checkpointer = sync
-    if len(rows) > 1:
-        rows.append([today, machine, f"{model}, **median of {len(rows)}**", rows[0][3],
-                     *(f"{statistics.median(float(r[i]) for r in rows):.2f}"
-                       for i in range(4, 8)), command])
+    with_median(rows, model, 8, command)
     record("Checkpoint save: the training's stall with checkpoint.async_save vs the sync save",
            "stall = how long save_checkpoint keeps the training waiting: with async_save the "
            "copy of every rank's state into host buffers (pinned on CUDA, reused); the writing, "
@@ -177,10 +183,7 @@ def cold_load_rows(trainer, work, repeats, model, command, machine, today, recor
                      f"{times['ours']:.2f}", f"{times['ref']:.2f}",
                      f"{times['ours'] / times['ref']:.2f}", command])
     ref_file.unlink()
-    if len(rows) > 1:
-        rows.append([today, machine, f"{model}, **median of {len(rows)}**", rows[0][3],
-                     *(f"{statistics.median(float(r[i]) for r in rows):.2f}"
-                       for i in range(4, 7)), command])
+    with_median(rows, model, 7, command)
     record("Checkpoint load from a cold page cache: ours, checked, vs torch.load",
            "ours: the resume's check of the files this rank reads against their checksums "
            "(one read of each), then DeepSpeed's load into the live engine through our "
@@ -325,10 +328,7 @@ def main() -> None:
             gc.collect()
         row += [f"{resume_s[True]:.2f}", f"{resume_s[False]:.2f}",
                 f"{resume_s[True] / resume_s[False]:.2f}", command]
-    if len(checks) > 1:  # one pair is noise on a shared machine: the medians of all of them
-        checks.append([*checks[0][:2], f"{model}, **median of {len(checks)}**", checks[0][3],
-                       *(f"{statistics.median(float(r[i]) for r in checks):.2f}"
-                         for i in range(4, 13)), command])
+    with_median(checks, model, 13, command)
     record("Checkpoint save and load: ours vs torch.save / torch.load",
            "Ours: DeepSpeed's shards + data/RNG state + meta.json, synced, renamed, `latest` "
            "moved; loaded into the live engine. Reference: the same weights, fp32 masters and "
