@@ -55,7 +55,10 @@ class HostCopies:
             if isinstance(o, tuple):
                 items = [visit(v) for v in o]
                 return type(o)(*items) if hasattr(o, "_fields") else type(o)(items)
-            return o  # numbers, strings, shapes: immutable, or not the training's to change
+            try:  # a loss scaler, a set: as they are now, not when the thread pickles them
+                return copy.deepcopy(o)
+            except Exception:  # noqa: BLE001 - not copyable: as it is
+                return o
 
         return visit(obj)
 
@@ -97,7 +100,7 @@ class AsyncCheckpointEngine(HashingCheckpointEngine):
 DELAY_ENV = "LLADA_TEST_SAVE_DELAY"  # tests only: STEP:SECONDS, that save's writing held back
 
 
-def test_delay(step: int) -> None:
+def held_back(step: int) -> None:
     """A background save held back (tests: a kill -9 while it is being written)."""
     spec = os.environ.get(DELAY_ENV, "")
     if spec and int(spec.split(":")[0]) == step:

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.files import atomic_write
-from framework.checkpoint.async_save import async_engine, test_delay
+from framework.checkpoint.async_save import async_engine, held_back
 from framework.checkpoint.files import (FORMAT, LATEST, META, TOKENIZER, deepspeed_files,
                                         rank_file, step_of, tag_for)
 from framework.checkpoint.integrity import (ALGORITHM, damaged, hash_bytes, hash_file,
@@ -330,14 +330,14 @@ class Checkpointer:
         problem_here = None
         try:
             if captured is not None:
-                test_delay(step)
+                held_back(step)
                 writer.write(captured)
             sums.update({os.path.relpath(p, os.path.abspath(tmp)): h
                          for p, h in writer.take().items()})
             for rel, data in small.items():
                 atomic_write(tmp / rel, data)
                 sums[rel] = hash_bytes(data)
-        except OSError as e:  # told to every rank below, which then all fail alike
+        except Exception as e:  # noqa: BLE001 - told to every rank below: all fail alike
             problem_here = f"rank {self.world.rank} could not write its files: {e}"
         every: Optional[List[tuple]] = [None] * self.world.world_size \
             if self.world.is_main else None
@@ -356,7 +356,7 @@ class Checkpointer:
                     raise CheckpointError(failed)
                 sums = {rel: h for rank_sums, _ in every for rel, h in rank_sums.items()}
                 self._publish(tmp, final, meta, sums)
-            except (OSError, CheckpointError) as e:
+            except Exception as e:  # noqa: BLE001 - every rank must hear of it
                 verdict[0] = f"checkpoint at step {step}: {e}"
         dist.broadcast_object_list(verdict, src=0, group=group)
         if verdict[0] is not None:

@@ -83,14 +83,16 @@ class HashingCheckpointEngine(TorchCheckpointEngine):
 
 
 def detach_from_files(engine) -> None:
-    """The optimizer state a load left memory-mapped from the checkpoint's files (torch's
-    Optimizer.load_state_dict keeps a tensor of the right device and dtype as it is) copied into
-    the process's own memory: the files may go (retention) and the pages are the training's."""
+    """The optimizer state a load may have left memory-mapped from the checkpoint's files
+    (torch's Optimizer.load_state_dict keeps a tensor of the right device and dtype as it is,
+    so on CPU and with the optimizer offloaded) copied into the process's own memory: the files
+    may go (retention) and the pages are the training's. Every CPU tensor of the state: a
+    private mapping does not say it is one."""
     for opt in {id(o): o for o in (engine.optimizer,
                                    getattr(engine.optimizer, "optimizer", None)) if o}.values():
         for state in getattr(opt, "state", {}).values():
             for key, value in state.items():
-                if torch.is_tensor(value) and value.untyped_storage().filename is not None:
+                if torch.is_tensor(value) and value.device.type == "cpu":
                     state[key] = value.clone()
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -25,7 +26,7 @@ from megatron.core import parallel_state
 
 from data_pipeline.errors import DataError
 from data_pipeline.loader import PretrainLoader
-from framework.checkpoint.checkpointer import Checkpointer
+from framework.checkpoint.checkpointer import Checkpointer, CheckpointError
 from framework.checkpoint.resume import Progress, Resume
 from framework.config import EvalConfig, TrainConfig
 from framework.evaluation.validator import VAL_SECONDS, Validator
@@ -211,10 +212,15 @@ class Trainer:
             status = "rolled_back"
             raise
         finally:
-            self.beat.mark(FINISH)
+            self.beat.mark(SAVE)  # a background save may still be writing
+            save_error = None
             try:
                 self.data.close()
-                self.checkpointer.wait()  # a stop exits only once its save is complete
+                try:
+                    self.checkpointer.wait()  # a stop exits only once its save is complete
+                except CheckpointError as e:  # the run's end is recorded all the same
+                    save_error, status = e, "failed"
+                self.beat.mark(FINISH)
                 self._report_saves()
                 summary = self._summary(status, time.perf_counter() - start)
                 if self.world.is_main:
@@ -222,6 +228,11 @@ class Trainer:
             finally:  # never left armed: it would end this process later
                 self.watchdog.stop()
             self.metrics.close(status)
+            if save_error is not None:
+                if sys.exc_info()[0] is not None:  # the error in flight goes on; this is told
+                    self.log(f"llada: error: {save_error}")
+                else:
+                    raise save_error
         self.log(f"llada: {'done' if status == 'completed' else status}: {summary['steps']} "
                  f"steps, {summary['tokens']} tokens, loss {summary['first_loss']:.4f} -> "
                  f"{summary['last_loss']:.4f}, {summary['tokens_per_s']:.0f} tokens/s; "
@@ -280,6 +291,7 @@ class Trainer:
         while self.checkpointer.completed:
             step, path, seconds = self.checkpointer.completed.popleft()
             self.stop.note_save(seconds)
+            self.beat.last[SAVE] = max(self.beat.last[SAVE], seconds)  # the watchdog's bound
             self.metrics.checkpoint(step, path, seconds)
 
     def save_checkpoint(self) -> Path:

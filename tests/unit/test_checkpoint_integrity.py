@@ -90,3 +90,22 @@ def test_every_file_is_verified_once_over_the_world():
     loads = [sum(meta["files"][f] for f in s) for s in shares]
     assert max(loads) - min(loads) <= 30  # spread by bytes, not by count
     assert share(meta, 0, 1) == sorted(meta["files"], key=lambda f: (-meta["files"][f], f))
+
+
+def test_a_loaded_optimizer_state_is_copied_out_of_the_mapped_file(tmp_path):
+    """The load maps the checkpoint's files; state torch's optimizer would keep as loaded (same
+    device and dtype) must not stay backed by them (retention deletes them)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from framework.checkpoint.integrity import detach_from_files
+
+    moments = torch.arange(1000.0)
+    torch.save({"exp_avg": moments}, tmp_path / "optim.pt")
+    mapped = torch.load(tmp_path / "optim.pt", mmap=True)["exp_avg"]
+    optimizer = SimpleNamespace(state={0: {"exp_avg": mapped, "step": 3}})
+    detach_from_files(SimpleNamespace(optimizer=optimizer))
+    got = optimizer.state[0]["exp_avg"]
+    assert torch.equal(got, moments) and optimizer.state[0]["step"] == 3
+    assert got.untyped_storage().data_ptr() != mapped.untyped_storage().data_ptr()
