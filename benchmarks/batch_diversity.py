@@ -11,7 +11,7 @@ data.seed=s, objective.seed=s) alike for both. Printed: the final held-out bound
 run's own evaluation: issue 9's estimator) of each run, the mean per sampler, the spread between
 seeds and the relative gap of the means, (a) / (b) - 1. Target (issue 17): within 0.5%.
 
-    python benchmarks/batch_diversity.py [--seeds 2] [--steps 200]
+    python benchmarks/batch_diversity.py [--seeds 2] [--first-seed 0] [--steps 200]
 
 About 2.5 minutes per run on 2 CPU cores (the data is prepared once, under a temporary directory).
 """
@@ -94,6 +94,7 @@ def run(overrides, reference: bool, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--first-seed", type=int, default=0)  # seeds first .. first + seeds - 1
     parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
 
@@ -108,7 +109,7 @@ def main() -> None:
               "checkpoint.interval=0"]
     bounds = {"loader": [], "reference": []}
     rows = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for name in ("loader", "reference"):
             run_dir = work / f"{name}-{seed}"
             overrides = [*common, f"run.dir={run_dir}", f"run.seed={1234 + seed}",
@@ -123,11 +124,13 @@ def main() -> None:
     spread = {k: (max(v) - min(v)) for k, v in bounds.items()}
     gap = means["loader"] / means["reference"] - 1
     for name in ("loader", "reference"):
-        rows.append([today(), machine(), name, f"{args.steps} steps x {args.seeds} seeds",
+        seeds = f"seeds {args.first_seed}-{args.first_seed + args.seeds - 1}"
+        rows.append([today(), machine(), name, f"{args.steps} steps x {seeds}",
                      " / ".join(f"{b:.4f}" for b in bounds[name]), f"{means[name]:.4f}",
                      f"{spread[name]:.4f}",
                      f"{gap:+.2%}" if name == "loader" else "(reference)",
                      f"`python benchmarks/batch_diversity.py --seeds {args.seeds} "
+                     f"--first-seed {args.first_seed} "
                      f"--steps {args.steps}`"])
     record("Batch diversity: streaming loader vs uniform in-memory sampler, held-out bound",
            "The debug recipe trained with each sampler, same seeds (init, data order, noise); the "

@@ -125,18 +125,19 @@ def async_rows(trainer, cfg, repeats, model, command, machine, today, record) ->
 
     from framework.checkpoint.checkpointer import Checkpointer
 
-    sync = trainer.checkpointer
+    manager = trainer.checkpoints  # its Checkpointer swapped for an async one, and back
+    sync = manager.checkpointer
     background = Checkpointer(replace(cfg.checkpoint, async_save=True), sync.root,
                               trainer.world, sync.tokenizer, sync.log)
     rows = []
     for i in range(repeats):
         times = {}
         for mode in (["sync", "async"] if i % 2 == 0 else ["async", "sync"]):
-            trainer.checkpointer = background if mode == "async" else sync
+            manager.checkpointer = background if mode == "async" else sync
             start = time.perf_counter()
             path = trainer.save_checkpoint()
             stall = time.perf_counter() - start
-            trainer.checkpointer.wait()
+            trainer.checkpoints.wait()
             times[mode] = (stall, time.perf_counter() - start)
             trainer.step += 1
         written = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -144,7 +145,7 @@ def async_rows(trainer, cfg, repeats, model, command, machine, today, record) ->
                      f"{times['sync'][0]:.2f}", f"{times['async'][0]:.2f}",
                      f"{times['async'][1]:.2f}", f"{times['async'][0] / times['sync'][0]:.2f}",
                      command])
-    trainer.checkpointer = sync
+    manager.checkpointer = sync
     with_median(rows, model, 8, command)
     record("Checkpoint save: the training's stall with checkpoint.async_save vs the sync save",
            "stall = how long save_checkpoint keeps the training waiting: with async_save the "
@@ -161,9 +162,9 @@ def cold_load_rows(trainer, work, repeats, model, command, machine, today, recor
                    verified_load) -> None:
     """(e) A restart's load from a cold page cache, the resume's check of the files included,
     against torch.load of the same tensors from a cold page cache, alternating."""
-    trainer.checkpointer.wait()
+    trainer.checkpoints.wait()
     path = trainer.save_checkpoint()
-    trainer.checkpointer.wait()
+    trainer.checkpoints.wait()
     trainer.step += 1
     ref_file = work / "reference.pt"
     torch.save(reference_tensors(trainer), ref_file)
@@ -235,7 +236,7 @@ def main() -> None:
     trainer = build_trainer(cfg)
     trainer.train_step()  # creates the Adam state
     trainer.data.close()
-    params = trainer.facts["parameters"]
+    params = trainer.metrics.facts["parameters"]
 
     rows, checks = [], []
     model = f"{params / 1e6:.0f}M params ({' '.join(args.overrides) or 'recipe as is'})"
@@ -289,11 +290,11 @@ def main() -> None:
         order = [False, True] if len(checks) % 2 == 0 else [True, False]
         save_s, saved_at = {}, {}
         for hashed in order:
-            trainer.checkpointer.wait()
+            trainer.checkpoints.wait()
             with contextlib.nullcontext() if hashed else checksums_off():
                 save_s[hashed], saved_at[hashed] = timed(trainer.save_checkpoint)
             trainer.step += 1
-        trainer.checkpointer.wait()
+        trainer.checkpoints.wait()
         load_s = {}
         for hashed in order:
             evict(saved_at[hashed])

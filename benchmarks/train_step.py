@@ -191,7 +191,7 @@ def run_framework(cfg, args, dev: Device):
     flops = sum(counter.step(r.tokens, r.seq_len, r.masked) for r in results)
     tokens = sum(r.tokens for r in results)
     batches = trainer.data.batches
-    accum, facts = trainer.accum, trainer.facts
+    accum, facts = trainer.accum, trainer.metrics.facts
     compiled = "compiled layers" if cfg.train.compile else "eager"
     head = "fused head + loss" if cfg.train.fused_head else "unfused head"
     label = (f"framework: ZeRO-{facts['zero_stage']} {facts['precision']}, {compiled}, {head}, "

@@ -14,7 +14,7 @@ forward process itself is data_pipeline/noise.py's (one implementation for colla
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -32,6 +32,9 @@ class TrainBatch(NamedTuple):
     norm: torch.Tensor
     index: torch.Tensor  # [b] int64, global sample indices (the noise seeds)
     step: int  # the index of the optimizer step it belongs to (the steps done before that one)
+    # [b, 3] int64, where each sample came from: (dataset, shard, member ordinal in the shard's
+    # tar), in the order of data.datasets and each manifest's shards; set by the loader
+    source: Optional[torch.Tensor] = None
 
 
 class MaskCollator:

@@ -159,11 +159,17 @@ class DataConfig:
     validation: List[ValidationSetConfig] = field(default_factory=list)  # held-out sets
     seq_len: int = 4096  # must equal the manifests' sequence length
     seed: int = 0  # shard permutation per epoch, in-shard shuffle, mixture draws
-    # shards each reader holds in memory at once (read whole, hash-checked) and draws samples
-    # from uniformly: memory per DataLoader worker = open_shards x a shard's bytes
+    # canonical streams the samples come from (data_pipeline/streams.py): the order of samples is
+    # a function of the data config alone, under any data-parallel size and worker count that
+    # divide it; null: one per sample of the global batch (the most readers a run can use).
+    # Fixed when a run starts: a resume keeps its checkpoint's.
+    streams: Optional[int] = None
+    # units (whole shards, or pieces of shards of a dataset with fewer shards than streams) each
+    # stream holds in memory at once (read whole, hash-checked) and draws samples from uniformly:
+    # memory per DataLoader worker = its streams x datasets x open_shards x a shard's bytes
     open_shards: int = 4
     num_workers: int = 2  # DataLoader worker processes per rank (0: in the training process)
-    prefetch_batches: int = 4  # per worker
+    prefetch_batches: int = 4  # steps of its streams' samples each worker makes ahead
     # first-run preparation of datasets that name prepare_inputs
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     samples_per_shard: int = 4096
@@ -173,6 +179,8 @@ class DataConfig:
     def __post_init__(self):
         positive(self, "data", "seq_len", "open_shards", "prefetch_batches", "samples_per_shard")
         require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        require(self.streams is None or self.streams > 0, "data.streams",
+                f"must be > 0 or null, got {self.streams}")
         require(self.prepare_workers >= 0, "data.prepare_workers", "must be >= 0")
         require(self.seed >= 0, "data.seed", f"must be >= 0, got {self.seed}")
         names = [v.name for v in self.validation]

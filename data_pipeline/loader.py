@@ -1,272 +1,90 @@
-"""Deterministic, resumable streaming of prepared shards to one data-parallel rank.
+"""Deterministic, resumable streaming of prepared shards to one data-parallel rank, in the order
+of the canonical streams (data_pipeline/streams.py) whatever the layout.
 
-Order. Every (data-parallel rank, DataLoader worker) pair is a *slot*; there are dp x workers
-slots. In epoch e each dataset's shards are permuted by (seed, dataset, e) and slot s takes every
-(dp x workers)-th shard of that permutation starting at s, so one epoch over all slots reads every
-sample exactly once. A slot holds ``data.open_shards`` of its shards at a time, each read whole
-and checked against the sha256 its manifest recorded at prepare time before any sample of it is
-used, and draws every sample uniformly (seeded by (seed, dataset, slot)) from the samples its open
-shards have left, each shard's in an order seeded by (seed, dataset, epoch, shard); a drained
-shard is replaced by the slot's next one. An epoch's samples all come before the next epoch's.
-Since ``llada prepare`` writes a dataset's sequences in a seeded random order across all of its
-shards (across a part's, for a dataset prepared in parts), a micro-batch is a uniform draw from
-the corpus, not consecutive pieces of a few documents. Several datasets are mixed per sample by a
-seeded draw with the configured weights. Tensor/pipeline-parallel peers share a data-parallel
-rank, hence identical batches. Split by *data-parallel* rank: webdataset's split_by_node would
-split by global rank.
+Who reads what. With C canonical streams and a global batch of B samples, data-parallel rank r of
+dp holds the streams [r x C/dp, (r + 1) x C/dp) (dp must divide C); its ``data.num_workers``
+DataLoader workers share them round robin (worker w: the rank's j-th streams with j mod W = w;
+at most C/dp workers, as more would idle). For each step every worker hands the rank that step's
+B/C samples of each of its streams and the rank puts them back in stream order, which is global
+sample order: its samples of step s are global samples s x B + r x B/dp + [0, B/dp), cut into
+micro-batches of train.micro_batch_size in that order. So micro-batch i of step s holds global
+samples s x B + r x B/dp + i x mb + [0, mb): each sample's noise (seeded by its global index), the
+step's 1% cut (seeded by s) and each micro-batch's rows are the same under any layout with the
+same micro-batch size. The collator runs here, in the training process: a micro-batch's rows come
+from several workers. Tensor/pipeline-parallel peers share a data-parallel rank, hence identical
+batches (webdataset's split_by_node would split by global rank).
 
-Global sample index. Micro-batch n of data-parallel rank r is global micro-batch n x dp + r; its
-rows are global samples (n x dp + r) x micro_batch_size + row. The index seeds the sample's noise
-and n // accumulation is its optimizer step (seeding the 1% cut).
+Exact resume, any layout. The state is each of the rank's streams' state as of the last step whose
+micro-batches were all handed out, that step count, and how many micro-batches of the next step
+were handed out (batches prefetched but not consumed are simply made again). A resume under
+another data-parallel size or worker count (any that divide the batch) takes its streams' states
+from the saved ranks that held them (``saved_ranks``: the streams are cut into equal contiguous
+blocks under every size) and continues each: the same samples in the same steps with the same
+masks, only the summation order of a step's losses and gradients differs. A state saved inside a
+step resumes only under the same data-parallel size.
 
-Exact resume. A slot's state is (per dataset: epoch, shard cursor, the open shards and how many
-samples each gave, the draw's RNG; the mixture RNG; batches made; skip counters): a few integers.
-Each batch carries its slot's state as of that batch; the loader keeps the state of the last
-batch it *handed out* per slot, so batches prefetched but not consumed are simply made again. On
-restore a slot reopens its open shards and continues each after the samples it gave. Changing
-the data-parallel size or the worker count between save and restore is refused unless the number
-of slots stays the same (``load_state_dicts``: slot s continues as slot s, e.g. 2 data-parallel
-ranks x 1 worker -> 1 x 2 workers); otherwise the samples would repeat or be skipped.
-
-Bad data never stops the stream: a missing shard, a shard whose bytes are not those its manifest
-records (truncated, a flipped bit anywhere), a corrupt tar, a sample that does not decode or has
-the wrong shape, dtype or ids (including the mask id; an SFT sample also for a prompt length that
-does not fit) is skipped with a warning naming shard and sample key, and counted; the counters
-travel with the state. An SFT dataset's samples are seq_len + 1 ids, the prompt length first
-(``ShardSet.sample_len``); the id checks look at its tokens only.
+Memory of a reader (one worker): for each of its streams and datasets ``data.open_shards`` units
+(a shard's samples, or a piece's) as one array each, plus one shard's bytes while it reads and
+checks one: about (C / (dp x workers)) x datasets x open_shards x a shard's bytes. Its state is a
+few dozen integers per stream.
 """
 
 from __future__ import annotations
 
 import atexit
-import bisect
 import functools
 import multiprocessing
 import os
 import signal
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.config import DataConfig
 from data_pipeline.collate import MaskCollator, TrainBatch
-from data_pipeline.corpus import warn
+from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataConfigError, DataError
-from data_pipeline.sft import sft_sample_problem, split_sft
-from data_pipeline.shards import (ShardError, ShardSet, TOKENS_EXT, decode_tokens, read_shard,
-                                  split_key, tar_members)
+from data_pipeline.shards import ShardSet
+from data_pipeline.streams import COUNTERS, CanonicalStream
 
-STATE_VERSION = 2  # 1: shuffle buffer within one shard at a time
-COUNTERS = ("missing_shards", "corrupt_shards", "bad_samples")
+__all__ = ["PretrainLoader", "DataError", "saved_ranks"]
 
-
-class ShardStream:
-    """One dataset as one slot reads it: the slot's shards of each epoch's permutation,
-    ``open_shards`` of them at a time held whole in memory (each checked against its manifest's
-    sha256 first), every sample drawn uniformly from what the open shards have left."""
-
-    def __init__(self, ds: ShardSet, ds_index: int, slot: int, num_slots: int, seed: int,
-                 open_shards: int, counters: Dict[str, int], state: Optional[dict] = None):
-        self.ds, self.ds_index, self.slot, self.num_slots = ds, ds_index, slot, num_slots
-        self.seed, self.open_shards, self.counters = seed, open_shards, counters
-        state = state or {}
-        self.epoch = state.get("epoch", 0)  # the epoch whose shards are open
-        self.cursor = state.get("cursor", 0)  # the next shard to open, in that epoch's list
-        self.window: List[List[int]] = [list(w) for w in state.get("open", [])]  # [shard, taken]
-        self.rng = np.random.Generator(np.random.PCG64([seed, 7919, ds_index, slot]))
-        if "rng" in state:
-            self.rng.bit_generator.state = state["rng"]
-        self._dtype = np.dtype(ds.dtype)
-        self._samples: Dict[int, np.ndarray] = {}  # open shard -> [n, sample_len], seeded order
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor,
-                "open": [list(w) for w in self.window], "rng": self.rng.bit_generator.state}
-
-    def assigned(self, epoch: int) -> np.ndarray:
-        perm = np.random.default_rng([self.seed, self.ds_index, epoch]).permutation(
-            len(self.ds.shards))
-        return perm[self.slot::self.num_slots]
-
-    def _skip(self, counter: str, msg: str, count: bool = True) -> None:
-        if count:
-            self.counters[counter] += 1
-            warn(counter, msg)
-
-    def _form(self, arr: np.ndarray) -> Optional[str]:
-        ds = self.ds
-        if arr.shape != (ds.sample_len,):
-            return f"shape {arr.shape}, expected ({ds.sample_len},)"
-        if arr.dtype != self._dtype:
-            return f"dtype {arr.dtype.name}, expected {ds.dtype}"
-        if ds.kind == "sft":
-            return sft_sample_problem(arr, ds.seq_len)
-        return None
-
-    def _load(self, shard: int, replay: bool = False) -> np.ndarray:
-        """The valid samples of one shard in its seeded order, as one [n, sample_len] array (the
-        shard's bytes are let go): none when it cannot be read or is not what prepare wrote.
-        ``replay``: reopened after a restore, its bad samples were counted when first opened."""
-        ds, url = self.ds, self.ds.url(shard)
-        empty = np.empty((0, ds.sample_len), dtype=ds.dtype)
-        try:
-            data = read_shard(ds, shard)
-        except OSError as e:
-            self._skip("missing_shards", f"{ds.name}: shard {url} unreadable "
-                       f"({type(e).__name__}: {e}); skipped")
-            return empty
-        except ShardError as e:
-            self._skip("corrupt_shards", f"{ds.name}: {e}; shard skipped")
-            return empty
-        samples: List[np.ndarray] = []
-        keys: List[str] = []
-        key = None
-        try:
-            for name, member in tar_members(data, url):
-                key, ext = split_key(name)
-                try:
-                    if ext != TOKENS_EXT:
-                        raise ValueError(f"unexpected member {name!r}")
-                    arr = decode_tokens(member)
-                    problem = self._form(arr)
-                except Exception as e:  # noqa: BLE001 - no sample may crash the stream
-                    problem = str(e).splitlines()[0] if str(e) else type(e).__name__
-                if problem:
-                    self._skip("bad_samples", f"{ds.name}: shard {url} sample {key}: {problem}; "
-                               "skipped", count=not replay)
-                    continue
-                samples.append(arr)
-                keys.append(key)
-        except ShardError as e:  # its hash matched: a shard not written by llada prepare
-            after = f" after sample {key}" if key else ""
-            self._skip("corrupt_shards", f"{ds.name}: {e}{after}; rest of shard skipped",
-                       count=not replay)
-        if not samples:
-            return empty
-        # the ids of all samples at once: below the vocabulary size, never the mask id (an SFT
-        # sample's prompt length, checked in _form, may be either: its tokens only)
-        block = np.stack(samples)
-        tokens = split_sft(block)[1] if ds.kind == "sft" else block
-        top = tokens.max(axis=1)
-        bad = (top >= ds.vocab_size) | (tokens == ds.special_ids["mask"]).any(axis=1)
-        for i in np.flatnonzero(bad).tolist():
-            problem = (f"token id {int(top[i])} >= vocabulary size {ds.vocab_size}"
-                       if top[i] >= ds.vocab_size else "holds the mask token")
-            self._skip("bad_samples", f"{ds.name}: shard {url} sample {keys[i]}: {problem}; "
-                       "skipped", count=not replay)
-        good = np.flatnonzero(~bad)
-        order = np.random.default_rng([self.seed, self.ds_index, self.epoch, shard]).permutation(
-            len(good))
-        return block[good[order]]
-
-    def _fill(self, barren: set) -> None:
-        """Open shards of this epoch until ``open_shards`` are open or the epoch's list is done;
-        an empty window starts the next epoch (an epoch's samples all come before the next's)."""
-        while len(self.window) < self.open_shards:
-            shards = self.assigned(self.epoch)
-            if self.cursor == len(shards):
-                if self.window:
-                    return  # the epoch's last shards drain first
-                self.epoch, self.cursor = self.epoch + 1, 0
-                continue
-            shard = int(shards[self.cursor])
-            self.cursor += 1
-            samples = self._load(shard)
-            # shards in a row that gave nothing; only when that streak has covered every shard
-            # of the dataset is the data unusable (one bad shard, however often drawn, never is)
-            if not len(samples):
-                barren.add(shard)
-                if len(barren) == len(self.ds.shards):
-                    raise DataError(f"{self.ds.name}: none of the {len(self.ds.shards)} shards "
-                                    f"of {self.ds.manifest} has a readable sample")
-                continue
-            barren.clear()
-            self._samples[shard] = samples
-            self.window.append([shard, 0])
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        for shard, taken in list(self.window):  # restored: reopen, continue after `taken`
-            self._samples[shard] = self._load(shard, replay=True)
-            if len(self._samples[shard]) <= taken:  # damaged since: what it had left is gone
-                self.window.remove([shard, taken])
-        barren: set = set()
-        while True:
-            self._fill(barren)
-            left = [len(self._samples[shard]) - taken for shard, taken in self.window]
-            r = int(self.rng.integers(sum(left)))  # uniform over the open shards' samples
-            i = 0
-            while r >= left[i]:
-                r -= left[i]
-                i += 1
-            shard, taken = self.window[i]
-            arr = self._samples[shard][taken]
-            if taken + 1 == len(self._samples[shard]):
-                del self.window[i], self._samples[shard]
-            else:
-                self.window[i][1] = taken + 1
-            yield arr
+# 1: a shuffle buffer within one shard at a time; 2: one stream per (rank, worker) slot, so the
+# order depended on dp x workers; 3: canonical streams
+STATE_VERSION = 3
 
 
-class SlotStream:
-    """The micro-batches of one slot: mixed samples, batched, collated."""
-
-    def __init__(self, sets: List[ShardSet], weights: List[float], collator: MaskCollator, *,
-                 seed: int, open_shards: int, micro_batch_size: int, accumulation: int,
-                 dp_rank: int, dp_size: int, workers: int, worker: int,
-                 state: Optional[dict] = None):
-        state = state or {}
-        self.mb, self.accum, self.collator = micro_batch_size, accumulation, collator
-        self.dp_rank, self.dp_size, self.workers, self.worker = dp_rank, dp_size, workers, worker
-        slot, num_slots = dp_rank * workers + worker, dp_size * workers
-        self.counters = {k: state.get("counters", {}).get(k, 0) for k in COUNTERS}
-        self.batches = state.get("batches", 0)
-        saved = state.get("streams", [None] * len(sets))
-        self.streams = [ShardStream(ds, i, slot, num_slots, seed, open_shards, self.counters,
-                                    st)
-                        for i, (ds, st) in enumerate(zip(sets, saved))]
-        total = float(sum(weights))
-        self.cumulative = np.cumsum([w / total for w in weights]).tolist()
-        self.rng = np.random.Generator(np.random.PCG64([seed, 104729, slot]))
-        if "mix_rng" in state:
-            self.rng.bit_generator.state = state["mix_rng"]
-
-    def state(self) -> dict:
-        return {"batches": self.batches, "streams": [s.state() for s in self.streams],
-                "mix_rng": self.rng.bit_generator.state, "counters": dict(self.counters)}
-
-    def __iter__(self) -> Iterator[Tuple[TrainBatch, dict]]:
-        iters = [iter(s) for s in self.streams]
-        while True:
-            rows = []
-            for _ in range(self.mb):
-                k = 0 if len(iters) == 1 else min(
-                    bisect.bisect_right(self.cumulative, self.rng.random()), len(iters) - 1)
-                rows.append(next(iters[k]))
-            n = self.batches * self.workers + self.worker  # this rank's micro-batch number
-            first = (n * self.dp_size + self.dp_rank) * self.mb
-            tokens = torch.from_numpy(np.stack(rows).astype(np.int64))
-            batch = self.collator(tokens, torch.arange(first, first + self.mb), n // self.accum)
-            self.batches += 1
-            yield batch, self.state()
+def saved_ranks(dp_rank: int, dp: int, saved_dp: int) -> range:
+    """The data-parallel ranks of a run saved under ``saved_dp`` whose streams rank ``dp_rank``
+    of ``dp`` holds now (both sizes cut the streams into equal contiguous blocks)."""
+    return range(dp_rank * saved_dp // dp, -(-(dp_rank + 1) * saved_dp // dp))
 
 
-class _Workers(IterableDataset):
-    """What each DataLoader worker runs: the slot it stands for this time, from its state.
-    Plain data only, so it pickles for spawn-started workers too."""
+class _Readers(IterableDataset):
+    """What each DataLoader worker (or the training process, without workers) runs: its share of
+    the rank's streams from their states, one step's samples at a time. Plain data only, so it
+    pickles for spawn-started workers too."""
 
-    def __init__(self, slot_args: dict, states: List[Optional[dict]], rotation: int):
-        self.slot_args, self.states, self.rotation = slot_args, states, rotation
+    def __init__(self, stream_args: dict, states: Dict[int, Optional[dict]], streams: List[int],
+                 workers: int, step: int, per_stream: int):
+        self.stream_args, self.states, self.streams = stream_args, states, streams
+        self.workers, self.step, self.per_stream = workers, step, per_stream
 
     def __iter__(self):
         info = get_worker_info()
-        physical = info.id if info is not None else 0
-        workers = self.slot_args["workers"]
-        logical = (physical + self.rotation) % workers
-        slot = SlotStream(**self.slot_args, worker=logical, state=self.states[logical])
-        for batch, state in slot:
-            yield batch, logical, state
+        worker = info.id if info is not None else 0
+        streams = [CanonicalStream(**self.stream_args, stream=c, state=self.states[c])
+                   for c in self.streams[worker::self.workers]]
+        step = self.step
+        while True:
+            rows: List[np.ndarray] = []
+            sources: list = []
+            for s in streams:
+                s.take(self.per_stream, rows, sources)
+            yield (worker, step, np.stack(rows), np.array(sources, dtype=np.int64),
+                   {s.stream: s.state() for s in streams})
+            step += 1
 
 
 def _stop_signals_in_worker(signals: Sequence[int], closing, worker_id: int) -> None:
@@ -279,6 +97,11 @@ def _stop_signals_in_worker(signals: Sequence[int], closing, worker_id: int) -> 
 
     for sig in signals:
         signal.signal(sig, on_signal)
+
+
+def _as_is(item):
+    """The workers' items as they made them (the DataLoader would make numpy arrays tensors)."""
+    return item
 
 
 def _set(flag) -> None:
@@ -303,40 +126,86 @@ class PretrainLoader:
         atexit.register(_set, self._closing)
         self.mb, self.accum, self.pin_memory = micro_batch_size, accumulation, pin_memory
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.workers = max(cfg.num_workers, 1)
-        slots = dp_size * self.workers
-        for ds in sets:
-            if len(ds.shards) < slots:
-                raise DataConfigError(
-                    f"data.datasets: {ds.manifest} has {len(ds.shards)} shards, fewer than the "
-                    f"{slots} readers (data-parallel size {dp_size} x data.num_workers "
-                    f"{self.workers}); prepare it with a smaller samples_per_shard or use fewer "
-                    "workers")
-        self.slot_states: List[Optional[dict]] = [None] * self.workers
-        self.consumed = 0
+        self.global_batch = micro_batch_size * accumulation * dp_size
+        self._set_streams(cfg.streams or self.global_batch, "data.streams")
+        self.step = 0  # steps whose micro-batches were all handed out
+        self.handed = 0  # micro-batches of the next step handed out
         self._it: Optional[Iterator] = None
         self._loader_iter = None  # the DataLoader's iterator, for its worker processes
 
+    def _set_streams(self, streams: int, key: str) -> None:
+        """The canonical streams and this rank's share of them (checked against the layout)."""
+        if self.global_batch % streams:
+            raise DataConfigError(
+                f"{key}: {streams} streams do not divide the global batch of "
+                f"{self.global_batch} samples (train.global_batch_size): every step takes the "
+                "same number of samples from each stream")
+        if streams % self.dp_size:
+            raise DataConfigError(
+                f"{key}: {streams} streams cannot be shared evenly by {self.dp_size} "
+                "data-parallel ranks; use a data-parallel size that divides it")
+        self.num_streams, self.per_stream = streams, self.global_batch // streams
+        share = streams // self.dp_size
+        self.local = list(range(self.dp_rank * share, (self.dp_rank + 1) * share))
+        # workers beyond the rank's streams would have nothing to read
+        self.workers = min(max(self.cfg.num_workers, 1), share)
+        self.stream_states: Dict[int, Optional[dict]] = {c: None for c in self.local}
+
     def _batches(self) -> Iterator[TrainBatch]:
-        slot_args = dict(sets=self.sets, weights=self.weights, collator=self.collator,
-                         seed=self.cfg.seed, open_shards=self.cfg.open_shards,
-                         micro_batch_size=self.mb, accumulation=self.accum, dp_rank=self.dp_rank,
-                         dp_size=self.dp_size, workers=self.workers)
-        source = _Workers(slot_args, list(self.slot_states), rotation=self.consumed % self.workers)
+        stream_args = dict(sets=self.sets, weights=self.weights, num_streams=self.num_streams,
+                           seed=self.cfg.seed, open_shards=self.cfg.open_shards)
+        source = _Readers(stream_args, dict(self.stream_states), self.local, self.workers,
+                          self.step, self.per_stream)
         if self.cfg.num_workers == 0:
             items = iter(source)
         else:
             loader = DataLoader(source, batch_size=None, num_workers=self.workers,
-                                prefetch_factor=self.cfg.prefetch_batches,
-                                pin_memory=self.pin_memory,
+                                collate_fn=_as_is, prefetch_factor=self.cfg.prefetch_batches,
                                 worker_init_fn=functools.partial(
                                     _stop_signals_in_worker, self.ignore_signals, self._closing))
             self._closing.value = 0
             items = self._loader_iter = iter(loader)
-        for batch, logical, state in items:
-            self.slot_states[logical] = state
-            self.consumed += 1
-            yield batch
+        skip = self.handed  # handed out before a restart: made again, not handed out twice
+        per_rank = self.global_batch // self.dp_size
+        while True:
+            tokens, sources, states = self._step_samples(items)
+            first = self.step * self.global_batch + self.dp_rank * per_rank
+            for i in range(skip, self.accum):
+                rows = slice(i * self.mb, (i + 1) * self.mb)
+                index = torch.arange(first + rows.start, first + rows.stop)
+                batch = self.collator(torch.from_numpy(tokens[rows].astype(np.int64)), index,
+                                      self.step)
+                batch = batch._replace(source=torch.from_numpy(sources[rows]))
+                if self.pin_memory:
+                    batch = batch._replace(noisy=batch.noisy.pin_memory(),
+                                           targets=batch.targets.pin_memory())
+                self.handed = i + 1
+                if self.handed == self.accum:  # the step's last: its streams' states count now
+                    self.stream_states.update(states)
+                    self.step, self.handed = self.step + 1, 0
+                yield batch
+            skip = 0
+
+    def _step_samples(self, items):
+        """One step's samples of this rank, [B/dp, sample_len] in global order, their sources
+        and its streams' states after the step, from one item of each worker."""
+        share = len(self.local)
+        tokens = sources = None
+        states: Dict[int, dict] = {}
+        for expected in range(self.workers):
+            worker, step, rows, src, st = next(items)
+            if (worker, step) != (expected, self.step):  # never a step's samples out of place
+                raise DataError(f"data readers out of step: worker {worker}'s samples of step "
+                                f"{step} came where worker {expected}'s of step {self.step} "
+                                "belong")
+            if tokens is None:
+                tokens = np.empty((share, self.per_stream, rows.shape[1]), dtype=rows.dtype)
+                sources = np.empty((share, self.per_stream, 3), dtype=np.int64)
+            # worker w holds the rank's streams w, w + W, ...: back to stream order
+            tokens[worker::self.workers] = rows.reshape(-1, self.per_stream, rows.shape[1])
+            sources[worker::self.workers] = src.reshape(-1, self.per_stream, 3)
+            states.update(st)
+        return tokens.reshape(share * self.per_stream, -1), sources.reshape(-1, 3), states
 
     def __iter__(self) -> "PretrainLoader":
         return self
@@ -363,79 +232,77 @@ class PretrainLoader:
 
     @property
     def counters(self) -> Dict[str, int]:
-        """Skipped inputs so far on this rank (missing/corrupt shards, bad samples)."""
-        return {k: sum((s or {}).get("counters", {}).get(k, 0) for s in self.slot_states)
-                for k in COUNTERS}
+        """Skipped inputs so far by this rank's streams (missing/corrupt shards, bad samples)."""
+        return {k: sum((s or {}).get("counters", {}).get(k, 0)
+                       for s in self.stream_states.values()) for k in COUNTERS}
 
     def _layout(self) -> dict:
-        return {"dp_rank": self.dp_rank, "dp_size": self.dp_size, "workers": self.workers,
-                "micro_batch_size": self.mb, "seed": self.cfg.seed,
-                "open_shards": self.cfg.open_shards,
+        """What the order of the samples depends on: a resume must keep all of it."""
+        return {"streams": self.num_streams, "global_batch": self.global_batch,
+                "seed": self.cfg.seed, "open_shards": self.cfg.open_shards,
                 "datasets": [[ds.name, ds.samples, ds.tokenizer_sha256] for ds in self.sets]}
 
     def state_dict(self) -> dict:
-        # a copy: the loader replaces its slots' states as it hands out batches
-        return {"version": STATE_VERSION, "layout": self._layout(), "consumed": self.consumed,
-                "slots": list(self.slot_states)}
+        # a copy: the loader replaces its streams' states as it hands out batches
+        return {"version": STATE_VERSION, "layout": self._layout(), "dp_rank": self.dp_rank,
+                "dp_size": self.dp_size, "step": self.step, "handed": self.handed,
+                "streams": {str(c): s for c, s in self.stream_states.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        """This rank's own saved state, under the same data layout."""
-        self._check_saved(state, same=self._layout())
-        self.consumed = state["consumed"]
-        self.slot_states = list(state["slots"])
+        """This rank's own saved state."""
+        self.load_state_dicts([state])
 
     def load_state_dicts(self, states: List[dict]) -> None:
-        """Restore from the states of every data-parallel rank of the saved run, in rank order.
-        Under another data-parallel size the stream continues exactly when the number of readers
-        (data-parallel size x workers) is unchanged and each side has one worker or one
-        data-parallel rank: reader s of the saved run is reader s here, and global sample indices
-        and step numbers come out the same (see the module docstring)."""
-        if len(states) == self.dp_size:
-            self.load_state_dict(states[self.dp_rank])
-            return
-        layout = {k: v for k, v in self._layout().items()
-                  if k not in ("dp_rank", "dp_size", "workers")}
-        for state in states:
-            self._check_saved(state, same=layout)
-        slots = [slot for state in states for slot in state["slots"]]
-        saved = states[0]["layout"]
-        if len(slots) != self.dp_size * self.workers:
-            raise DataConfigError(
-                f"data state: saved by {len(slots)} readers (data-parallel size "
-                f"{saved['dp_size']} x data.num_workers {saved['workers']}), this run has "
-                f"{self.dp_size} x {self.workers}; set data.num_workers so that the product is "
-                f"{len(slots)}, or the stream would repeat or skip samples")
-        # micro-batch b of slot s is global micro-batch b x readers + s only while one side of
-        # dp x workers is 1 (module docstring): otherwise samples would get other noise seeds
-        if not (1 in (saved["dp_size"], saved["workers"]) and 1 in (self.dp_size, self.workers)):
-            raise DataConfigError(
-                f"data state: data-parallel size x data.num_workers {saved['dp_size']} x "
-                f"{saved['workers']} -> {self.dp_size} x {self.workers} would reorder the "
-                "stream; it continues exactly only with 1 worker or 1 data-parallel rank on each "
-                "side")
-        made = {(s or {}).get("batches", 0) for s in slots}
-        if len(made) > 1:
-            raise DataConfigError(f"data state: the saved readers stopped at different batches "
-                                  f"({sorted(made)}), not at one optimizer step")
-        self.slot_states = slots[self.dp_rank * self.workers:(self.dp_rank + 1) * self.workers]
-        self.consumed = sum((s or {}).get("batches", 0) for s in self.slot_states)
-
-    def _check_saved(self, state: dict, same: dict) -> None:
+        """Restore from the states of the saved run's data-parallel ranks that held this rank's
+        streams (``saved_ranks``; more do no harm), under any data-parallel size and worker
+        count that divide the batch."""
         if self._it is not None:
-            raise RuntimeError("load_state_dict must come before the first batch")
-        if state.get("version") == 1:
+            raise RuntimeError("load_state_dicts must come before the first batch")
+        for state in states:
+            _check_version(state)
+        saved = states[0]["layout"]
+        if self.cfg.streams is not None and self.cfg.streams != saved["streams"]:
             raise DataConfigError(
-                "data state: saved by the loader of an earlier version (one shard at a time, "
-                "through a shuffle buffer), whose stream this version cannot continue: finish "
-                "the run with the version that started it (README, Upgrading)")
-        if state.get("version") != STATE_VERSION:
-            raise DataConfigError(f"data state: version {state.get('version')} is not "
-                                  f"{STATE_VERSION}")
-        saved = state["layout"]
-        diff = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in same.items()
-                         if saved.get(k) != v)
-        if diff:
+                f"data.streams: {self.cfg.streams}, but the run was started with "
+                f"{saved['streams']} streams, which fix its order of samples; unset it (or set "
+                f"{saved['streams']})")
+        self._set_streams(saved["streams"], "data state")
+        same = self._layout()
+        for state in states:
+            diff = ", ".join(f"{k} {state['layout'].get(k)} -> {v}" for k, v in same.items()
+                             if state["layout"].get(k) != v)
+            if diff:
+                raise DataConfigError(
+                    f"data state: saved with a different data layout ({diff}); resuming would "
+                    "repeat or skip samples, so it is refused: keep data.seed, "
+                    "data.open_shards, the datasets and train.global_batch_size")
+        steps = {(s["step"], s["handed"]) for s in states}
+        if len(steps) > 1:
+            raise DataConfigError(f"data state: the saved ranks stopped at different points "
+                                  f"(step, micro-batches: {sorted(steps)}), not at one step")
+        (step, handed), = steps
+        if handed and states[0]["dp_size"] != self.dp_size:
             raise DataConfigError(
-                f"data state: saved with a different data layout ({diff}); resuming would "
-                "repeat or skip samples, so it is refused: keep the data-parallel size, "
-                "data.num_workers, micro-batch size, seed, open shards and datasets")
+                f"data state: saved {handed} micro-batches into step {step + 1}, which resumes "
+                f"only under the data-parallel size that saved it ({states[0]['dp_size']}), "
+                f"not {self.dp_size}")
+        saved_streams = {int(c): s for state in states for c, s in state["streams"].items()}
+        missing = [c for c in self.local if c not in saved_streams]
+        if missing:
+            raise DataConfigError(f"data state: the saved states given lack streams "
+                                  f"{missing[0]}..{missing[-1]} of this rank")
+        self.stream_states = {c: saved_streams[c] for c in self.local}
+        self.step, self.handed = step, handed
+
+
+def _check_version(state: dict) -> None:
+    version = state.get("version")
+    if version in (1, 2):
+        how = ("one shard at a time, through a shuffle buffer" if version == 1 else
+               "one stream per data-parallel rank and worker")
+        raise DataConfigError(
+            f"data state: saved by the loader of an earlier version ({how}), whose stream this "
+            "version cannot continue: finish the run with the version that started it (README, "
+            "Upgrading)")
+    if version != STATE_VERSION:
+        raise DataConfigError(f"data state: version {version} is not {STATE_VERSION}")

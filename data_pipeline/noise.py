@@ -2,7 +2,7 @@
 uniform per token, and the 1% variable-length cut.
 
 Counter-based: every number is a pure function of (objective.seed, a counter), computed by
-SplitMix64's output function on ``counter x golden + key`` (Steele, Lea & Flood 2014), vectorised
+SplitMix64's output function on ``counter x golden + key`` (data_pipeline/splitmix.py), vectorised
 over a whole batch with no generator state to seed, save or replay. So tensor/pipeline-parallel
 peers, which receive the same samples, and a resumed run corrupt a sample alike whatever rank or
 step it lands on; and every data-parallel rank cuts a step's batches alike.
@@ -17,13 +17,13 @@ positions apart).
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+from data_pipeline.splitmix import draw, key, subkey, unit24, unit53
+
 # one stream per use: the same counter in two streams gives unrelated numbers
 _TOKENS, _T, _STRATA, _CUT = (np.uint64(s) for s in (0x243F6A8885A308D3, 0x13198A2E03707344,
                                                      0xA4093822299F31D0, 0x082EFA98EC4E6C89))
@@ -49,53 +49,6 @@ class Corrupted(NamedTuple):
     p_mask: torch.Tensor  # [b] float32, the masking probability of each sequence
 
 
-_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
-_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's output function (a bijection of uint64 with full avalanche)."""
-    return _mix64_(np.array(x, dtype=np.uint64))
-
-
-def _mix64_(x: np.ndarray) -> np.ndarray:
-    """_mix64 in place on a uint64 array of the caller's own (the hot path: no temporaries)."""
-    t = x >> _S30
-    x ^= t
-    x *= _M1
-    np.right_shift(x, _S27, out=t)
-    x ^= t
-    x *= _M2
-    np.right_shift(x, _S31, out=t)
-    x ^= t
-    return x
-
-
-@functools.lru_cache(maxsize=256)
-def _key_of(seed: int, stream: int) -> np.ndarray:
-    key = _mix64(_mix64(np.array([seed & (2**64 - 1)], dtype=np.uint64) ^ np.uint64(stream)))
-    key.flags.writeable = False  # shared by every caller
-    return key
-
-
-def _key(seed: int, stream: np.uint64) -> np.ndarray:
-    """The key of one stream under objective.seed, as a one-element array (no scalar overflow
-    warnings: uint64 arithmetic wraps, as it should here); computed once per (seed, stream)."""
-    return _key_of(int(seed), int(stream))
-
-
-def _draw(key: np.ndarray, counters: np.ndarray) -> np.ndarray:
-    """uint64 numbers, one per counter: SplitMix64's output for that position of the stream."""
-    x = np.multiply(counters, _GOLDEN, dtype=np.uint64)  # a new array, wrapping
-    x += key
-    return _mix64_(x)
-
-
-def _unit24(x: np.ndarray) -> np.ndarray:
-    """The top 24 bits as a float32 in [0, 1): every value exactly representable."""
-    return (x >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)
-
-
 def sample_noise(sample_index: torch.Tensor, seq_len: int, seed: int,
                  t_sampling: str = "uniform") -> Noise:
     """t and per-token uniforms of each sample, a pure function of (seed, its global index).
@@ -113,12 +66,12 @@ def sample_noise(sample_index: torch.Tensor, seq_len: int, seed: int,
     if idx.size and int(idx.max()) >= MAX_SAMPLES:
         raise ValueError(f"sample index {int(idx.max())} is past the noise's {MAX_SAMPLES} samples")
     positions = np.arange(seq_len, dtype=np.uint64)
-    u = _unit24(_draw(_key(seed, _TOKENS), (idx[:, None] << np.uint64(POSITION_BITS)) | positions))
-    t = _unit24(_draw(_key(seed, _T), idx))
+    u = unit24(draw(key(seed, _TOKENS), (idx[:, None] << np.uint64(POSITION_BITS)) | positions))
+    t = unit24(draw(key(seed, _T), idx))
     b = len(idx)
     if t_sampling == "stratified" and b > 1:
-        batch_key = _draw(_key(seed, _STRATA), idx[:1])
-        order = np.argsort(_draw(batch_key, np.arange(b, dtype=np.uint64)), kind="stable")
+        batch_key = draw(key(seed, _STRATA), idx[:1])
+        order = np.argsort(draw(batch_key, np.arange(b, dtype=np.uint64)), kind="stable")
         t = (order.astype(np.float32) + t) / np.float32(b)
     elif t_sampling == "antithetic" and b > 1:
         t = t.copy()
@@ -142,11 +95,11 @@ def batch_length(step: int, seq_len: int, prob: float, seed: int, multiple: int 
     """LLaDA's 1% variable length: with probability ``prob`` a step's whole batch is cut to a
     length drawn uniformly from [1, seq_len], rounded up to ``multiple``. ``step``: the step's
     index (optimizer steps done before it), the same on every rank."""
-    coin, draw = (_draw(_key(seed, _CUT), np.array([2 * step, 2 * step + 1], dtype=np.uint64))
-                  >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    coin, pick = unit53(draw(key(seed, _CUT), np.array([2 * step, 2 * step + 1],
+                                                       dtype=np.uint64)))
     if not coin < prob:
         return seq_len
-    length = 1 + min(int(draw * seq_len), seq_len - 1)
+    length = 1 + min(int(pick * seq_len), seq_len - 1)
     return min(seq_len, -(-length // multiple) * multiple)
 
 
@@ -162,9 +115,9 @@ class EvalNoise(NamedTuple):
     ratio: torch.Tensor  # [n, K] float64: the fraction of the sequence masked (for buckets)
 
 
-def _draw_key(seed: int, stream: np.uint64, draw: int) -> np.ndarray:
-    """A key per (evaluation seed, stream, draw): draws are streams of their own."""
-    return _mix64(_key(seed, stream) ^ (np.array([draw + 1], dtype=np.uint64) * _GOLDEN))
+def _draw_key(seed: int, stream: np.uint64, k: int) -> np.ndarray:
+    """A key per (evaluation seed, stream, draw k): draws are streams of their own."""
+    return subkey(key(seed, stream), k)
 
 
 def eval_noise(sample_index: torch.Tensor, seq_len: int, draws: int, seed: int,
@@ -195,11 +148,11 @@ def eval_noise(sample_index: torch.Tensor, seq_len: int, draws: int, seed: int,
     weight = np.empty((n, draws), dtype=np.float64)
     ratio = np.empty((n, draws), dtype=np.float64)
     for k in range(draws):
-        u = _unit24(_draw(_draw_key(seed, _EVAL_POS, k), counters))  # [n, L]
+        u = unit24(draw(_draw_key(seed, _EVAL_POS, k), counters))  # [n, L]
         if start is not None:
             u = np.where(outside, np.float32(2.0), u)  # ranks last, never below a t
         if estimator == "stratified":
-            v = _unit24(_draw(_draw_key(seed, _EVAL_L, k), idx)).astype(np.float64)
+            v = unit24(draw(_draw_key(seed, _EVAL_L, k), idx)).astype(np.float64)
             count = np.minimum(1 + np.floor((k + v) * region / draws), region).astype(np.int64)
             # rank of each position's uniform: the `count` lowest are masked (ties: by position)
             ranks = np.argsort(np.argsort(u, axis=1, kind="stable"), axis=1, kind="stable")
@@ -207,7 +160,7 @@ def eval_noise(sample_index: torch.Tensor, seq_len: int, draws: int, seed: int,
             weight[:, k] = region / count
             ratio[:, k] = count / region
         else:
-            t = _unit24(_draw(_draw_key(seed, _EVAL_T, k), idx))
+            t = unit24(draw(_draw_key(seed, _EVAL_T, k), idx))
             t = np.maximum(t, np.float32(2.0 ** -24))  # t = 0 would mask nothing, weigh 1/0
             mask[:, k] = u < t[:, None]
             weight[:, k] = 1.0 / t.astype(np.float64)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 from typing import Dict, List, Tuple
 
 import torch
@@ -95,16 +94,6 @@ class AsyncCheckpointEngine(HashingCheckpointEngine):
     def write(self, items: List[Tuple[str, object]]) -> None:
         for path, state in items:
             super().save(state, path)
-
-
-DELAY_ENV = "LLADA_TEST_SAVE_DELAY"  # tests only: STEP:SECONDS, that save's writing held back
-
-
-def held_back(step: int) -> None:
-    """A background save held back (tests: a kill -9 while it is being written)."""
-    spec = os.environ.get(DELAY_ENV, "")
-    if spec and int(spec.split(":")[0]) == step:
-        time.sleep(float(spec.split(":")[1]))
 
 
 def async_engine(engine, cuda: bool) -> AsyncCheckpointEngine:

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.files import atomic_write
-from framework.checkpoint.async_save import async_engine, held_back
+from framework.checkpoint.async_save import async_engine
 from framework.checkpoint.files import (FORMAT, LATEST, META, TOKENIZER, deepspeed_files,
                                         rank_file, step_of, tag_for)
 from framework.checkpoint.integrity import (ALGORITHM, damaged, hash_bytes, hash_file,
@@ -330,7 +330,6 @@ class Checkpointer:
         problem_here = None
         try:
             if captured is not None:
-                held_back(step)
                 writer.write(captured)
             sums.update({os.path.relpath(p, os.path.abspath(tmp)): h
                          for p, h in writer.take().items()})

@@ -47,6 +47,8 @@ import re
 from pathlib import Path
 from typing import List, Optional
 
+from data_pipeline.loader import saved_ranks
+
 FORMAT = 1  # of meta.json
 META = "meta.json"
 LATEST = "latest"
@@ -108,7 +110,5 @@ def files_read(layout: dict, *, rank: int, dp_rank: int, mp_rank: int, world_siz
         files = [model_states(mp_rank)] + ([optim_states(dp_rank, mp_rank, bf16)] if zero else [])
     if layout["world_size"] == world_size:
         files.append(rank_file("rng", rank))
-    saved_dp = layout["dp"]
-    files += [rank_file("data", dp_rank)] if saved_dp == dp else \
-        [rank_file("data", r) for r in range(saved_dp)]
-    return files
+    # the saved ranks that held this rank's data streams (data_pipeline/loader.py)
+    return files + [rank_file("data", r) for r in saved_ranks(dp_rank, dp, layout["dp"])]

@@ -16,6 +16,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from data_pipeline.loader import saved_ranks
 from framework.checkpoint.checkpointer import (CheckpointError, complete_checkpoints, read_meta,
                                                resume_candidates, set_aside_newer, set_rng_state)
 from data_pipeline.files import atomic_write
@@ -53,8 +54,9 @@ class RollbackRequest:
 
 
 @dataclass
-class Progress:
-    """A run's progress as meta.json records it and a resume restores it."""
+class TrainState:
+    """A run's progress as meta.json records it and a resume restores it; the trainer advances
+    it, the checkpoint manager saves it."""
     step: int = 0  # optimizer steps done
     consumed_tokens: int = 0  # over the whole run, resumes included
     skipped_steps: int = 0  # non-finite steps skipped, over the whole run
@@ -71,15 +73,25 @@ def layout(world: World, *, zero_stage: int, bf16: bool, stages: Sequence[int],
             "stages": list(stages), "data_workers": data_workers}
 
 
-def checkpoint_meta(progress: Progress, *, global_batch_size: int, layout: dict,
-                    tokenizer_sha256: List[str], special_ids: dict, config: dict) -> dict:
-    """meta.json of a checkpoint of this progress (the Checkpointer adds format, step, files)."""
+@dataclass(frozen=True)
+class RunRecord:
+    """What every checkpoint of the run records of it, and a resume checks against."""
+    config: dict  # the resolved config as plain data
+    layout: dict  # ``layout()``: what the shards depend on
+    tokenizer: Path  # the data's SentencePiece model, copied into every checkpoint
+    tokenizer_sha256: List[str]  # of each dataset
+    special_ids: dict
+
+
+def checkpoint_meta(state: TrainState, run: RunRecord) -> dict:
+    """meta.json of a checkpoint of this state (the Checkpointer adds format, step, files)."""
     import deepspeed
-    return {"consumed_samples": progress.step * global_batch_size,
-            "consumed_tokens": progress.consumed_tokens, "skipped_steps": progress.skipped_steps,
-            "lr_factor": progress.lr_factor, "rollbacks": progress.rollbacks,
-            "tracking": {"run_id": progress.run_id}, "layout": layout,
-            "tokenizer_sha256": tokenizer_sha256, "special_ids": special_ids, "config": config,
+    return {"consumed_samples": state.step * run.config["train"]["global_batch_size"],
+            "consumed_tokens": state.consumed_tokens, "skipped_steps": state.skipped_steps,
+            "lr_factor": state.lr_factor, "rollbacks": state.rollbacks,
+            "tracking": {"run_id": state.run_id}, "layout": run.layout,
+            "tokenizer_sha256": run.tokenizer_sha256, "special_ids": run.special_ids,
+            "config": run.config,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__}}
 
@@ -276,7 +288,7 @@ def check_resumable(path: Path, meta: dict, config: dict, tokenizer_sha256: List
 
 
 def load_checkpoint(path: Path, engine, data, world: World, now: dict,
-                    log: Callable[[str], None]) -> Progress:
+                    log: Callable[[str], None]) -> TrainState:
     """Model, optimizer, data stream and RNG from a complete checkpoint into this layout
     (``now``, as ``layout`` gives it); returns the run's progress."""
     meta = read_meta(path)
@@ -295,30 +307,25 @@ def load_checkpoint(path: Path, engine, data, world: World, now: dict,
         how = (f"resharded from tp {saved['tp']} pp {saved['pp']} dp {saved['dp']} "
                f"ZeRO-{saved['zero_stage']} {saved['precision']}")
 
-    def data_state(dp_rank: int) -> dict:
-        return json.loads((path / rank_file("data", dp_rank)).read_text())
-
-    if saved["dp"] == world.dp:  # this rank's own stream
-        data.load_state_dict(data_state(world.dp_rank))
-    else:  # every saved rank's, regrouped
-        data.load_state_dicts([data_state(r) for r in range(saved["dp"])])
+    # the saved ranks that held this rank's data streams (its own, under the same size)
+    data.load_state_dicts([json.loads((path / rank_file("data", r)).read_text())
+                           for r in saved_ranks(world.dp_rank, world.dp, saved["dp"])])
     if saved["world_size"] == world.world_size:  # else no rank has a state of its own
         set_rng_state(torch.load(path / rank_file("rng", world.rank), weights_only=False))
     engine.global_steps = meta["step"]
     engine.global_samples = meta["consumed_samples"]
     log(f"llada: resumed from {path} at step {meta['step']} ({how})")
-    return Progress(step=meta["step"], consumed_tokens=meta["consumed_tokens"],
+    return TrainState(step=meta["step"], consumed_tokens=meta["consumed_tokens"],
                     skipped_steps=meta.get("skipped_steps", 0),
                     run_id=meta.get("tracking", {}).get("run_id"),
                     lr_factor=meta.get("lr_factor", 1.0), rollbacks=meta.get("rollbacks", 0))
 
 
 def _reshard(path: Path, saved: dict, engine, world: World) -> None:
-    from framework.checkpoint.reshard import (Layout, ReshardError, load_full_state,
-                                              read_full_state)
-    names = {n.removeprefix("module.") for n, _ in engine.module.named_parameters()}
+    """Any saved layout and ZeRO stage into this engine: each rank reads only the slices of its
+    own parameters, memory-mapped (framework/checkpoint/reshard.py)."""
+    from framework.checkpoint.reshard import Layout, ReshardError, load_resharded
     try:
-        state = read_full_state(path, Layout.saved(saved), names)
-        load_full_state(engine, engine.module, state, world.tp_rank, world.tp)
+        load_resharded(path, Layout.saved(saved), engine, world.tp_rank, world.tp)
     except ReshardError as e:
         raise ConfigError(f"checkpoint.resume: {path}: {e}") from None

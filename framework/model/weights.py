@@ -128,3 +128,13 @@ def full_state_dict(module: torch.nn.Module, zero_stage: int) -> Optional[Dict[s
 def _order(name: str):
     head, _, rest = name.partition(".")
     return (int(head), rest) if head.isdigit() else (1 << 30, name)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The optimizer's parameter groups, in the order DeepSpeed flattens them: decay matrices
+    (attention, MLP, embedding, head), never norms' gains. Resharding a ZeRO-0 checkpoint, whose
+    optimizer state is stored by position, reads the same rule (checkpoint/saved_state.py)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]

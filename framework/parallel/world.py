@@ -44,6 +44,28 @@ class World:
         metrics.jsonl and MLflow. Last pipeline stage, tensor rank 0, data rank 0."""
         return (self.pp_rank, self.tp_rank, self.dp_rank) == (self.pp - 1, 0, 0)
 
+    # the process groups, from megatron-core's parallel state (built by ``init_world``): the one
+    # place outside the model that reads it
+    @property
+    def dp_group(self):
+        """This rank's data-parallel group: same tensor and pipeline rank, every replica."""
+        return ps.get_data_parallel_group()
+
+    @property
+    def pp_group(self):
+        """This rank's pipeline: same tensor and data rank, every stage."""
+        return ps.get_pipeline_model_parallel_group()
+
+    @property
+    def pp_last_rank(self) -> int:
+        """The global rank of this rank's pipeline's last stage (where the loss is)."""
+        return ps.get_pipeline_model_parallel_last_rank()
+
+    def log(self, msg: str) -> None:
+        """A line of the run's own (settings, resumes, warnings): printed once, by rank 0."""
+        if self.is_main:
+            print(msg, flush=True)
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -228,10 +228,7 @@ def run_id_for_rank0(tracker: Optional[Tracker], world: World) -> Optional[str]:
     """The MLflow run id, from the tracking rank to its pipeline's first stage (rank 0 writes
     meta.json); collective. None while the courier has not made the run yet: run.json names it
     then."""
-    from megatron.core import parallel_state
     answer = [None if tracker is None else tracker.run_id]
     if world.pp > 1:
-        dist.broadcast_object_list(
-            answer, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-            group=parallel_state.get_pipeline_model_parallel_group())
+        dist.broadcast_object_list(answer, src=world.pp_last_rank, group=world.pp_group)
     return answer[0]

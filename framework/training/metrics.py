@@ -32,7 +32,6 @@ from typing import Callable, Dict, List, Optional
 import psutil
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from data_pipeline.files import atomic_write
 from framework.config import TrackingConfig
@@ -147,10 +146,9 @@ class Window:
              job_seconds_left: Optional[float] = None) -> Dict[str, float]:
         """The values of the record at ``result``'s step; resets the window. Collective."""
         # the skipped inputs and the masked positions in one collective
-        counts = sum_over_data_parallel({**data_counters, "_masked": self.masked},
-                                        self.world.device)
+        counts = sum_over_data_parallel({**data_counters, "_masked": self.masked}, self.world)
         masked = counts.pop("_masked")
-        group = parallel_state.get_data_parallel_group()
+        group = self.world.dp_group
         by_t = loss_by_t.take(self.world.device, lambda t: dist.all_reduce(t, group=group))
         flops = self.dense_flops + self.flops.step(0, 0, masked)
         seconds = max(sum(self.step_seconds), 1e-9)
@@ -222,13 +220,18 @@ class Window:
 
 class MetricsStream:
     """The sinks of the step records, on the rank that reports (``World.reports``): the console
-    line, metrics.jsonl (``path``; None: not written) and MLflow (``tracker``; None: off)."""
+    line, metrics.jsonl (``path``; None: not written) and MLflow (``tracker``; None: off); the
+    records' windows (``window``) and the run's summary.json (``summary_path``: written by the
+    rank that has one, with the run's ``facts``)."""
 
     def __init__(self, cfg: TrackingConfig, *, console: bool, path: Optional[Path], tracker,
-                 total_steps: int, resumed_at: Optional[int], rollback: bool):
+                 total_steps: int, resumed_at: Optional[int], rollback: bool,
+                 window: Optional["Window"] = None, summary_path: Optional[Path] = None,
+                 facts: Optional[dict] = None):
         """``console``: this rank prints the step lines (and the progress bar, on a terminal);
         the other ranks' streams write nothing."""
         self.cfg, self.path, self.tracker = cfg, path, tracker
+        self.window, self.summary_path, self.facts = window, summary_path, facts or {}
         self.log: Callable[[str], None] = print if console else (lambda _: None)
         self.total_steps = total_steps
         self.high = -1  # the highest step metrics.jsonl holds: steps up to it are not written
@@ -267,6 +270,11 @@ class MetricsStream:
             self.tracker.tags({"checkpoint/latest": path})
             self.tracker.plot()
 
+    def summary(self, summary: dict) -> None:
+        """summary.json, by the rank that writes it."""
+        if self.summary_path is not None:
+            self.summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+
     def close(self, status: str) -> None:
         """``status``: the run's (completed, stopped, rolled_back, diverged, failed)."""
         self.bar.close()
@@ -304,12 +312,12 @@ class MetricsStream:
         return max((step for step, _ in keep), default=-1)
 
 
-def sum_over_data_parallel(counts: Dict[str, int], device: torch.device) -> Dict[str, int]:
+def sum_over_data_parallel(counts: Dict[str, int], world: World) -> Dict[str, int]:
     """Integer counts summed over the data-parallel group (collective; on the training device:
     NCCL groups reduce CUDA tensors only)."""
     names = sorted(counts)
-    t = torch.tensor([counts[k] for k in names], dtype=torch.int64, device=device)
-    dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+    t = torch.tensor([counts[k] for k in names], dtype=torch.int64, device=world.device)
+    dist.all_reduce(t, group=world.dp_group)
     return dict(zip(names, t.tolist()))
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.noise import T_BUCKETS, t_bucket_names
+from framework.training.optimizer import NonFiniteGuard
 
 # (head output, targets [N], scale [N]) -> (sum_i scale_i x CE_i, the terms [N] detached)
 HeadLoss = Callable[[object, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
@@ -168,3 +169,27 @@ class ObjectiveLoss:
         if self.by_t is not None:
             self.by_t.add(terms, labels.mask, labels.p_mask, labels.positions)
         return loss
+
+
+class Objective:
+    """The objective as the trainer sees it: the loss of a micro-batch (``loss``: the trainer
+    calls it after the forward, the pipeline engine as its last stage's loss_fn) and what a step
+    learns from its losses, which the loss collects as it is called: whether any was non-finite
+    (the guard: its verdict, agreed by every rank, skips the step; the optimizer asks it too)
+    and the loss by mask ratio (not for the autoregressive objective, which masks nothing)."""
+
+    def __init__(self, head_loss: HeadLoss, device: torch.device, by_mask_ratio: bool = True):
+        self.guard = NonFiniteGuard(device)
+        self.by_t = LossByT()
+        self.loss = ObjectiveLoss(head_loss, self.guard.observe,
+                                  self.by_t if by_mask_ratio else None)
+
+    def start_step(self) -> None:
+        self.guard.reset()
+
+    def end_step(self) -> bool:
+        """Whether the step is skipped (any rank's loss non-finite; collective); its loss by
+        mask ratio is kept only when it is not."""
+        skipped = self.guard.verdict()
+        self.by_t.end_step(keep=not skipped)
+        return skipped

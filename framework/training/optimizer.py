@@ -53,11 +53,3 @@ class SkippableAdamW(torch.optim.AdamW):
         if self.overflow:
             return None
         return super().step(closure)
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (attention, MLP, embedding, head); never norms' gains."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]

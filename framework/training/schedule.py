@@ -65,3 +65,17 @@ def schedule_warnings(total_steps: int, cfg: ScheduleConfig) -> List[str]:
                    f"{start} steps (schedule.decay_fraction={cfg.decay_fraction:g} of "
                    f"train.steps={total_steps})")
     return out
+
+
+class LearningRate:
+    """The schedule applied to the optimizer: ``lr_at(step)`` (the steps done before it) times
+    the run's factor, which each automatic rollback lowers."""
+
+    def __init__(self, optimizer, lr_at):
+        self.optimizer, self.lr_at = optimizer, lr_at
+
+    def set(self, step: int, factor: float = 1.0) -> float:
+        lr = factor * self.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr

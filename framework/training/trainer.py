@@ -13,81 +13,80 @@ stream and the schedule index a step by the steps done before it (``self.step`` 
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from data_pipeline.errors import DataError
 from data_pipeline.loader import PretrainLoader
-from framework.checkpoint.checkpointer import Checkpointer, CheckpointError
-from framework.checkpoint.resume import Progress, Resume
-from framework.config import EvalConfig, TrainConfig
+from framework.checkpoint.checkpointer import CheckpointError
+from framework.checkpoint.manager import CheckpointManager
+from framework.config import TrainConfig
 from framework.evaluation.validator import VAL_SECONDS, Validator
 from framework.parallel.world import World
-from framework.training.metrics import (CONSUMED_TOKENS, MetricsStream, StepResult, Window,
+from framework.tracking.tracker import run_id_for_rank0
+from framework.training.metrics import (CONSUMED_TOKENS, MetricsStream, StepResult,
                                         sum_over_data_parallel)
 from framework.training.metrics import summary as make_summary
 from framework.training.divergence import DivergenceWatch, RollbackNeeded, TrainingError
-from framework.training.objective import LossByT, ObjectiveLoss, masked_labels
-from framework.training.optimizer import NonFiniteGuard
+from framework.training.objective import Objective, masked_labels
 from framework.training.phases import (DATA, FINISH, FORWARD_BACKWARD, LOG, OPTIMIZER, PIPELINE,
                                        SAVE, SYNC, VALIDATE, Heartbeat)
 from framework.training.preemption import StopRequest
-from framework.training.watchdog import Watchdog, hang_forever, hang_hook
+from framework.training.schedule import LearningRate
+from framework.training.watchdog import Watchdog
 
 __all__ = ["Trainer", "TrainingError"]
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, world: World, data: PretrainLoader, engine,
-                 optimizer: torch.optim.Optimizer, loss_fn: ObjectiveLoss, guard: NonFiniteGuard,
-                 loss_by_t: LossByT, lr_at: Callable[[int], float], checkpointer: Checkpointer,
-                 checkpoint_meta: Callable[[Progress], dict], metrics: MetricsStream,
-                 window: Window, stop: StopRequest, progress: Progress, resume: Optional[Resume],
-                 summary_path: Path, facts: dict, log: Callable[[str], None],
-                 validator: Optional[Validator] = None, eval_cfg: EvalConfig = EvalConfig()):
-        """``lr_at(step)``: the schedule; ``checkpoint_meta(progress)``: a checkpoint's meta.json
-        (the MLflow run id added);
-        ``facts``: what summary.json says of the run's setup (layout, precision, parameters);
-        ``validator``: the held-out sets, evaluated when ``eval_cfg`` says (None: never)."""
+                 objective: Objective, lr: LearningRate, checkpoints: CheckpointManager,
+                 metrics: MetricsStream, stop: StopRequest, validator: Optional[Validator] = None):
+        """``checkpoints``: loaded into ``engine`` and ``data`` already; its state is the run's
+        progress, which this advances and it saves. ``metrics``: the step records, their
+        windows and summary.json; ``validator``: the held-out sets, evaluated when its config
+        says (None: never)."""
         self.cfg, self.world, self.data, self.engine = cfg, world, data, engine
-        self.optimizer, self.loss_fn, self.lr_at = optimizer, loss_fn, lr_at
-        self.guard, self.loss_by_t = guard, loss_by_t
-        self.checkpointer, self.checkpoint_meta = checkpointer, checkpoint_meta
-        self.metrics, self.window, self.stop, self.resume = metrics, window, stop, resume
-        self.summary_path, self.facts, self.log = summary_path, facts, log
-        self.validator, self.eval_cfg = validator, eval_cfg
+        self.objective, self.lr, self.checkpoints = objective, lr, checkpoints
+        self.metrics, self.window, self.stop = metrics, metrics.window, stop
+        self.validator = validator
+        self.state = checkpoints.state
+        self.log = world.log
         self.validations: dict = {}  # per set: this job's last and best evaluation
         self.accum = cfg.global_batch_size // (cfg.micro_batch_size * world.dp)
-        self.step = progress.step
-        self.consumed_tokens = progress.consumed_tokens  # over the whole run, resumes included
-        self.skipped_steps = progress.skipped_steps  # over the whole run, resumes included
-        self.lr_factor, self.rollbacks = progress.lr_factor, progress.rollbacks
         self.history: List[StepResult] = []  # this job's steps
-        self.divergence = DivergenceWatch(cfg, progress.lr_factor, progress.rollbacks, log,
-                                          agree=self._any_rank)
+        self.divergence = DivergenceWatch(cfg, self.state.lr_factor, self.state.rollbacks,
+                                          self.log, agree=self._any_rank)
         self.pipe_length: Optional[int] = None  # activation shape the pipeline last sent
         # the phases, marked once here: the watchdog watches them, the records time them
         self.beat = Heartbeat(world.device)
         self.watchdog = Watchdog(cfg, self.beat, world.rank)
-        self._hang_at = hang_hook(world.rank) if progress.step == 0 else None  # tests only
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps done (the TrainState's)."""
+        return self.state.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.state.step = value
+
+    @property
+    def resume(self):
+        """What this job resumed from (None: a fresh start)."""
+        return self.checkpoints.resume
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self) -> StepResult:
         start = time.perf_counter()
         self.beat.mark(DATA, self.step + 1)
-        if self._hang_at == self.step + 1:
-            hang_forever(self.world.rank, self.step + 1)
-        lr = self.lr_factor * self.lr_at(self.step)  # the factor: lowered by each rollback
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self.lr.set(self.step, self.state.lr_factor)  # the factor: lowered by rollbacks
 
         # data: the step's micro-batches, made by the objective's collator (masked with a
         # per-sequence t seeded by each sample's global index, or shifted for the autoregressive
@@ -95,7 +94,7 @@ class Trainer:
         batches = [self._next_batch() for _ in range(self.accum)]
         length = batches[0].noisy.shape[1]
         masked = sum(int(b.mask.sum()) for b in batches)  # host tensors: no device sync
-        self.guard.reset()
+        self.objective.start_step()
         # forward, loss, backward, clip + optimizer step (skipped on a non-finite loss)
         if self.world.pp > 1:
             self.beat.mark(PIPELINE)
@@ -104,14 +103,13 @@ class Trainer:
             self.beat.mark(FORWARD_BACKWARD)
             loss = self._micro_steps(batches)
         times = self.beat.times()  # the loss is on the host: the step's device work is done
-        skipped = self.guard.verdict()
-        self.loss_by_t.end_step(keep=not skipped)
+        skipped = self.objective.end_step()
         grad_norm = None if skipped else self.engine.get_global_grad_norm()
 
-        self.step += 1
         tokens = self.cfg.global_batch_size * length
-        self.consumed_tokens += tokens
-        self.skipped_steps += skipped
+        self.state.step += 1
+        self.state.consumed_tokens += tokens
+        self.state.skipped_steps += skipped
         return StepResult(step=self.step, loss=float("nan") if skipped else loss, lr=lr,
                           grad_norm=None if grad_norm is None else float(grad_norm),
                           tokens=tokens, seq_len=length, masked=masked,
@@ -128,7 +126,7 @@ class Trainer:
             labels = masked_labels(batch.targets, batch.mask, batch.p_mask, batch.norm).to(device)
             noisy = batch.noisy.to(device, non_blocking=True)
             out = engine(noisy, select=labels.positions)  # the head runs where the loss needs it
-            loss = self.loss_fn(out, labels)
+            loss = self.objective.loss(out, labels)
             if last:  # its backward reduces the gradients over data parallel: ranks wait there
                 self.beat.mark(SYNC)
             engine.backward(loss)
@@ -137,7 +135,7 @@ class Trainer:
             engine.step()
             loss_sum += loss.detach().double()
         self.beat.work_queued()  # what follows is the loss for the step's record
-        dist.all_reduce(loss_sum, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(loss_sum, group=self.world.dp_group)
         return loss_sum.item() / (len(batches) * self.world.dp)
 
     def _pipeline_step(self, batches, length: int) -> float:
@@ -176,7 +174,7 @@ class Trainer:
         status = "running"
         self.watchdog.start()
         try:
-            if self.step == 0 and self.validator is not None and self.eval_cfg.due(0, False):
+            if self.step == 0 and self._evaluates(0, last=False):
                 self.beat.mark(VALIDATE)
                 self.metrics.write(0, {CONSUMED_TOKENS: 0, **self.validate()})
             while self.step < steps:
@@ -189,8 +187,7 @@ class Trainer:
                 except (TrainingError, RollbackNeeded):
                     self._record(result, {})  # the step that diverged is on record too
                     raise
-                due = self.validator is not None and self.eval_cfg.due(self.step,
-                                                                        self.step == steps)
+                due = self._evaluates(self.step, last=self.step == steps)
                 if due:
                     self.beat.mark(VALIDATE)
                 validation = self.validate() if due else {}
@@ -217,14 +214,13 @@ class Trainer:
             try:
                 self.data.close()
                 try:
-                    self.checkpointer.wait()  # a stop exits only once its save is complete
+                    self.checkpoints.wait()  # a stop exits only once its save is complete
                 except CheckpointError as e:  # the run's end is recorded all the same
                     save_error, status = e, "failed"
                 self.beat.mark(FINISH)
                 self._report_saves()
                 summary = self._summary(status, time.perf_counter() - start)
-                if self.world.is_main:
-                    self.summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+                self.metrics.summary(summary)
             finally:  # never left armed: it would end this process later
                 self.watchdog.stop()
             self.metrics.close(status)
@@ -236,7 +232,7 @@ class Trainer:
         self.log(f"llada: {'done' if status == 'completed' else status}: {summary['steps']} "
                  f"steps, {summary['tokens']} tokens, loss {summary['first_loss']:.4f} -> "
                  f"{summary['last_loss']:.4f}, {summary['tokens_per_s']:.0f} tokens/s; "
-                 f"{self.summary_path}")
+                 f"{self.metrics.summary_path}")
         return summary
 
     def _record(self, result: StepResult, validation: dict) -> None:
@@ -245,14 +241,19 @@ class Trainer:
         self.window.add(result)
         self.metrics.progress(result)
         if self.metrics.due(result.step):
-            values = self.window.take(result, consumed_tokens=self.consumed_tokens,
-                                      skipped_steps=self.skipped_steps,
-                                      data_counters=self.data.counters, loss_by_t=self.loss_by_t,
+            values = self.window.take(result, consumed_tokens=self.state.consumed_tokens,
+                                      skipped_steps=self.state.skipped_steps,
+                                      data_counters=self.data.counters,
+                                      loss_by_t=self.objective.by_t,
                                       steps_left=self.cfg.steps - self.step,
                                       job_seconds_left=self.stop.seconds_left())
             self.metrics.write(result.step, {**values, **validation})
         elif validation:
-            self.metrics.write(result.step, {CONSUMED_TOKENS: self.consumed_tokens, **validation})
+            self.metrics.write(result.step, {CONSUMED_TOKENS: self.state.consumed_tokens,
+                                             **validation})
+
+    def _evaluates(self, step: int, last: bool) -> bool:
+        return self.validator is not None and self.validator.cfg.due(step, last)
 
     def validate(self) -> dict:
         """The held-out sets on the weights after ``self.step`` steps (collective); this job's
@@ -272,7 +273,7 @@ class Trainer:
     def maybe_checkpoint(self, final: bool) -> bool:
         """Save if due; whether the run stops here (both agreed by every rank)."""
         self._report_saves()
-        save, stop = self.checkpointer.due(self.step, final, stop=self.stop.reason is not None)
+        save, stop = self.checkpoints.due(self.step, final, stop=self.stop.reason is not None)
         if save:
             start = time.perf_counter()
             self.beat.mark(SAVE)
@@ -280,7 +281,7 @@ class Trainer:
             self.beat.mark(LOG)
             seconds = time.perf_counter() - start  # what the training waited
             self.window.note("checkpoint", seconds)
-            if not self.checkpointer.async_save:
+            if not self.checkpoints.async_save:
                 self.stop.note_save(seconds)
                 self.metrics.checkpoint(self.step, path, seconds)
         return stop
@@ -288,33 +289,32 @@ class Trainer:
     def _report_saves(self) -> None:
         """The background saves completed since the last look: their record (the whole save's
         seconds, ``checkpoint/latest``) and the deadline guard's time for a save."""
-        while self.checkpointer.completed:
-            step, path, seconds = self.checkpointer.completed.popleft()
+        while self.checkpoints.completed:
+            step, path, seconds = self.checkpoints.completed.popleft()
             self.stop.note_save(seconds)
             self.beat.last[SAVE] = max(self.beat.last[SAVE], seconds)  # the watchdog's bound
             self.metrics.checkpoint(step, path, seconds)
 
     def save_checkpoint(self) -> Path:
         """The complete checkpoint of this step (collective)."""
-        progress = Progress(self.step, self.consumed_tokens, self.skipped_steps,
-                            lr_factor=self.lr_factor, rollbacks=self.rollbacks)
-        meta = self.checkpoint_meta(progress)
+        self.state.run_id = run_id_for_rank0(self.metrics.tracker, self.world)
+        validation = None
         if self.validations:  # the first set's loss at this very step: checkpoint.keep_best
             name, entry = next(iter(self.validations.items()))
             if entry["last"]["step"] == self.step:
-                meta["validation"] = {"set": name, "loss": entry["last"]["loss"]}
-        return self.checkpointer.save(self.engine, self.step, meta, self.data.state_dict())
+                validation = {"set": name, "loss": entry["last"]["loss"]}
+        return self.checkpoints.save(validation)
 
     def _summary(self, status: str, elapsed: float) -> dict:
         # after a failure the other ranks may not join a collective; after a stop they do
         counters = self.data.counters
         if status in ("completed", "stopped"):
-            counters = sum_over_data_parallel(counters, self.world.device)
+            counters = sum_over_data_parallel(counters, self.world)
         return make_summary(
             self.history, status=status, tokens=sum(r.tokens for r in self.history),
             elapsed=elapsed, mfu=self.window.run_mfu(), final_step=self.step,
             # the FLOP counter's count, through the last record (every step of a completed job)
             flops=self.window.total_flops,
             stop_reason=self.stop.reason if status == "stopped" else None,
-            skipped_steps=self.skipped_steps, data_skipped=counters,
-            validation=self.validations or None, **self.facts)
+            skipped_steps=self.state.skipped_steps, data_skipped=counters,
+            validation=self.validations or None, **self.metrics.facts)

@@ -31,7 +31,6 @@ from framework.training.phases import FINISH, LONG_PHASES, SAVE, VALIDATE, Heart
 EXIT_HUNG = 4  # llada.sbatch: a crash (requeued, at most LLADA_MAX_CRASH_RETRIES in a row)
 AUTO_MIN_S, AUTO_STEPS = 300.0, 10.0  # automatic limit: at least 5 min, 10 x the slowest step
 LONG_FACTOR = 3.0  # a save or validation may take 3 x its last duration
-HANG_HOOK = "LLADA_TEST_HANG"  # tests: "RANK:STEP" hangs that rank in the data phase of STEP
 
 
 class Watchdog:
@@ -102,20 +101,3 @@ class Watchdog:
             os.write(2, text.encode(errors="replace"))
         finally:
             os._exit(EXIT_HUNG)
-
-
-def hang_hook(rank: int, env=os.environ) -> Optional[int]:
-    """The step at which ``LLADA_TEST_HANG`` ("RANK:STEP") makes this rank hang, if any: the
-    tests' stand-in for a stuck filesystem or a dead peer."""
-    raw = env.get(HANG_HOOK, "").strip()
-    if not raw:
-        return None
-    who, _, step = raw.partition(":")
-    return int(step) if int(who) == rank else None
-
-
-def hang_forever(rank: int, step: int) -> None:
-    print(f"llada: {HANG_HOOK}: rank {rank} hangs in step {step} at {time.time():.3f}",
-          file=sys.stderr, flush=True)
-    while True:
-        time.sleep(3600)

@@ -1,6 +1,6 @@
 """One rank of the hang test, as srun starts it (RANK, WORLD_SIZE, MASTER_* in the environment):
 ``llada train`` itself, rank 1 made a straggler first (each micro-batch's data 0.15 s late). The
-hang comes from the trainer's own test hook, LLADA_TEST_HANG."""
+hang is an injected fault (LLADA_FAULTS, framework/training/faults.py)."""
 
 import os
 import sys

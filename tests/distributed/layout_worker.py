@@ -80,7 +80,7 @@ def run_layout(out: Path, manifest: Path, name: str, extra: list) -> None:
         for step in steps:  # the record's time split (collective); pipelines: DeepSpeed's timer
             trainer.window.add(step)
         values = trainer.window.take(steps[-1], consumed_tokens=0, skipped_steps=0,
-                                     data_counters={}, loss_by_t=trainer.loss_by_t)
+                                     data_counters={}, loss_by_t=trainer.objective.by_t)
         split = {p: values[FRACTION.format(p)] for p in ("data", "forward_backward", "optimizer")}
         result = {"losses": [s.loss for s in steps], "weights": weights, "split": split}
     trainer.data.close()

@@ -1,4 +1,4 @@
-"""Two gloo ranks started as srun starts them: one hangs (the trainer's test hook), the other
+"""Two gloo ranks started as srun starts them: one hangs (an injected fault), the other
 waits for it in a collective; both watchdogs print every thread's stack under their rank and
 exit 4 (a crash, which the sbatch script requeues) within the timeout and a small slack. Before
 the hang, the other rank is a straggler: the log line and metrics.jsonl name it."""
@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from framework.training.watchdog import EXIT_HUNG, HANG_HOOK
+from framework.training.faults import ENV as FAULTS
+from framework.training.watchdog import EXIT_HUNG
 from tests.conftest import DEBUG_RECIPE, REPO, cli_command, quick_overrides
 
 pytestmark = pytest.mark.slow
@@ -26,7 +27,7 @@ def test_a_hung_rank_ends_the_job_with_both_stacks_and_the_crash_status(tmp_path
             "tracking.log_interval=1", f"train.hang_timeout_minutes={TIMEOUT_S / 60}",
             "data.num_workers=0"]
     cmd, env = cli_command(args, module="tests.distributed.hang_worker")
-    env = {**env, "OMP_NUM_THREADS": "1", HANG_HOOK: "1:6", "WORLD_SIZE": "2",
+    env = {**env, "OMP_NUM_THREADS": "1", FAULTS: "hang=1:6", "WORLD_SIZE": "2",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     procs, logs = [], []
     for rank in range(2):

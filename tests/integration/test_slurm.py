@@ -22,7 +22,8 @@ import pytest
 from framework.checkpoint.checkpointer import complete_checkpoints
 from framework.checkpoint.files import tag_for
 from framework.launch.cli import main
-from framework.training.watchdog import EXIT_HUNG, HANG_HOOK
+from framework.training.faults import ENV as FAULTS
+from framework.training.watchdog import EXIT_HUNG
 from tests.conftest import DEBUG_RECIPE, REPO, quick_overrides, stdlib_glob
 from tests.integration.slurm_cluster import SlurmCluster, why_not_available
 from tests.unit.data_helpers import documents_in, packed_stream
@@ -170,9 +171,9 @@ def test_crashing_job_is_retried_then_fails_with_the_error(slurm_env, capsys, tm
 
 def test_hung_job_is_requeued_once_and_resumes(slurm_env, capsys, tmp_path, small_dataset,
                                                monkeypatch):
-    # rank 1 hangs in step 5 of the first start (the trainer's test hook, handed on by sbatch);
+    # rank 1 hangs in step 5 of the first start (an injected fault, handed on by sbatch);
     # both watchdogs end their ranks 6 s later with the crash status; the job is requeued once
-    monkeypatch.setenv(HANG_HOOK, "1:5")
+    monkeypatch.setenv(FAULTS, "hang=1:5")
     cluster, steps = slurm_env, 8
     job = submit(capsys, tmp_path, small_dataset, steps, "checkpoint.interval=2",
                  f"train.hang_timeout_minutes={6 / 60}")

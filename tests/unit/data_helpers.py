@@ -26,12 +26,16 @@ def close_loaders() -> None:
 
 def make_loader(manifests: List[Path], *, dp_rank=0, dp_size=1, workers=0, mb=4, accum=1,
                 seed=0, open_shards=3, weights: Optional[List[float]] = None, shards_url=None,
-                variable_length_prob=0.0, state=None, ignore_signals=()) -> PretrainLoader:
+                variable_length_prob=0.0, state=None, ignore_signals=(),
+                streams=None) -> PretrainLoader:
+    """A loader of one data-parallel rank (``streams``: data.streams; None: the global batch's
+    samples, mb x accum x dp_size)."""
     weights = weights or [1.0] * len(manifests)
     cfg = DataConfig(datasets=[DatasetConfig(manifest=str(m), weight=w)
                                for m, w in zip(manifests, weights)],
                      seq_len=load_manifest(manifests[0]).seq_len, seed=seed,
-                     open_shards=open_shards, num_workers=workers, prefetch_batches=2)
+                     open_shards=open_shards, num_workers=workers, prefetch_batches=2,
+                     streams=streams)
     sets = [load_manifest(m, shards_url) for m in manifests]
     collator = MaskCollator(ObjectiveConfig(variable_length_prob=variable_length_prob),
                             sets[0].special_ids["mask"], cfg.seq_len)
@@ -49,7 +53,7 @@ def take(loader, n):
     for _ in range(n):
         b = next(loader)
         out.append({"noisy": b.noisy, "targets": b.targets, "mask": b.mask, "p_mask": b.p_mask,
-                    "index": b.index, "step": torch.tensor(b.step)})
+                    "index": b.index, "step": torch.tensor(b.step), "source": b.source})
     return out
 
 

@@ -129,7 +129,7 @@ def test_checkpoint_on_request(world, tmp_path, small_dataset):
     first = trainer.train_step()
     trainer.maybe_checkpoint(final=False)
     assert saved_steps(tmp_path) == []  # no interval, not the end, not requested
-    trainer.checkpointer.request()  # a save on request, the run goes on
+    trainer.checkpoints.request()  # a save on request, the run goes on
     second = trainer.train_step()
     trainer.maybe_checkpoint(final=False)
     assert saved_steps(tmp_path) == [2]
@@ -161,14 +161,14 @@ def test_a_rollback_whose_start_fails_is_still_a_rollback_on_the_next(world, tmp
                                                                       small_dataset, monkeypatch):
     """The newer checkpoints are set aside before the metrics stream and MLflow act on the
     rollback; a start that fails in between leaves the decision on disk for the next one."""
-    import framework.training.factory as factory
+    import framework.checkpoint.manager as manager
     make_trainer(tmp_path, small_dataset, 4, "checkpoint.interval=2", "checkpoint.keep=5").fit()
     back = f"checkpoint.resume={tmp_path / 'checkpoints' / tag_for(2)}"
 
     def fail(*args, **kwargs):
         raise ConfigError("checkpoint.resume: refused (a test)")
     with monkeypatch.context() as m:
-        m.setattr(factory, "load_checkpoint", fail)
+        m.setattr(manager, "load_checkpoint", fail)
         with pytest.raises(ConfigError, match="a test"):
             make_trainer(tmp_path, small_dataset, 4, back)
     assert saved_steps(tmp_path) == [2]  # step 4 is already aside
@@ -190,7 +190,7 @@ def test_an_async_save_holds_the_state_of_its_step_while_training_goes_on(world,
 
     from framework.checkpoint.checkpointer import verify_checkpoint
 
-    monkeypatch.setenv("LLADA_TEST_SAVE_DELAY", "2:1")
+    monkeypatch.setenv("LLADA_FAULTS", "save_delay=2:1")
     trainer = make_trainer(tmp_path, small_dataset, 10, "checkpoint.async_save=true",
                            "deepspeed.zero_stage=1")
     for _ in range(2):
@@ -201,7 +201,7 @@ def test_an_async_save_holds_the_state_of_its_step_while_training_goes_on(world,
     assert not path.exists() and not (tmp_path / "checkpoints" / "latest").exists()
     trainer.train_step()
     trainer.train_step()
-    trainer.checkpointer.wait()
+    trainer.checkpoints.wait()
     assert (tmp_path / "checkpoints" / "latest").read_text() == tag_for(2)
     assert verify_checkpoint(path) == []
     saved = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu",
@@ -209,6 +209,6 @@ def test_an_async_save_holds_the_state_of_its_step_while_training_goes_on(world,
     now = trainer.engine.module.state_dict()
     assert all(torch.equal(saved[k], weights[k]) for k in weights)
     assert any(not torch.equal(now[k], weights[k]) for k in weights)  # the training went on
-    (step, done, seconds), = trainer.checkpointer.completed
+    (step, done, seconds), = trainer.checkpoints.completed
     assert (step, done) == (2, path) and seconds >= 1.0
     trainer.data.close()

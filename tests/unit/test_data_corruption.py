@@ -18,7 +18,8 @@ import torch
 
 from collections import Counter
 
-from data_pipeline.loader import DataError, ShardStream
+from data_pipeline.loader import DataError
+from data_pipeline.streams import ShardStream
 from data_pipeline.shards import load_manifest
 from tests.conftest import DEBUG_RECIPE, prepare_small, quick_overrides, run_cli, stdlib_glob
 from tests.unit.data_helpers import make_loader, take
@@ -85,10 +86,10 @@ def test_bad_shards_and_samples_are_skipped_counted_and_named(small_dataset, tmp
     ds = load_manifest(bad)
     # exactly one epoch (every damaged shard once): until the stream has entered epoch 1, whose
     # first open shards (seeded) are intact ones
-    seed = next(s for s in range(100) if not DAMAGED & set(
-        ShardStream(ds, 0, 0, 1, s, 3, Counter()).assigned(1)[:3].tolist()))
-    loader = make_loader([bad], mb=16, open_shards=3, seed=seed)
-    while loader.consumed == 0 or loader.slot_states[0]["streams"][0]["epoch"] == 0:
+    seed = next(s for s in range(100) if not DAMAGED & {
+        shard for shard, _ in ShardStream(ds, 0, 0, 1, s, 3, Counter()).assigned(1)[:3]})
+    loader = make_loader([bad], mb=16, open_shards=3, seed=seed, streams=1)  # all in one stream
+    while loader.step == 0 or loader.stream_states[0]["datasets"][0]["epoch"] == 0:
         next(loader)
     assert loader.counters == {"missing_shards": 1, "corrupt_shards": 3, "bad_samples": 2}
     err = capfd.readouterr().err
@@ -111,10 +112,30 @@ def test_a_flipped_byte_in_a_samples_data_never_reaches_a_batch(small_dataset, t
     with tarfile.open(shard) as t:  # the tar itself is intact: tarfile reads every member
         assert len(t.getmembers()) == ds.shards[0]["samples"]
     intact = ds.samples - ds.shards[0]["samples"]
-    loader = make_loader([manifest], mb=16, open_shards=3)
+    loader = make_loader([manifest], mb=16, open_shards=3, streams=1)  # one stream: one epoch
     rows = torch.cat([b["targets"] for b in take(loader, intact // 16)]).numpy()
     assert loader.counters == {"missing_shards": 0, "corrupt_shards": 1, "bad_samples": 0}
     assert not any(np.array_equal(r, after) for r in rows)  # a whole epoch of the others
+
+
+def test_a_damaged_shard_cut_into_pieces_is_counted_once_per_epoch(small_dataset, tmp_path):
+    """Three times as many streams as shards: each shard is read as 3 pieces, each by another
+    stream; a missing shard, the corrupt ones and the bad samples are still counted once per
+    epoch, and every good sample is read once."""
+    bad = corrupt_copy(small_dataset, tmp_path / "bad")
+    ds = load_manifest(bad)
+    num_streams = 3 * len(ds.shards)
+    counters, read = Counter(), Counter()
+    for c in range(num_streams):
+        stream = ShardStream(ds, 0, c, num_streams, seed=0, open_shards=2, counters=counters)
+        assert stream.pieces == 3
+        for shard, piece in stream.assigned(0):  # epoch 0: every piece of every shard once
+            rows, members = stream._load(shard, piece)
+            read.update((shard, m) for m in members.tolist())
+    assert counters == {"missing_shards": 1, "corrupt_shards": 3, "bad_samples": 2}
+    assert max(read.values()) == 1  # no sample twice
+    intact = ds.samples - sum(ds.shards[i]["samples"] for i in DAMAGED)
+    assert intact < len(read) < ds.samples  # the good samples of shards 2 and 3 too
 
 
 def test_counters_survive_a_resume_without_double_counting(small_dataset, tmp_path):
@@ -138,10 +159,10 @@ def test_shards_cut_at_a_member_boundary_or_empty_are_truncated_not_short(small_
     first.write_bytes(first.read_bytes()[:1024 * 50])  # exactly 50 whole members, no end marker
     second.write_bytes(b"")
     stream = ShardStream(load_manifest(manifest), 0, 0, 1, 0, 8, Counter())
-    assert len(stream._load(0)) == len(stream._load(1)) == 0  # not what prepare wrote: none
+    assert len(stream._load(0)[0]) == len(stream._load(1)[0]) == 0  # not what prepare wrote
     rehash(manifest, 0, 1)  # under matching hashes the tar reader still tells them truncated
     stream = ShardStream(load_manifest(manifest), 0, 0, 1, 0, 8, Counter())
-    assert len(stream._load(0)) == 50 and len(stream._load(1)) == 0
+    assert len(stream._load(0)[0]) == 50 and len(stream._load(1)[0]) == 0
     assert stream.counters == {"corrupt_shards": 2}
 
 
@@ -160,8 +181,8 @@ def time_limit(seconds: int):
 
 
 def test_one_bad_shard_drawn_again_and_again_never_stops_the_stream(small_dataset, tmp_path):
-    # as many readers as shards: each reader holds one shard per epoch, so the bad one comes up
-    # for a reader several epochs in a row now and then
+    # as many streams as shards: each stream holds one shard per epoch, so the bad one comes up
+    # for a stream several epochs in a row now and then
     shutil.copytree(small_dataset.parent, tmp_path / "one")
     ds = load_manifest(tmp_path / "one" / "manifest.json")
     (tmp_path / "one" / ds.shards[0]["file"]).unlink()
@@ -171,10 +192,10 @@ def test_one_bad_shard_drawn_again_and_again_never_stops_the_stream(small_datase
             counters = Counter()
             stream = ShardStream(ds, 0, slot, n, 0, 8, counters)
             samples = iter(stream)
-            got = [next(samples) for _ in range(128 * 12)]  # about a dozen epochs of this reader
+            got = [next(samples)[0] for _ in range(128 * 12)]  # a dozen epochs of this stream
             assert all(arr.shape == (ds.seq_len,) for arr in got)
             # the missing shard is counted once per epoch in which this reader drew it
-            drawn = sum(int(stream.assigned(e)[0]) == 0 for e in range(stream.epoch + 1))
+            drawn = sum(stream.assigned(e)[0][0] == 0 for e in range(stream.epoch + 1))
             assert counters["missing_shards"] == drawn and set(counters) <= {"missing_shards"}
             total += drawn
     assert total >= 2  # it did come up

@@ -41,13 +41,13 @@ def poison_once(monkeypatch, bad_steps):
         if step not in bad_steps or step in done:
             return real_step(self)
         done.add(step)
-        real_loss = self.loss_fn.head_loss
-        self.loss_fn.head_loss = lambda *a, **k: tuple(x * float("nan")
-                                                       for x in real_loss(*a, **k))
+        real_loss = self.objective.loss.head_loss
+        self.objective.loss.head_loss = lambda *a, **k: tuple(x * float("nan")
+                                                               for x in real_loss(*a, **k))
         try:
             return real_step(self)
         finally:
-            self.loss_fn.head_loss = real_loss
+            self.objective.loss.head_loss = real_loss
     monkeypatch.setattr(Trainer, "train_step", train_step)
 
 

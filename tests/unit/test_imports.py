@@ -94,3 +94,38 @@ def test_one_reverse_import_is_caught():
         "framework.model.params imports framework.training"]
     assert violations("from data_pipeline.files import atomic_write\n",
                       "framework.checkpoint.checkpointer") == []
+
+
+# megatron-core's global parallel state is read where the groups are made and where the model's
+# layers need it; everything else gets its groups from our World (framework/parallel/world.py)
+PARALLEL_STATE_READERS = ("framework.parallel", "framework.model")
+
+
+def reads_parallel_state(source: str) -> bool:
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import) and any(
+                a.name.startswith("megatron.core.parallel_state") for a in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom) and node.module and (
+                node.module.startswith("megatron.core.parallel_state")
+                or node.module == "megatron.core"
+                and any(a.name == "parallel_state" for a in node.names)):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("path", list(our_modules()), ids=lambda p: str(p.relative_to(REPO)))
+def test_only_the_world_and_the_model_read_megatrons_parallel_state(path):
+    module = module_name(path)
+    if module.startswith(PARALLEL_STATE_READERS):
+        return
+    assert not reads_parallel_state(path.read_text()), \
+        f"{module} reads megatron's parallel_state: take the groups from World"
+
+
+def test_a_parallel_state_import_is_caught():
+    assert reads_parallel_state("from megatron.core import parallel_state\n")
+    assert reads_parallel_state("def f():\n    from megatron.core import parallel_state as ps\n")
+    assert reads_parallel_state("import megatron.core.parallel_state\n")
+    assert reads_parallel_state("from megatron.core.parallel_state import get_data_parallel_group\n")
+    assert not reads_parallel_state("from megatron.core import tensor_parallel\n")

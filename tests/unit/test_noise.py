@@ -5,7 +5,8 @@ samples whose masks are shifted copies of one another."""
 import numpy as np
 import torch
 
-from data_pipeline.noise import _mix64, forward_process, sample_noise
+from data_pipeline.noise import forward_process, sample_noise
+from data_pipeline.splitmix import mix64 as _mix64
 
 MASK = 7
 

@@ -19,7 +19,8 @@ from data_pipeline.config import (DataConfig, DatasetConfig, ObjectiveConfig, Pr
                                   TokenizerConfig, ValidationSetConfig)
 from data_pipeline.datasets import open_datasets, open_validation
 from data_pipeline.errors import DataConfigError
-from data_pipeline.loader import PretrainLoader, ShardStream
+from data_pipeline.loader import PretrainLoader
+from data_pipeline.streams import ShardStream
 from data_pipeline.prepare import manifest_of, prepare
 from data_pipeline.prepare_sft import function_pairs
 from data_pipeline.sft import ChatFormat, SFTCollator, SFTExample, sft_sample, split_sft
@@ -261,7 +262,7 @@ def test_a_row_with_a_bad_prompt_length_is_skipped_and_counted(tmp_path, small_t
     ds = load_manifest(manifest)
     counters = Counter()
     got = list(itertools.islice(ShardStream(ds, 0, 0, 1, 0, 1, counters), 2))
-    assert sorted(int(r[0]) for r in got) == [3, 517] and counters["bad_samples"] == 2
+    assert sorted(int(r[0][0]) for r in got) == [3, 517] and counters["bad_samples"] == 2
     err = capfd.readouterr().err
     assert "chat-000000.tar sample 0000000002: prompt length 600 is not in [1, 600)" in err
     assert "sample 0000000003: prompt length 0" in err

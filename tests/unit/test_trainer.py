@@ -20,14 +20,14 @@ def make_trainer(tmp_path, dataset, *extra):
 def poison_steps(monkeypatch, trainer, bad_steps):
     """Make the loss NaN at the given optimizer steps (numbered from 1), as a diverging model
     would."""
-    real = trainer.loss_fn.head_loss
+    real = trainer.objective.loss.head_loss
 
     def loss(*args, **kwargs):
         total, terms = real(*args, **kwargs)
         bad = float("nan") if trainer.step + 1 in bad_steps else 1.0
         return total * bad, terms * bad
 
-    monkeypatch.setattr(trainer.loss_fn, "head_loss", loss)
+    monkeypatch.setattr(trainer.objective.loss, "head_loss", loss)
 
 
 def snapshot(trainer):
@@ -91,8 +91,8 @@ def test_checkpoints_carry_each_data_parallel_ranks_stream_position(world, tmp_p
     trainer.fit()
     state_file = tmp_path / "checkpoints" / "step_00000012" / "data" / "dp_rank_00000.json"
     state = json.loads(state_file.read_text())
-    assert state["consumed"] == 12 * trainer.accum  # every micro-batch of 12 steps, no more
-    assert state["layout"]["dp_size"] == 1
+    assert (state["step"], state["handed"]) == (12, 0)  # every micro-batch of 12 steps, no more
+    assert state["dp_size"] == 1 and len(state["streams"]) == 16  # one per sample of a step
     assert not (tmp_path / "checkpoints" / "step_00000006").exists()  # keep=1
 
 
