@@ -21,7 +21,7 @@ another data-parallel size or worker count (any that divide the batch) takes its
 from the saved ranks that held them (``saved_ranks``: the streams are cut into equal contiguous
 blocks under every size) and continues each: the same samples in the same steps with the same
 masks, only the summation order of a step's losses and gradients differs. A state saved inside a
-step resumes only under the same data-parallel size.
+step resumes only under the same data-parallel size and micro-batch size.
 
 Memory of a reader (one worker): for each of its streams and datasets ``data.open_shards`` units
 (a shard's samples, or a piece's) as one array each, plus one shard's bytes while it reads and
@@ -46,7 +46,7 @@ from data_pipeline.collate import MaskCollator, TrainBatch
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataConfigError, DataError
 from data_pipeline.shards import ShardSet
-from data_pipeline.streams import COUNTERS, CanonicalStream
+from data_pipeline.streams import COUNTERS, CanonicalStream, pieces_per_shard
 
 __all__ = ["PretrainLoader", "DataError", "saved_ranks"]
 
@@ -176,9 +176,8 @@ class PretrainLoader:
                 batch = self.collator(torch.from_numpy(tokens[rows].astype(np.int64)), index,
                                       self.step)
                 batch = batch._replace(source=torch.from_numpy(sources[rows]))
-                if self.pin_memory:
-                    batch = batch._replace(noisy=batch.noisy.pin_memory(),
-                                           targets=batch.targets.pin_memory())
+                if self.pin_memory:  # the input is copied to the device as it is
+                    batch = batch._replace(noisy=batch.noisy.pin_memory())
                 self.handed = i + 1
                 if self.handed == self.accum:  # the step's last: its streams' states count now
                     self.stream_states.update(states)
@@ -230,6 +229,22 @@ class PretrainLoader:
                     w.kill()
                     w.join()
 
+    def reader_bytes(self) -> int:
+        """About what one reader (a worker, or the rank without workers) holds: for each of its
+        streams and datasets ``open_shards`` units (a shard, or a piece of one), plus one shard's
+        bytes while it reads one."""
+        streams = -(-len(self.local) // self.workers)
+        units = sum(self.cfg.open_shards * sum(s["bytes"] for s in ds.shards) / len(ds.shards)
+                    / pieces_per_shard(len(ds.shards), self.num_streams) for ds in self.sets)
+        largest = max(s["bytes"] for ds in self.sets for s in ds.shards)
+        return int(streams * units + largest)
+
+    def describe(self) -> str:
+        return (f"{self.num_streams} canonical streams, {len(self.local)} on this data-parallel "
+                f"rank, read by {self.workers} reader{'s' if self.workers > 1 else ''} "
+                f"({'DataLoader workers' if self.cfg.num_workers else 'in the training process'})"
+                f": about {self.reader_bytes() / 2**30:.2f} GiB of shards held per reader")
+
     @property
     def counters(self) -> Dict[str, int]:
         """Skipped inputs so far by this rank's streams (missing/corrupt shards, bad samples)."""
@@ -240,12 +255,14 @@ class PretrainLoader:
         """What the order of the samples depends on: a resume must keep all of it."""
         return {"streams": self.num_streams, "global_batch": self.global_batch,
                 "seed": self.cfg.seed, "open_shards": self.cfg.open_shards,
-                "datasets": [[ds.name, ds.samples, ds.tokenizer_sha256] for ds in self.sets]}
+                "datasets": [[ds.name, ds.samples, ds.tokenizer_sha256, ds.shards_digest]
+                             for ds in self.sets]}
 
     def state_dict(self) -> dict:
         # a copy: the loader replaces its streams' states as it hands out batches
         return {"version": STATE_VERSION, "layout": self._layout(), "dp_rank": self.dp_rank,
-                "dp_size": self.dp_size, "step": self.step, "handed": self.handed,
+                "dp_size": self.dp_size, "micro_batch_size": self.mb, "step": self.step,
+                "handed": self.handed,
                 "streams": {str(c): s for c, s in self.stream_states.items()}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -266,7 +283,8 @@ class PretrainLoader:
                 f"data.streams: {self.cfg.streams}, but the run was started with "
                 f"{saved['streams']} streams, which fix its order of samples; unset it (or set "
                 f"{saved['streams']})")
-        self._set_streams(saved["streams"], "data state")
+        self._set_streams(saved["streams"], f"data state (saved with data.streams="
+                                            f"{saved['streams']})")
         same = self._layout()
         for state in states:
             diff = ", ".join(f"{k} {state['layout'].get(k)} -> {v}" for k, v in same.items()
@@ -275,17 +293,19 @@ class PretrainLoader:
                 raise DataConfigError(
                     f"data state: saved with a different data layout ({diff}); resuming would "
                     "repeat or skip samples, so it is refused: keep data.seed, "
-                    "data.open_shards, the datasets and train.global_batch_size")
+                    "data.open_shards, the datasets (and their shards) and "
+                    "train.global_batch_size")
         steps = {(s["step"], s["handed"]) for s in states}
         if len(steps) > 1:
             raise DataConfigError(f"data state: the saved ranks stopped at different points "
                                   f"(step, micro-batches: {sorted(steps)}), not at one step")
         (step, handed), = steps
-        if handed and states[0]["dp_size"] != self.dp_size:
+        saved_mb = (states[0]["dp_size"], states[0].get("micro_batch_size"))
+        if handed and saved_mb != (self.dp_size, self.mb):
             raise DataConfigError(
                 f"data state: saved {handed} micro-batches into step {step + 1}, which resumes "
-                f"only under the data-parallel size that saved it ({states[0]['dp_size']}), "
-                f"not {self.dp_size}")
+                f"only under the data-parallel size and micro-batch size that saved it "
+                f"({saved_mb[0]} x {saved_mb[1]}), not {self.dp_size} x {self.mb}")
         saved_streams = {int(c): s for state in states for c, s in state["streams"].items()}
         missing = [c for c in self.local if c not in saved_streams]
         if missing:

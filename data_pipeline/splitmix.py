@@ -2,8 +2,8 @@
 generator state to seed, save or replay. SplitMix64's output function (Steele, Lea & Flood 2014)
 applied to ``counter x golden + key``, vectorised over numpy arrays.
 
-One implementation for the forward process's noise (data_pipeline/noise.py) and the loader's
-draws (data_pipeline/loader.py): a resumed run, or one under another layout, recomputes any
+One implementation for the forward process's noise (data_pipeline/noise.py) and the canonical
+streams' draws (data_pipeline/streams.py): a resumed run, or one under another layout, recomputes any
 number from its counter instead of restoring a generator.
 """
 

@@ -91,11 +91,8 @@ class ShardStream:
         self._plan: Tuple[int, List[Unit]] = (-1, [])
         # open unit -> (its samples [m, sample_len], their member ordinals [m]), seeded order
         self._samples: Dict[Unit, Tuple[np.ndarray, np.ndarray]] = {}
-        # the units that hold samples by their manifest: the streak that proves the data unusable
-        samples = np.fromiter((s["samples"] for s in ds.shards), np.int64, len(ds.shards))
-        self._usable = sum(int(np.count_nonzero((k + 1) * samples // self.pieces
-                                                > k * samples // self.pieces))
-                           for k in range(self.pieces))
+        # the shards that hold samples by their manifest: the streak that proves the data unusable
+        self._usable = sum(1 for s in ds.shards if s["samples"] > 0)
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor,
@@ -126,30 +123,34 @@ class ShardStream:
             return sft_sample_problem(arr, ds.seq_len)
         return None
 
-    def _load(self, shard: int, piece: int = 0, replay: bool = False
+    def _load(self, shard: int, piece: Optional[int] = 0, mode: str = "open"
               ) -> Tuple[np.ndarray, np.ndarray]:
-        """The valid samples of one unit in their seeded order and their member ordinals (the
-        shard's bytes are let go): none when the shard cannot be read or is not what prepare
-        wrote. ``replay``: reopened after a restore, its problems were counted when first
-        opened."""
+        """The valid samples of one unit (``piece`` None: of the whole shard) in their seeded
+        order and their member ordinals (the shard's bytes are let go): none when the shard cannot
+        be read or is not what prepare wrote. ``mode``: what is counted and warned of. ``open``:
+        the shard's problems (by its first non-empty piece) and the unit's bad samples;
+        ``reopen`` (a unit of the window, after a restore): a shard that cannot be read, or no
+        longer matches its sha256, only: that is new (the unit was readable when first opened;
+        its other problems were counted then); ``probe``: nothing."""
         ds, url, p = self.ds, self.ds.url(shard), self.pieces
         n = ds.shards[shard]["samples"]
         order = np.random.default_rng([self.seed, self.ds_index, self.epoch, shard]).permutation(n)
-        lo, hi = piece_range(n, piece, p)
-        wanted = order[lo:hi]
+        wanted = order if piece is None else order[slice(*piece_range(n, piece, p))]
         first_piece = -(-p // n) - 1 if n else 0  # the one that counts the shard's problems
-        counts = not replay and piece == first_piece
+        counts = mode == "open" and piece == first_piece
+        count_samples = mode == "open"
         empty = (np.empty((0, ds.sample_len), dtype=ds.dtype), np.empty(0, dtype=np.int64))
         try:
             data = read_shard(ds, shard)
         except OSError as e:
             self._skip("missing_shards", f"{ds.name}: shard {url} unreadable "
-                       f"({type(e).__name__}: {e}); skipped", counts)
+                       f"({type(e).__name__}: {e}); skipped", counts or mode == "reopen")
             return empty
         except ShardError as e:
-            self._skip("corrupt_shards", f"{ds.name}: {e}; shard skipped", counts)
+            self._skip("corrupt_shards", f"{ds.name}: {e}; shard skipped",
+                       counts or mode == "reopen")
             return empty
-        mine = set(wanted.tolist()) if p > 1 else None
+        mine = set(wanted.tolist()) if len(wanted) < n else None
         found: Dict[int, np.ndarray] = {}
         keys: Dict[int, str] = {}
         key_ = None
@@ -167,7 +168,7 @@ class ShardStream:
                     problem = str(e).splitlines()[0] if str(e) else type(e).__name__
                 if problem:
                     self._skip("bad_samples", f"{ds.name}: shard {url} sample {key_}: {problem}; "
-                               "skipped", not replay)
+                               "skipped", count_samples)
                     continue
                 found[ordinal], keys[ordinal] = arr, key_
         except ShardError as e:  # its hash matched: a shard not written by llada prepare
@@ -186,7 +187,7 @@ class ShardStream:
             problem = (f"token id {int(top[i])} >= vocabulary size {ds.vocab_size}"
                        if top[i] >= ds.vocab_size else "holds the mask token")
             self._skip("bad_samples", f"{ds.name}: shard {url} sample {keys[int(members[i])]}: "
-                       f"{problem}; skipped", not replay)
+                       f"{problem}; skipped", count_samples)
         return block[~bad], members[~bad]
 
     def _fill(self, barren: set) -> None:
@@ -205,23 +206,28 @@ class ShardStream:
                 # a piece of a shard smaller than its piece count: nothing to read
                 continue
             loaded = self._load(*unit)
-            # units in a row that gave nothing; only when that streak has covered every unit of
-            # the dataset is the data unusable (one bad shard, however often drawn, never is)
+            # shards in a row that gave nothing; only when that streak has covered every shard of
+            # the dataset is the data unusable (one bad shard, however often drawn, never is). A
+            # piece whose samples were all bad proves nothing of its shard's other pieces
             if not len(loaded[0]):
-                barren.add(unit)
-                if len(barren) >= self._usable:
-                    raise DataError(f"{self.ds.name}: none of the {len(self.ds.shards)} shards "
-                                    f"of {self.ds.manifest} has a readable sample")
+                if self.pieces == 1 or not len(self._load(unit[0], None, "probe")[0]):
+                    barren.add(unit[0])
+                    if len(barren) >= self._usable:
+                        raise DataError(f"{self.ds.name}: none of the {len(self.ds.shards)} "
+                                        f"shards of {self.ds.manifest} has a readable sample")
                 continue
             barren.clear()
             self._samples[unit] = loaded
             self.window.append([*unit, 0])
 
     def __iter__(self):
+        if not self._usable:
+            raise DataError(f"{self.ds.name}: none of the {len(self.ds.shards)} shards of "
+                            f"{self.ds.manifest} holds a sample")
         for shard, piece, taken in list(self.window):  # restored: reopen, continue after `taken`
-            self._samples[(shard, piece)] = self._load(shard, piece, replay=True)
-            if len(self._samples[(shard, piece)][0]) <= taken:  # damaged since: the rest is gone
-                self.window.remove([shard, piece, taken])
+            self._samples[(shard, piece)] = self._load(shard, piece, "reopen")
+            if len(self._samples[(shard, piece)][0]) <= taken:  # damaged since (counted, warned):
+                self.window.remove([shard, piece, taken])  # what it had left is gone
         barren: set = set()
         while True:
             self._fill(barren)

@@ -16,6 +16,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from data_pipeline.errors import DataConfigError
 from data_pipeline.loader import saved_ranks
 from framework.checkpoint.checkpointer import (CheckpointError, complete_checkpoints, read_meta,
                                                resume_candidates, set_aside_newer, set_rng_state)
@@ -65,12 +66,11 @@ class TrainState:
     rollbacks: int = 0  # automatic rollbacks so far (train.max_rollbacks)
 
 
-def layout(world: World, *, zero_stage: int, bf16: bool, stages: Sequence[int],
-           data_workers: int) -> dict:
+def layout(world: World, *, zero_stage: int, bf16: bool, stages: Sequence[int]) -> dict:
     """What a checkpoint's files depend on (meta.json's ``layout``)."""
     return {"tp": world.tp, "pp": world.pp, "dp": world.dp, "world_size": world.world_size,
             "zero_stage": zero_stage, "precision": "bf16" if bf16 else "fp32",
-            "stages": list(stages), "data_workers": data_workers}
+            "stages": list(stages)}
 
 
 @dataclass(frozen=True)
@@ -308,8 +308,11 @@ def load_checkpoint(path: Path, engine, data, world: World, now: dict,
                f"ZeRO-{saved['zero_stage']} {saved['precision']}")
 
     # the saved ranks that held this rank's data streams (its own, under the same size)
-    data.load_state_dicts([json.loads((path / rank_file("data", r)).read_text())
-                           for r in saved_ranks(world.dp_rank, world.dp, saved["dp"])])
+    try:
+        data.load_state_dicts([json.loads((path / rank_file("data", r)).read_text())
+                               for r in saved_ranks(world.dp_rank, world.dp, saved["dp"])])
+    except DataConfigError as e:
+        raise ConfigError(f"checkpoint.resume: {path}: {e}") from None
     if saved["world_size"] == world.world_size:  # else no rank has a state of its own
         set_rng_state(torch.load(path / rank_file("rng", world.rank), weights_only=False))
     engine.global_steps = meta["step"]

@@ -77,7 +77,7 @@ def build_trainer(cfg: Config, stop: Optional[StopRequest] = None,
     checkpoints = CheckpointManager(
         cfg.checkpoint, Path(cfg.run.dir) / "checkpoints", world, RunRecord(
             to_dict(cfg), layout(world, zero_stage=cfg.deepspeed.zero_stage, bf16=bf16,
-                                 stages=bounds, data_workers=data.loader.workers),
+                                 stages=bounds),
             data.sets[0].tokenizer_path, [ds.tokenizer_sha256 for ds in data.sets],
             data.sets[0].special_ids), world.log, rollback)
     # the autoregressive objective masks nothing: it has no loss by mask ratio
@@ -88,6 +88,7 @@ def build_trainer(cfg: Config, stop: Optional[StopRequest] = None,
         world.log(f"llada: weights from {source}")
     engine, lr = _engine(cfg, world, model, objective, bf16)
     checkpoints.load(engine, data.loader)  # the check's verdict first: a damaged one passed over
+    _memory_check(world, data.loader)
     if world.is_main:  # only now: a refused resume leaves the run's config as it was
         Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run.dir) / "config.yaml").write_text(to_yaml(cfg))
@@ -121,6 +122,19 @@ def _data(cfg: Config, world: World, stop: StopRequest) -> TrainData:
         dp_rank=world.dp_rank, dp_size=world.dp, pin_memory=world.device.type == "cuda",
         ignore_signals=stop_signals(cfg.preemption))
     return TrainData(loader, sets, open_validation(cfg.data, sets[0], kind=kind), mask_id)
+
+
+def _memory_check(world: World, loader: PretrainLoader) -> None:
+    """The data's share of host memory: a run resumed on fewer GPUs holds more streams per
+    reader (a warning when the node's readers would take over half of its memory)."""
+    import psutil
+
+    world.log(f"llada: data: {loader.describe()}")
+    node = loader.reader_bytes() * loader.workers * int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if node > psutil.virtual_memory().total / 2:
+        world.log(f"llada: warning: the data readers of this node would hold about "
+                  f"{node / 2**30:.0f} GiB, over half of its memory: lower data.open_shards "
+                  "(or start runs with fewer data.streams)")
 
 
 def _model(cfg: Config, world: World, objective: Objective, bounds: List[int], bf16: bool

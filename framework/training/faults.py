@@ -20,16 +20,19 @@ ENV = "LLADA_FAULTS"
 KINDS = ("hang", "save_delay")
 
 
-def faults(env=os.environ) -> Dict[str, Tuple[str, str]]:
+def faults(env=os.environ) -> Dict[str, Tuple[int, float]]:
     """{kind: (first, second)} of ``LLADA_FAULTS``; a malformed entry is an error naming it."""
     found = {}
     for item in filter(None, (p.strip() for p in env.get(ENV, "").split(","))):
         kind, _, value = item.partition("=")
         first, _, second = value.partition(":")
-        if kind not in KINDS or not first or not second:
+        try:
+            if kind not in KINDS:
+                raise ValueError(kind)
+            found[kind] = (int(first), float(second))
+        except ValueError:
             raise ValueError(f"{ENV}: {item!r} is not one of hang=RANK:STEP, "
-                             "save_delay=STEP:SECONDS")
-        found[kind] = (first, second)
+                             "save_delay=STEP:SECONDS") from None
     return found
 
 
@@ -37,11 +40,11 @@ def install(trainer, env=os.environ) -> None:
     """The faults ``LLADA_FAULTS`` names, wrapped around this trainer's methods."""
     wanted = faults(env)
     if "hang" in wanted:
-        rank, step = (int(v) for v in wanted["hang"])
+        rank, step = wanted["hang"]
         if rank == trainer.world.rank and trainer.step == 0:
-            _hang_at(trainer, step)
+            _hang_at(trainer, int(step))
     if "save_delay" in wanted:
-        step, seconds = int(wanted["save_delay"][0]), float(wanted["save_delay"][1])
+        step, seconds = wanted["save_delay"]
         _delay_save(trainer.checkpoints.checkpointer, step, seconds)
 
 

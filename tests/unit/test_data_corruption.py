@@ -25,6 +25,14 @@ from tests.conftest import DEBUG_RECIPE, prepare_small, quick_overrides, run_cli
 from tests.unit.data_helpers import make_loader, take
 
 
+@pytest.fixture(autouse=True)
+def _warning_quota_of_its_own(monkeypatch):
+    """Each test's warnings are shown (the quota per kind is per process): and what these tests
+    warn of never uses up a later test's."""
+    from data_pipeline import corpus
+    monkeypatch.setattr(corpus, "_warned", Counter())
+
+
 def rehash(manifest, *indices):
     """Record shards' current size and sha256 in the manifest: shards some other writer made
     with bad content under a matching hash, so that the checks after the hash are reached."""
@@ -226,3 +234,54 @@ def test_training_on_a_damaged_dataset_completes_and_reports(small_tokenizer, tm
     assert skipped["missing_shards"] >= 1
     assert "data skipped" in proc.stdout
     assert "small-000002.tar sample garbage" in proc.stderr
+
+
+def test_a_dataset_of_empty_shards_is_an_error_not_a_stall(small_dataset, tmp_path):
+    shutil.copytree(small_dataset.parent, tmp_path / "empty")
+    manifest = tmp_path / "empty" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    for shard in m["shards"]:
+        shard["samples"] = 0
+    manifest.write_text(json.dumps(m))
+    with time_limit(60), pytest.raises(DataError, match="none of the .* shards of .* holds a"):
+        next(make_loader([manifest]))
+
+
+def test_an_open_shard_lost_before_a_resume_is_counted_and_named(small_dataset, tmp_path, capfd):
+    """A unit the saved state had open and half read is gone at the resume: its samples are
+    lost, and that is counted and warned of, not skipped in silence."""
+    shutil.copytree(small_dataset.parent, tmp_path / "lost")
+    manifest = tmp_path / "lost" / "manifest.json"
+    first = make_loader([manifest], mb=4, streams=1, open_shards=2)
+    take(first, 3)
+    state = first.state_dict()
+    shard = next(w[0] for w in state["streams"]["0"]["datasets"][0]["open"] if w[2])
+    ds = load_manifest(manifest)
+    (tmp_path / "lost" / ds.shards[shard]["file"]).unlink()
+    capfd.readouterr()
+    second = make_loader([manifest], mb=4, streams=1, open_shards=2, state=state)
+    take(second, 3)
+    assert second.counters["missing_shards"] == 1
+    err = capfd.readouterr().err
+    assert f"shard {ds.url(shard)} unreadable" in err
+
+
+def test_a_piece_whose_samples_are_all_bad_is_not_an_unusable_dataset(small_tokenizer, tmp_path):
+    """One shard of 4 samples, 3 of them bad, read by 4 streams: each stream holds a piece of one
+    sample, and most pieces are bad in most epochs; every stream still finds the good sample."""
+    from data_pipeline.shards import ShardWriter, write_manifest
+
+    good = prepare_small(tmp_path / "good", small_tokenizer, inputs=[stdlib_glob("json")])
+    m = json.loads(good.read_text())
+    row = np.full(64, 7, dtype=np.uint16)
+    writer = ShardWriter(tmp_path / "good" / "one.tar")
+    for k in range(4):
+        writer.add(f"{k:010d}", row if k == 2 else np.full(64, 60000, dtype=np.uint16))
+    m["shards"] = [{**writer.close(), "tokens": 4 * 64}]
+    write_manifest(tmp_path / "good", m)
+    ds = load_manifest(good)
+    with time_limit(120):
+        for seed in range(5):
+            for c in range(4):
+                stream = iter(ShardStream(ds, 0, c, 4, seed, 2, Counter()))
+                assert all(np.array_equal(next(stream)[0], row) for _ in range(2))

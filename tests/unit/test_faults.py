@@ -20,11 +20,11 @@ class FakeTrainer:
 
 
 def test_malformed_faults_are_named():
-    for bad in ("hang=1", "stall=1:2", "save_delay=:3"):
+    for bad in ("hang=1", "stall=1:2", "save_delay=:3", "hang=a:3"):
         with pytest.raises(ValueError, match=f"LLADA_FAULTS: '{bad}' is not one of"):
             faults.faults({faults.ENV: bad})
     assert faults.faults({faults.ENV: " hang=1:6 , save_delay=10:0.5"}) == {
-        "hang": ("1", "6"), "save_delay": ("10", "0.5")}
+        "hang": (1, 6.0), "save_delay": (10, 0.5)}
     assert faults.faults({}) == {}
 
 

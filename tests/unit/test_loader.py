@@ -4,6 +4,7 @@ mixtures, pipe: URLs, refusal of a changed order of samples."""
 
 import json
 import multiprocessing as mp
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -181,8 +182,11 @@ def test_a_state_saved_inside_a_step_resumes_only_under_its_data_parallel_size(t
     again = make_loader([tiny], dp_rank=1, dp_size=2, workers=2, mb=2, accum=4, state=state)
     assert same(take(again, 2), take(loader, 2))
     with pytest.raises(DataConfigError, match=r"2 micro-batches into step 2, which resumes "
-                                              r"only under the data-parallel size that saved"):
+                                              r"only under the data-parallel size and "
+                                              r"micro-batch size that saved it \(2 x 2\)"):
         make_loader([tiny], dp_rank=0, dp_size=1, workers=0, mb=2, accum=8, state=state)
+    with pytest.raises(DataConfigError, match=r"not 2 x 1"):
+        make_loader([tiny], dp_rank=1, dp_size=2, workers=0, mb=1, accum=8, state=state)
 
 
 def test_global_sample_indices_partition_over_ranks_and_step_counts_accumulation(tiny):
@@ -226,7 +230,7 @@ def test_seed_changes_the_order(tiny):
     assert not same(take(make_loader([tiny], seed=0), 5), take(make_loader([tiny], seed=1), 5))
 
 
-def test_restoring_with_another_order_of_samples_is_refused(tiny):
+def test_restoring_with_another_order_of_samples_is_refused(tiny, tmp_path):
     loader = make_loader([tiny], dp_rank=0, dp_size=2, workers=2)
     take(loader, 3)
     state = loader.state_dict()
@@ -238,6 +242,14 @@ def test_restoring_with_another_order_of_samples_is_refused(tiny):
         make_loader([tiny], dp_rank=0, dp_size=2, accum=2, state=state)
     with pytest.raises(DataConfigError, match=r"data.streams: 4, but the run was started with 8"):
         make_loader([tiny], dp_rank=0, dp_size=2, streams=4, state=state)
+    reordered = tmp_path / "reordered"  # prepared again: the same samples in other shards
+    shutil.copytree(tiny.parent, reordered)
+    m = json.loads((reordered / "manifest.json").read_text())
+    m["shards"] = m["shards"][::-1]
+    (reordered / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataConfigError, match=r"data state: saved with a different data layout "
+                                              r"\(datasets "):
+        make_loader([reordered / "manifest.json"], dp_rank=0, dp_size=2, state=state)
     old = {**state, "version": 2}
     with pytest.raises(DataConfigError, match=r"earlier version .*one stream per data-parallel"):
         make_loader([tiny], dp_rank=0, dp_size=2, state=old)
@@ -252,3 +264,13 @@ def test_streams_must_divide_the_batch_and_be_shared_by_the_ranks(tiny):
         make_loader([tiny], mb=2, dp_size=4, streams=2)
     # more workers than a rank has streams: the extra ones would idle, so they are not started
     assert make_loader([tiny], mb=2, dp_size=2, workers=8, streams=4).workers == 2
+
+
+def test_a_loader_says_what_its_readers_hold(tiny):
+    ds = load_manifest(tiny)
+    loader = make_loader([tiny], dp_size=2, workers=2, mb=4, open_shards=3)  # 8 streams
+    mean = sum(s["bytes"] for s in ds.shards) / len(ds.shards)
+    largest = max(s["bytes"] for s in ds.shards)
+    assert loader.reader_bytes() == int(2 * 3 * mean + largest)  # 2 streams per reader
+    assert loader.describe().startswith("8 canonical streams, 4 on this data-parallel rank, "
+                                        "read by 2 readers (DataLoader workers)")
