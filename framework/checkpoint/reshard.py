@@ -173,9 +173,11 @@ def _target(engine):
     if isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
         return _Zero3Target(opt)
     if isinstance(opt, FP16_UnfusedOptimizer):
-        return _Bf16Target(opt)
+        return _Zero0Target(opt.optimizer, {id(lp): hp for lps, hps in zip(opt.fp16_groups,
+                                                                           opt.fp32_groups)
+                                            for lp, hp in zip(lps, hps)})
     if isinstance(opt, torch.optim.AdamW):
-        return _AdamTarget(opt)
+        return _Zero0Target(opt)
     raise ReshardError(f"loading a resharded state into a ZeRO-{engine.zero_optimization_stage()}"
                        f" engine with a {type(opt).__name__} optimizer is not supported")
 
@@ -195,33 +197,13 @@ def _adam_state(adam: torch.optim.Optimizer, hp: torch.Tensor, group: dict, step
     return st
 
 
-class _AdamTarget:
-    """ZeRO-0, fp32: torch AdamW on the module's own parameters."""
+class _Zero0Target:
+    """ZeRO-0: the optimizer on the module's own parameters. fp32: torch AdamW, each parameter
+    its own master; bf16: DeepSpeed's FP16_UnfusedOptimizer, an fp32 master per parameter
+    (``masters``: module parameter's id -> its master)."""
 
-    def __init__(self, adam: torch.optim.Optimizer):
-        self.adam = adam
-
-    def local_shape(self, p) -> torch.Size:
-        return p.shape
-
-    def prepare(self, step: int) -> None:
-        for group in self.adam.param_groups:
-            for p in group["params"]:
-                _adam_state(self.adam, p, group, step)
-
-    def load(self, p, values: Tensors) -> None:
-        p.data.copy_(values["weights"])
-        for key in MOMENTS:
-            self.adam.state[p][key].copy_(values[key])
-
-
-class _Bf16Target:
-    """ZeRO-0, bf16: DeepSpeed's FP16_UnfusedOptimizer, an fp32 master per module parameter."""
-
-    def __init__(self, opt):
-        self.opt, self.adam = opt, opt.optimizer
-        self.master = {id(lp): hp for lps, hps in zip(opt.fp16_groups, opt.fp32_groups)
-                       for lp, hp in zip(lps, hps)}
+    def __init__(self, adam: torch.optim.Optimizer, masters: Optional[dict] = None):
+        self.adam, self.masters = adam, masters or {}
 
     def local_shape(self, p) -> torch.Size:
         return p.shape
@@ -232,9 +214,10 @@ class _Bf16Target:
                 _adam_state(self.adam, hp, group, step)
 
     def load(self, p, values: Tensors) -> None:
-        hp = self.master[id(p)]
-        p.data.copy_(values["weights"])  # rounded to bf16, as the optimizer's step would
-        hp.data.copy_(values["weights"])
+        hp = self.masters.get(id(p), p)
+        p.data.copy_(values["weights"])  # bf16: rounded, as the optimizer's step would
+        if hp is not p:
+            hp.data.copy_(values["weights"])
         for key in MOMENTS:
             self.adam.state[hp][key].copy_(values[key])
 

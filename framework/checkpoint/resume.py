@@ -319,9 +319,9 @@ def load_checkpoint(path: Path, engine, data, world: World, now: dict,
     engine.global_samples = meta["consumed_samples"]
     log(f"llada: resumed from {path} at step {meta['step']} ({how})")
     return TrainState(step=meta["step"], consumed_tokens=meta["consumed_tokens"],
-                    skipped_steps=meta.get("skipped_steps", 0),
-                    run_id=meta.get("tracking", {}).get("run_id"),
-                    lr_factor=meta.get("lr_factor", 1.0), rollbacks=meta.get("rollbacks", 0))
+                      skipped_steps=meta.get("skipped_steps", 0),
+                      run_id=meta.get("tracking", {}).get("run_id"),
+                      lr_factor=meta.get("lr_factor", 1.0), rollbacks=meta.get("rollbacks", 0))
 
 
 def _reshard(path: Path, saved: dict, engine, world: World) -> None:

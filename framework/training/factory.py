@@ -71,7 +71,7 @@ def build_trainer(cfg: Config, stop: Optional[StopRequest] = None,
 
     # every rank reads the data, pipeline stages too, so all ranks of a tensor/pipeline group
     # hold the same batches (and the same loader state) without any broadcast
-    data = _data(cfg, world, stop)
+    data = _data(cfg, world)
     # the checkpoint to resume from, agreed by every rank before anything is built; the content
     # of the files each rank will read from it checked meanwhile
     checkpoints = CheckpointManager(
@@ -86,13 +86,13 @@ def build_trainer(cfg: Config, stop: Optional[StopRequest] = None,
     if cfg.init.from_ and not checkpoints.resuming:  # a resumed run has its own weights
         source = checkpoints.init_weights(model, Path(cfg.init.from_), cfg.model)
         world.log(f"llada: weights from {source}")
-    engine, lr = _engine(cfg, world, model, objective, bf16)
+    engine, lr = _engine(cfg, world, model, objective, bf16, data.loader.accum)
     checkpoints.load(engine, data.loader)  # the check's verdict first: a damaged one passed over
     _memory_check(world, data.loader)
     if world.is_main:  # only now: a refused resume leaves the run's config as it was
         Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run.dir) / "config.yaml").write_text(to_yaml(cfg))
-    metrics = _metrics(cfg, world, engine, checkpoints, recipe, bf16, stop)
+    metrics = _metrics(cfg, world, engine, checkpoints, recipe, bf16, data.loader.accum)
     trainer = Trainer(cfg.train, world=world, data=data.loader, engine=engine,
                       objective=objective, lr=lr, checkpoints=checkpoints, metrics=metrics,
                       stop=stop, validator=_validator(cfg, data, world, engine))
@@ -101,7 +101,7 @@ def build_trainer(cfg: Config, stop: Optional[StopRequest] = None,
     return trainer
 
 
-def _data(cfg: Config, world: World, stop: StopRequest) -> TrainData:
+def _data(cfg: Config, world: World) -> TrainData:
     """The mixture (rank 0 prepares what is missing), checked against the model and objective,
     this rank's loader, and the held-out sets."""
     kind = cfg.objective.kind
@@ -157,7 +157,7 @@ def _model(cfg: Config, world: World, objective: Objective, bounds: List[int], b
 
 
 def _engine(cfg: Config, world: World, model: torch.nn.Module, objective: Objective,
-            bf16: bool):
+            bf16: bool, accum: int):
     """The DeepSpeed engine (ZeRO, clipping, accumulation) around the model and our AdamW, and
     the learning-rate schedule that drives it."""
     import deepspeed
@@ -167,8 +167,7 @@ def _engine(cfg: Config, world: World, model: torch.nn.Module, objective: Object
                                betas=(oc.beta1, oc.beta2), eps=oc.eps, fused=on_gpu,
                                guard=objective.guard)
     ds_config = deepspeed_json(cfg.deepspeed, micro_batch_size=tc.micro_batch_size,
-                               grad_accumulation=tc.global_batch_size // (
-                                   tc.micro_batch_size * world.dp),
+                               grad_accumulation=accum,
                                data_parallel_size=world.dp, bf16=bf16, grad_clip=oc.grad_clip,
                                pipeline_partitioned=not cfg.parallel.sequence_parallel)
     # a PipelineModule brings its own topology (same groups); DeepSpeed then refuses an mpu
@@ -179,15 +178,14 @@ def _engine(cfg: Config, world: World, model: torch.nn.Module, objective: Object
 
 
 def _metrics(cfg: Config, world: World, engine, checkpoints: CheckpointManager,
-             recipe: Optional[str], bf16: bool, stop: StopRequest) -> MetricsStream:
+             recipe: Optional[str], bf16: bool, accum: int) -> MetricsStream:
     """MLflow (the resumed run, or a child after a rollback), metrics.jsonl, the records'
     windows and summary.json; the run's setup in one line."""
     run_dir, tc, on_gpu = Path(cfg.run.dir), cfg.train, world.device.type == "cuda"
-    config = to_dict(cfg)
     tracker = open_tracker(
         cfg.tracking, world, run_dir, run_name=cfg.run.name, run_id=checkpoints.state.run_id,
         resumed_at=checkpoints.resumed_at, rollback=checkpoints.rolled_back,
-        params=flatten(config), recipe=recipe, config_yaml=to_yaml(cfg),
+        params=flatten(checkpoints.run.config), recipe=recipe, config_yaml=to_yaml(cfg),
         tokenizer=checkpoints.run.tokenizer, plot=PLOT,
         ignore_signals=stop_signals(cfg.preemption))
     peak = peak_flops(torch.cuda.get_device_name(world.device)) if on_gpu else None
@@ -199,7 +197,6 @@ def _metrics(cfg: Config, world: World, engine, checkpoints: CheckpointManager,
                     # the pipeline's schedule is one call: its optimizer step timed
                     OptimizerTimer(engine.optimizer, world.device).take if world.pp > 1
                     else None)
-    accum = tc.global_batch_size // (tc.micro_batch_size * world.dp)
     facts = {"resumed_from": None if checkpoints.resume is None else str(checkpoints.resume.path),
              "parameters": total_params(cfg.model), "world_size": world.world_size,
              "data_parallel": world.dp, "tensor_parallel": world.tp,
