@@ -4,8 +4,9 @@
 # isolation, then this project with its test extra. Safe to re-run.
 #
 #   bash install.sh                 the Python stack
-#   bash install.sh --with-slurm    also Debian's Slurm, munge and shellcheck (as root or with
-#                                   sudo), which the tests' real single-node Slurm cluster needs
+#   bash install.sh --with-slurm    also Debian's Slurm, munge, shellcheck, iproute2 and util-linux
+#                                   (as root or with sudo): what slurm/local-cluster, the tests'
+#                                   real multi-host Slurm cluster on this machine, needs
 #   bash install.sh --with-eval     also the eval extra (the lm-evaluation-harness, for
 #                                   llada lm-eval; the test command installs it)
 set -euo pipefail
@@ -22,7 +23,7 @@ done
 
 if [ "$with_slurm" = 1 ]; then
   missing=()
-  for pkg in slurmctld slurmd slurm-client munge shellcheck; do
+  for pkg in slurmctld slurmd slurm-client munge shellcheck iproute2 util-linux; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
   done
   if [ "${#missing[@]}" -gt 0 ]; then

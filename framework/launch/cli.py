@@ -344,7 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
         "script is kept under run.dir/slurm and the job log goes there too. "
         "Overrides may come before or after the options.")
     _recipe_arguments(sub_submit)
-    sub_submit.add_argument("--nodes", type=int, required=True)
+    sub_submit.add_argument("--nodes", required=True,
+                            help="N, or MIN-MAX: the job starts on as many as are free (a "
+                            "restart after a node is lost continues on fewer); the global batch "
+                            "must divide over every count")
     sub_submit.add_argument("--gpus-per-node", type=int, required=True,
                             help="one task per GPU; 0 with --tasks-per-node for CPU tasks")
     sub_submit.add_argument("--time", required=True, help="time limit, e.g. 48:00:00")

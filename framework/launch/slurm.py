@@ -31,7 +31,7 @@ _DIRECTIVE = re.compile(r"^#SBATCH\s+--([\w-]+)(?:=(.*))?$")
 
 @dataclass
 class SubmitOptions:
-    nodes: int
+    nodes: str  # N, or a range MIN-MAX: Slurm gives as many as it can without waiting
     gpus_per_node: int
     time: str  # Slurm's formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
     tasks_per_node: Optional[int] = None  # default: one per GPU
@@ -43,8 +43,8 @@ class SubmitOptions:
     max_crash_retries: int = 3
 
     def __post_init__(self):
-        if self.nodes < 1:
-            raise ConfigError(f"--nodes: must be >= 1, got {self.nodes}")
+        self.nodes = str(self.nodes).strip()
+        self.node_counts  # checked here: --nodes in one line
         if self.gpus_per_node < 0:
             raise ConfigError(f"--gpus-per-node: must be >= 0, got {self.gpus_per_node}")
         if self.tasks_per_node is None:
@@ -65,6 +65,21 @@ class SubmitOptions:
         if not 0 < signal_s < limit:
             raise ConfigError(f"--signal-minutes: {self.signal_minutes:g} must be > 0 and "
                               f"shorter than --time {self.time}")
+
+
+    @property
+    def node_counts(self) -> range:
+        """Every node count the job may start with: one, or each of MIN..MAX (a restart after a
+        node is lost may get fewer nodes than the first start)."""
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", self.nodes)
+        if not m:
+            raise ConfigError(f"--nodes: {self.nodes!r} is not a node count N or range MIN-MAX")
+        low, high = int(m.group(1)), int(m.group(2) or m.group(1))
+        if low < 1:
+            raise ConfigError(f"--nodes: must be >= 1, got {self.nodes}")
+        if high < low:
+            raise ConfigError(f"--nodes: {self.nodes}: the maximum is below the minimum")
+        return range(low, high + 1)
 
 
 def time_limit_seconds(value: str) -> int:
@@ -99,8 +114,11 @@ def directives(cfg: Config, opts: SubmitOptions, run_dir: Path) -> Dict[str, Opt
     """The resource directives this submission sets over the script's own (None: drop it)."""
     return {
         "job-name": opts.job_name or cfg.run.name,
-        "nodes": str(opts.nodes),
-        "ntasks-per-node": str(opts.tasks_per_node),
+        "nodes": opts.nodes,
+        # a job given a node range gets no task count: Slurm fixes a job's task count at its
+        # first start, and a requeued job would then wait for as many nodes as it had before.
+        # The script's srun starts LLADA_TASKS_PER_NODE on each node it was given instead.
+        "ntasks-per-node": str(opts.tasks_per_node) if len(opts.node_counts) == 1 else None,
         "gpus-per-node": str(opts.gpus_per_node) if opts.gpus_per_node else None,
         "cpus-per-task": str(opts.cpus_per_task or cfg.data.num_workers + 2),
         "time": opts.time,
@@ -132,6 +150,10 @@ def render(recipe: Path, overrides: List[str], cfg: Config, opts: SubmitOptions,
     for i in header:
         if not _DIRECTIVE.match(lines[i]):
             raise ConfigError(f"{TEMPLATE}: {lines[i]!r}: write directives as --name=value")
+    if len(opts.node_counts) > 1 and "#SBATCH --exclusive" not in (lines[i] for i in header):
+        # without a task count, only whole nodes give the ranks their CPUs and GPUs
+        raise ConfigError(f"--nodes {opts.nodes}: a node range needs whole nodes, but "
+                          f"{TEMPLATE} lacks #SBATCH --exclusive")
     placed: set = set()
     kept: List[str] = []
     for i in header:
@@ -153,6 +175,7 @@ def render(recipe: Path, overrides: List[str], cfg: Config, opts: SubmitOptions,
         f"set -- {args}",
         f"LLADA_PYTHON={shlex.quote(python)}",
         f"LLADA_RUN_DIR={shlex.quote(str(run_dir))}",
+        f"LLADA_TASKS_PER_NODE={opts.tasks_per_node}",
         f"LLADA_MAX_CRASH_RETRIES={opts.max_crash_retries}",
         f"LLADA_EXIT_REQUEUE={EXIT_REQUEUE}",
     ]
@@ -163,11 +186,24 @@ def prepare_submission(recipe: str, overrides: List[str], opts: SubmitOptions,
                        need_data: bool) -> Tuple[Config, str]:
     """The config checked against the job's world, and the rendered script."""
     cfg = load_config(recipe, overrides, need_data=need_data)
-    world = opts.nodes * opts.tasks_per_node
-    check_world(cfg.train, cfg.parallel, world)
-    if cfg.parallel.world_size is not None and cfg.parallel.world_size != world:
-        raise ConfigError(f"parallel.world_size: {cfg.parallel.world_size}, but the job has "
-                          f"{opts.nodes} nodes x {opts.tasks_per_node} tasks = {world}")
+    counts = opts.node_counts
+    for nodes in counts:  # a restart on fewer nodes resumes under a smaller data-parallel size
+        try:
+            check_world(cfg.train, cfg.parallel, nodes * opts.tasks_per_node)
+        except ConfigError as e:
+            if len(counts) == 1:
+                raise
+            raise ConfigError(f"{e} (--nodes {opts.nodes}: on {nodes} node(s) x "
+                              f"{opts.tasks_per_node} tasks; every count in the range must "
+                              f"work)") from None
+    if cfg.parallel.world_size is not None:
+        if len(counts) > 1:
+            raise ConfigError(f"parallel.world_size: {cfg.parallel.world_size} fixes the world, "
+                              f"but --nodes {opts.nodes} is a range; unset it")
+        world = counts[0] * opts.tasks_per_node
+        if cfg.parallel.world_size != world:
+            raise ConfigError(f"parallel.world_size: {cfg.parallel.world_size}, but the job has "
+                              f"{opts.nodes} nodes x {opts.tasks_per_node} tasks = {world}")
     if opts.gpus_per_node and cfg.run.device == "cpu":
         raise ConfigError("run.device: cpu, but the job asks for GPUs; use --gpus-per-node 0 "
                           "--tasks-per-node N for CPU tasks")

@@ -11,6 +11,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -148,6 +149,28 @@ def init_world(cfg: ParallelConfig, device_choice: str) -> World:
                  dp=ps.get_data_parallel_world_size(), dp_rank=ps.get_data_parallel_rank(),
                  tp_rank=ps.get_tensor_model_parallel_rank(),
                  pp_rank=ps.get_pipeline_model_parallel_rank(), device=device)
+
+
+def log_hosts(world: World) -> None:
+    """One line, from rank 0, of which host runs which ranks and where they met: what a
+    multi-node job's log is read for first when ranks do not find each other or a node fails."""
+    hosts: List[Optional[str]] = [None] * world.world_size
+    dist.all_gather_object(hosts, socket.gethostname())
+    world.log(f"llada: ranks by host: {ranks_by_host(hosts)} (rendezvous at "
+              f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')})")
+
+
+def ranks_by_host(hosts: List[str]) -> str:
+    """``node1 0-1, node2 2-3``: each host's ranks (in runs), hosts in order of their first."""
+    runs: Dict[str, List[List[int]]] = {}
+    for rank, host in enumerate(hosts):
+        spans = runs.setdefault(host, [])
+        if spans and spans[-1][1] == rank - 1:
+            spans[-1][1] = rank
+        else:
+            spans.append([rank, rank])
+    return ", ".join(f"{host} " + ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+                     for host, spans in runs.items())
 
 
 def check_sequence_parallel(device: torch.device) -> None:

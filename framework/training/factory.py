@@ -30,7 +30,7 @@ from framework.model.pipeline import LLaDAPipeline
 from framework.model.weights import init_weights, param_groups
 from framework.parallel.layout import recompute_flags, stage_bounds
 from framework.parallel.world import (DeepSpeedMPU, World, check_sequence_parallel, init_world,
-                                      reduce_sequence_parallel_grads)
+                                      log_hosts, reduce_sequence_parallel_grads)
 from framework.tracking.tracker import flatten, open_tracker
 from framework.training import faults
 from framework.training.deepspeed_config import deepspeed_json
@@ -60,6 +60,7 @@ def build_trainer(cfg: Config, stop: Optional[StopRequest] = None,
     newest complete checkpoint before the divergence (framework/training/run.py)."""
     stop = stop if stop is not None else StopRequest(cfg.preemption, deadline_from_env())
     world = init_world(cfg.parallel, cfg.run.device)
+    log_hosts(world)
     check_world(cfg.train, cfg.parallel, world.world_size)
     on_gpu = world.device.type == "cuda"
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu)

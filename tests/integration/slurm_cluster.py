@@ -1,103 +1,75 @@
-"""A real single-node Slurm cluster on loopback, for tests: its own munge key and socket, its own
-slurm.conf, state and logs under one directory, daemons in the foreground of processes we own and
-stop by pid. Nothing is installed here: the packages (slurmctld, slurmd, slurm-client, munge) come
-from the system (`install.sh --with-slurm`); the system's own munge and Slurm are left alone.
+"""The project's local Slurm cluster (``slurm/local-cluster``) as the tests use it: every node a
+host of its own (network, UTS and mount namespaces) on a bridge, one slurmctld and munged on the
+login node ``head``; Debian's Slurm from ``install.sh --with-slurm``. Nodes advertise 64 CPUs and
+8 GPUs by default (count only, no devices) so that a production script's requests are accepted by
+``sbatch --test-only``; the jobs that run here use CPU tasks only.
 
-The node advertises 64 CPUs and 8 GPUs (``SlurmdParameters=config_overrides``; the GPUs are count
-only, no devices) so that a production script's requests (8 tasks x 8 GPUs per node) are accepted
-by ``sbatch --test-only``; jobs that run here use CPU tasks only.
+Client commands (``sbatch``, ``scontrol``, ...) run on the login node through the cluster's
+``bin/`` wrappers: ``env`` puts them first on PATH.
 """
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
+import json
 import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-DAEMONS = ("munged", "slurmctld", "slurmd")
-CLIENTS = ("sbatch", "scontrol", "scancel", "squeue", "sinfo")
+import pytest
+
+from tests.conftest import REPO
+
+TOOL = REPO / "slurm" / "local-cluster"
 
 
-def missing_binaries() -> List[str]:
-    return [b for b in DAEMONS + CLIENTS
-            if shutil.which(b) is None and not Path(f"/usr/sbin/{b}").exists()]
+def _load_tool():
+    """slurm/local-cluster is a script (no .py: users run it by name); imported as a module."""
+    loader = importlib.machinery.SourceFileLoader("llada_local_cluster", str(TOOL))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+tool = _load_tool()
 
 
 def why_not_available() -> Optional[str]:
-    """The reason a cluster cannot be started on this machine, or None."""
-    missing = missing_binaries()
-    if missing:
-        return (f"Slurm/munge not installed ({', '.join(missing)} missing): "
-                f"run `bash install.sh --with-slurm` as root")
-    if os.geteuid() != 0:
-        return "slurmd must run as root to launch jobs; run the tests as root"
-    return None
-
-
-def _binary(name: str) -> str:
-    return shutil.which(name) or f"/usr/sbin/{name}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return tool.why_not_available()
 
 
 class SlurmCluster:
-    def __init__(self, root: Path, cpus: int = 64, gpus: int = 8):
-        self.root = root
-        self.host = socket.gethostname().split(".")[0]
-        self.cpus, self.gpus = cpus, gpus
-        self.conf = root / "slurm.conf"
-        self.procs: Dict[str, subprocess.Popen] = {}
+    def __init__(self, root: Path, nodes: int = 1, cpus: int = 64, gpus: int = 8):
+        self.cluster = tool.Cluster(root / "cluster")
+        # one cluster per test module at a time, named apart from a user's own (``llada``)
+        self.name = f"lt{os.getpid() % 100000}-{nodes}n"
+        self.size, self.cpus, self.gpus = nodes, cpus, gpus
 
-    # ------------------------------------------------------------------ lifecycle
-    def start(self, timeout: float = 60.0) -> "SlurmCluster":
-        for d in ("state", "spool", "log", "run"):
-            (self.root / d).mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o755)  # munged refuses keys in group/world-writable directories
-        key = self.root / "munge.key"
-        key.write_bytes(os.urandom(1024))
-        os.chmod(key, 0o400)
-        self._write_config()
-        self._spawn("munged", [_binary("munged"), "--foreground", "--force",
-                               f"--key-file={key}", f"--socket={self.munge_socket}",
-                               f"--pid-file={self.root / 'run/munged.pid'}",
-                               f"--log-file={self.root / 'log/munged.log'}",
-                               f"--seed-file={self.root / 'state/munged.seed'}"])
-        self._wait(lambda: self.munge_socket.exists(), timeout, "munged's socket")
-        self._spawn("slurmctld", [_binary("slurmctld"), "-D", "-i", "-f", str(self.conf)])
-        self._spawn("slurmd", [_binary("slurmd"), "-D", "-f", str(self.conf)])
-        self._wait(self._node_idle, timeout, "the node to be idle")
+    def start(self) -> "SlurmCluster":
+        self.cluster.up(name=self.name, nodes=self.size, cpus=self.cpus, gpus=self.gpus,
+                        memory_mb=20000)
         return self
 
     def stop(self) -> None:
-        for name in reversed(list(self.procs)):
-            proc = self.procs[name]
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        self.procs.clear()
+        self.cluster.down()
 
     @property
-    def munge_socket(self) -> Path:
-        return self.root / "run" / "munge.socket"
+    def conf(self) -> Path:
+        return self.cluster.conf
+
+    @property
+    def nodes(self) -> List[str]:
+        return self.cluster.nodes
 
     @property
     def env(self) -> Dict[str, str]:
         """The environment of a client command (sbatch, scontrol, ...) talking to this cluster."""
-        return {**os.environ, "SLURM_CONF": str(self.conf)}
+        return {**os.environ, **self.cluster.env()}
 
     def run(self, *args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
         proc = subprocess.run(list(args), env=kw.pop("env", self.env), capture_output=True,
@@ -106,75 +78,91 @@ class SlurmCluster:
             raise RuntimeError(f"{' '.join(args)}: exit {proc.returncode}: {proc.stderr.strip()}")
         return proc
 
+    def on(self, host: str, argv: List[str]) -> List[str]:
+        """argv as run on one of the cluster's hosts (``head``, ``node1``, ...)."""
+        return self.cluster.on(host, argv)
+
     def job(self, job_id: str) -> Dict[str, str]:
         """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...)."""
         out = self.run("scontrol", "-o", "show", "job", job_id).stdout
         return dict(re.findall(r"(\w+)=(\S*)", out))
 
+    def node_states(self) -> Dict[str, str]:
+        return self.cluster.node_states()
+
+    def lose(self, node: str) -> None:
+        self.cluster.lose(node)
+
+    def restore(self, node: str) -> None:
+        self.cluster.restore(node)
+
+    def cut(self, node: str) -> None:
+        self.cluster.cut(node)
+
+    def mend(self, node: str) -> None:
+        self.cluster.mend(node)
+
+    def drain(self, node: str) -> None:
+        """Out of service (as an operator would take it), until ``restore``."""
+        self.run("scontrol", "update", f"NodeName={node}", "State=DRAIN", "Reason=test")
+
+    def pids(self, host: str) -> List[int]:
+        return self.cluster.pids(host)
+
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
-                         for p in sorted((self.root / "log").glob("*.log")))
+        return self.cluster.logs(tail=4000)
 
-    # ------------------------------------------------------------------ internals
-    def _spawn(self, name: str, argv: List[str]) -> None:
-        out = open(self.root / "log" / f"{name}.stdout", "w")
-        self.procs[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                            env=self.env, start_new_session=True)
 
-    def _wait(self, ready, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for name, proc in self.procs.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode} while waiting for "
-                                       f"{what}:\n{self.logs()}")
-            if ready():
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}:\n{self.logs()}")
+# ---------------------------------------------------------------------- jobs of the tests
+def submit(capsys, run_dir: Path, dataset: Path, steps: int, *extra: str, nodes: str = "1",
+           tasks_per_node: int = 2) -> str:
+    """``llada slurm submit`` of the debug recipe's quick variant (CPU tasks); the job id."""
+    from framework.launch.cli import main
+    from tests.conftest import DEBUG_RECIPE, quick_overrides
 
-    def _node_idle(self) -> bool:
-        proc = self.run("sinfo", "-h", "-N", "-o", "%t", check=False, timeout=10)
-        return proc.returncode == 0 and proc.stdout.strip() == "idle"
+    code = main(["slurm", "submit", str(DEBUG_RECIPE), "--nodes", nodes, "--gpus-per-node", "0",
+                 "--tasks-per-node", str(tasks_per_node), "--time", "20:00",
+                 "--signal-minutes", "1", *quick_overrides(run_dir, dataset, steps),
+                 "tracking.log_interval=1", *extra])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return out.out.split("submitted job ")[1].split()[0]
 
-    def _write_config(self) -> None:
-        r = self.root
-        self.conf.write_text("\n".join([
-            "ClusterName=llada-test",
-            f"SlurmctldHost={self.host}(127.0.0.1)",
-            f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
-            "SlurmUser=root",
-            "SlurmdUser=root",
-            "AuthType=auth/munge",
-            "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket}",
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
-            "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core",
-            "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none",
-            "MpiDefault=none",
-            "ReturnToService=2",
-            "SlurmdParameters=config_overrides",
-            "GresTypes=gpu",
-            "MinJobAge=3600",
-            "KillWait=10",
-            f"StateSaveLocation={r / 'state'}",
-            f"SlurmdSpoolDir={r / 'spool'}",
-            f"SlurmctldPidFile={r / 'run/slurmctld.pid'}",
-            f"SlurmdPidFile={r / 'run/slurmd.pid'}",
-            f"SlurmctldLogFile={r / 'log/slurmctld.log'}",
-            f"SlurmdLogFile={r / 'log/slurmd.log'}",
-            f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=20000 "
-            f"Gres=gpu:{self.gpus} State=UNKNOWN",
-            f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",
-            "",
-        ]))
-        # GPUs by count only: empty files stand for the device nodes slurmd would otherwise find
-        (r / "dev").mkdir(exist_ok=True)
-        for i in range(self.gpus):
-            (r / "dev" / f"gpu{i}").touch()
-        (r / "gres.conf").write_text(
-            f"NodeName={self.host} Name=gpu File={r / 'dev'}/gpu[0-{self.gpus - 1}]\n")
+
+def job_log(run_dir: Path, job: str) -> str:
+    path = run_dir / "slurm" / f"debug-cpu-{job}.out"
+    return path.read_text(errors="replace") if path.exists() else "(no job log yet)"
+
+
+def wait_for(cluster: SlurmCluster, run_dir: Path, job: str, what: str, ready,
+             timeout: float = 240.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = ready()
+        if value:
+            return value
+        time.sleep(0.3)
+    pytest.fail(f"job {job}: timed out waiting for {what}; state {cluster.job(job)}\n"
+                f"--- job log\n{job_log(run_dir, job)[-6000:]}\n{cluster.logs()}")
+
+
+def release_when_requeued(cluster: SlurmCluster, run_dir: Path, job: str, restarts: int) -> None:
+    wait_for(cluster, run_dir, job, f"requeue number {restarts}",
+             lambda: (lambda j: j["JobState"] == "PENDING" and j["Restarts"] == str(restarts))(
+                 cluster.job(job)))
+    # not `now`: slurmd refuses a start in the same second its last one was revoked (the reason
+    # for Slurm's own delay), which fails the job with "Job credential revoked"
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now+2")
+
+
+def wait_until_done(cluster: SlurmCluster, run_dir: Path, job: str) -> Dict[str, str]:
+    wait_for(cluster, run_dir, job, "the job to end",
+             lambda: cluster.job(job)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"))
+    return cluster.job(job)
+
+
+def logged_steps(run_dir: Path) -> List[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line]

@@ -1,6 +1,6 @@
-"""The project's own sbatch script on a real Slurm cluster (single node, loopback): a job stopped
-by a signal checkpoints, requeues itself and resumes at the right step; a crashing job is retried,
-then fails; the 8B recipe's rendered script is one Slurm accepts.
+"""The project's own sbatch script on a real Slurm cluster (one node of slurm/local-cluster): a
+job stopped by a signal checkpoints, requeues itself and resumes at the right step; a crashing
+job is retried, then fails; the 8B recipe's rendered script is one Slurm accepts.
 
 Slurm holds a requeued job for about two minutes before it may start again (its begin time is
 set ahead, past the revoked job credential's lifetime); the tests release it two seconds after the
@@ -24,8 +24,10 @@ from framework.checkpoint.files import tag_for
 from framework.launch.cli import main
 from framework.training.faults import ENV as FAULTS
 from framework.training.watchdog import EXIT_HUNG
-from tests.conftest import DEBUG_RECIPE, REPO, quick_overrides, stdlib_glob
-from tests.integration.slurm_cluster import SlurmCluster, why_not_available
+from tests.conftest import REPO, stdlib_glob
+from tests.integration.slurm_cluster import (SlurmCluster, job_log, logged_steps,
+                                             release_when_requeued, submit, wait_for,
+                                             wait_until_done, why_not_available)
 from tests.unit.data_helpers import documents_in, packed_stream
 
 pytestmark = pytest.mark.slow
@@ -46,51 +48,10 @@ def cluster(tmp_path_factory):
 @pytest.fixture
 def slurm_env(cluster, monkeypatch):
     """What `llada slurm submit` and the job see: this cluster, one thread per rank."""
-    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    for key, value in cluster.cluster.env().items():  # SLURM_CONF, and PATH to its clients
+        monkeypatch.setenv(key, value)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     return cluster
-
-
-def submit(capsys, run_dir: Path, dataset: Path, steps: int, *extra: str) -> str:
-    code = main(["slurm", "submit", str(DEBUG_RECIPE), "--nodes", "1", "--gpus-per-node", "0",
-                 "--tasks-per-node", "2", "--time", "20:00", "--signal-minutes", "1",
-                 *quick_overrides(run_dir, dataset, steps), "tracking.log_interval=1", *extra])
-    out = capsys.readouterr()
-    assert code == 0, out.err
-    return out.out.split("submitted job ")[1].split()[0]
-
-
-def job_log(run_dir: Path, job: str) -> str:
-    path = run_dir / "slurm" / f"debug-cpu-{job}.out"
-    return path.read_text(errors="replace") if path.exists() else "(no job log yet)"
-
-
-def wait_for(cluster: SlurmCluster, run_dir: Path, job: str, what: str, ready,
-             timeout: float = 240.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = ready()
-        if value:
-            return value
-        time.sleep(0.3)
-    pytest.fail(f"job {job}: timed out waiting for {what}; state {cluster.job(job)}\n"
-                f"--- job log\n{job_log(run_dir, job)[-6000:]}\n{cluster.logs()}")
-
-
-def release_when_requeued(cluster: SlurmCluster, run_dir: Path, job: str, restarts: int) -> None:
-    wait_for(cluster, run_dir, job, f"requeue number {restarts}",
-             lambda: (lambda j: j["JobState"] == "PENDING" and j["Restarts"] == str(restarts))(
-                 cluster.job(job)))
-    # not `now`: slurmd refuses a start in the same second its last one was revoked (the reason
-    # for Slurm's own delay), which fails the job with "Job credential revoked"
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now+2")
-
-
-def logged_steps(run_dir: Path):
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line]
 
 
 def rank_pid(run_dir: Path, rank: int) -> int:
@@ -120,10 +81,8 @@ def test_signalled_job_checkpoints_requeues_and_resumes(slurm_env, capsys, tmp_p
     wait_for(cluster, tmp_path, job, "3 logged steps", lambda: len(logged_steps(tmp_path)) >= 3)
     cluster.run("scancel", "--signal=USR1", "--batch", job)
     release_when_requeued(cluster, tmp_path, job, restarts=1)
-    wait_for(cluster, tmp_path, job, "the job to end",
-             lambda: cluster.job(job)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"))
-
-    log, state = job_log(tmp_path, job), cluster.job(job)
+    state = wait_until_done(cluster, tmp_path, job)
+    log = job_log(tmp_path, job)
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", (state, log[-4000:])
     assert state["Restarts"] == "1"
     # stopped at a step boundary with a checkpoint of that step, then requeued
@@ -158,9 +117,8 @@ def test_crashing_job_is_retried_then_fails_with_the_error(slurm_env, capsys, tm
                 signal.SIGKILL)
         if start == 1:
             release_when_requeued(cluster, tmp_path, job, restarts=1)
-    wait_for(cluster, tmp_path, job, "the job to end",
-             lambda: cluster.job(job)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"))
-    log, state = job_log(tmp_path, job), cluster.job(job)
+    state = wait_until_done(cluster, tmp_path, job)
+    log = job_log(tmp_path, job)
     assert state["JobState"] == "FAILED" and state["Restarts"] == "1", (state, log[-4000:])
     rc = int(state["ExitCode"].split(":")[0])
     assert rc not in (0, 2, 3)  # a crash: neither done, nor bad input, nor a clean stop
@@ -178,9 +136,8 @@ def test_hung_job_is_requeued_once_and_resumes(slurm_env, capsys, tmp_path, smal
     job = submit(capsys, tmp_path, small_dataset, steps, "checkpoint.interval=2",
                  f"train.hang_timeout_minutes={6 / 60}")
     release_when_requeued(cluster, tmp_path, job, restarts=1)
-    wait_for(cluster, tmp_path, job, "the job to end",
-             lambda: cluster.job(job)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"))
-    log, state = job_log(tmp_path, job), cluster.job(job)
+    state = wait_until_done(cluster, tmp_path, job)
+    log = job_log(tmp_path, job)
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", (state, log[-4000:])
     assert "rank 1 hangs in step 5" in log
     for rank in (0, 1):

@@ -67,8 +67,28 @@ def test_cpu_tasks_overrides_after_the_options_and_quoting(capsys, tmp_path):
     assert err == ""
 
 
+def test_node_range_leaves_the_task_count_to_srun(capsys):
+    # 1,280 sequences of 2 per GPU divide over 4 nodes x 8 GPUs and over 5
+    code, out, err = submit(capsys, EIGHT_B, "--nodes", "4-5", "--gpus-per-node", "8",
+                            "--time", "48:00:00", "--dry-run")
+    assert code == 0, err
+    d = directives(out)
+    assert d["nodes"] == "4-5" and d["gpus-per-node"] == "8" and d["exclusive"] == ""
+    assert "ntasks-per-node" not in d  # a requeued job would keep its first start's count
+    assert "\nLLADA_TASKS_PER_NODE=8\n" in out
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--nodes", "0", "--gpus-per-node", "8", "--time", "1:00:00"], "--nodes: must be >= 1"),
+    (["--nodes", "two", "--gpus-per-node", "8", "--time", "1:00:00"],
+     "--nodes: 'two' is not a node count N or range MIN-MAX"),
+    (["--nodes", "4-2", "--gpus-per-node", "8", "--time", "1:00:00"],
+     "--nodes: 4-2: the maximum is below the minimum"),
+    (["--nodes", "15-16", "--gpus-per-node", "8", "--time", "1:00:00"],  # 1,280 over 120 GPUs
+     "is not a multiple of train.micro_batch_size x data-parallel size = 2 x 120 (--nodes "
+     "15-16: on 15 node(s) x 8 tasks; every count in the range must work)"),
+    (["--nodes", "1-2", "--gpus-per-node", "8", "--time", "1:00:00", "parallel.world_size=8"],
+     "parallel.world_size: 8 fixes the world, but --nodes 1-2 is a range; unset it"),
     (["--nodes", "1", "--gpus-per-node", "8", "--time", "soon"], "--time: 'soon'"),
     (["--nodes", "1", "--gpus-per-node", "8", "--time", "5:00"], "--signal-minutes: 10"),
     (["--nodes", "1", "--gpus-per-node", "0", "--time", "1:00:00"], "--tasks-per-node: needed"),
