@@ -260,7 +260,8 @@ def test_down_removes_every_namespace_daemon_and_file(tmp_path):
     netns = subprocess.run([ip, "netns", "list"], capture_output=True, text=True).stdout
     assert {f"{name}-{h}" for h in ("switch", "head", "node1", "node2")} <= set(netns.split())
     cluster = tool.Cluster(home)
-    job = cluster.client("sbatch", "--parsable", "--nodes=2", "--wrap", "srun sleep 300")
+    job = cluster.client("sbatch", "--parsable", "--nodes=2", f"--output={tmp_path}/job.out",
+                         "--wrap", "srun sleep 300")
     on_nodes = lambda: [p for n in cluster.nodes for p in cluster.pids(n)  # noqa: E731
                         if tool.Cluster._is(p, "sleep")]
     deadline = time.monotonic() + 60
