@@ -44,7 +44,7 @@ class SubmitOptions:
 
     def __post_init__(self):
         self.nodes = str(self.nodes).strip()
-        self.node_counts  # checked here: --nodes in one line
+        node_counts(self.nodes)  # a bad --nodes is one line now
         if self.gpus_per_node < 0:
             raise ConfigError(f"--gpus-per-node: must be >= 0, got {self.gpus_per_node}")
         if self.tasks_per_node is None:
@@ -69,17 +69,21 @@ class SubmitOptions:
 
     @property
     def node_counts(self) -> range:
-        """Every node count the job may start with: one, or each of MIN..MAX (a restart after a
-        node is lost may get fewer nodes than the first start)."""
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", self.nodes)
-        if not m:
-            raise ConfigError(f"--nodes: {self.nodes!r} is not a node count N or range MIN-MAX")
-        low, high = int(m.group(1)), int(m.group(2) or m.group(1))
-        if low < 1:
-            raise ConfigError(f"--nodes: must be >= 1, got {self.nodes}")
-        if high < low:
-            raise ConfigError(f"--nodes: {self.nodes}: the maximum is below the minimum")
-        return range(low, high + 1)
+        return node_counts(self.nodes)
+
+
+def node_counts(value: str) -> range:
+    """Every node count a job of ``--nodes value`` may start with: N, or each of MIN..MAX (a
+    restart after a node is lost may get fewer nodes than the first start)."""
+    m = re.fullmatch(r"(\d+)(?:-(\d+))?", value)
+    if not m:
+        raise ConfigError(f"--nodes: {value!r} is not a node count N or range MIN-MAX")
+    low, high = int(m.group(1)), int(m.group(2) or m.group(1))
+    if low < 1:
+        raise ConfigError(f"--nodes: must be >= 1, got {value}")
+    if high < low:
+        raise ConfigError(f"--nodes: {value}: the maximum is below the minimum")
+    return range(low, high + 1)
 
 
 def time_limit_seconds(value: str) -> int:
@@ -150,10 +154,6 @@ def render(recipe: Path, overrides: List[str], cfg: Config, opts: SubmitOptions,
     for i in header:
         if not _DIRECTIVE.match(lines[i]):
             raise ConfigError(f"{TEMPLATE}: {lines[i]!r}: write directives as --name=value")
-    if len(opts.node_counts) > 1 and "#SBATCH --exclusive" not in (lines[i] for i in header):
-        # without a task count, only whole nodes give the ranks their CPUs and GPUs
-        raise ConfigError(f"--nodes {opts.nodes}: a node range needs whole nodes, but "
-                          f"{TEMPLATE} lacks #SBATCH --exclusive")
     placed: set = set()
     kept: List[str] = []
     for i in header:

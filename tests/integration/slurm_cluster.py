@@ -43,24 +43,36 @@ def why_not_available() -> Optional[str]:
     return tool.why_not_available()
 
 
+PREFIX = "lt"  # the tests' clusters: lt<pid of the pytest>-<nodes>n-*, apart from a user's
+
+
+def remove_stale_clusters() -> None:
+    """The namespaces (and every process in them) of test clusters whose pytest died before
+    its teardown (killed, timed out): their directories may be gone with pytest's tmp dirs."""
+    stale = {}
+    for ns in tool._netns_names():
+        m = re.match(rf"{PREFIX}(\d+)-", ns)
+        if m and not tool._alive(int(m.group(1))):
+            stale.setdefault(m.group(1), []).append(ns)
+    for namespaces in stale.values():
+        tool.remove(namespaces, [])
+
+
 class SlurmCluster:
     def __init__(self, root: Path, nodes: int = 1, cpus: int = 64, gpus: int = 8):
         self.cluster = tool.Cluster(root / "cluster")
-        # one cluster per test module at a time, named apart from a user's own (``llada``)
-        self.name = f"lt{os.getpid() % 100000}-{nodes}n"
+        # one cluster per test module at a time; the pid names the pytest that owns it
+        self.name = f"{PREFIX}{os.getpid()}-{nodes}n"
         self.size, self.cpus, self.gpus = nodes, cpus, gpus
 
     def start(self) -> "SlurmCluster":
+        remove_stale_clusters()
         self.cluster.up(name=self.name, nodes=self.size, cpus=self.cpus, gpus=self.gpus,
                         memory_mb=20000)
         return self
 
     def stop(self) -> None:
         self.cluster.down()
-
-    @property
-    def conf(self) -> Path:
-        return self.cluster.conf
 
     @property
     def nodes(self) -> List[str]:
@@ -90,8 +102,11 @@ class SlurmCluster:
     def node_states(self) -> Dict[str, str]:
         return self.cluster.node_states()
 
-    def lose(self, node: str) -> None:
-        self.cluster.lose(node)
+    def lose(self, node: str, silently: bool = False) -> None:
+        self.cluster.lose(node, silently)
+
+    def down_node(self, node: str) -> None:
+        self.cluster.down_node(node)
 
     def restore(self, node: str) -> None:
         self.cluster.restore(node)
@@ -146,10 +161,15 @@ def wait_for(cluster: SlurmCluster, run_dir: Path, job: str, what: str, ready,
                 f"--- job log\n{job_log(run_dir, job)[-6000:]}\n{cluster.logs()}")
 
 
-def release_when_requeued(cluster: SlurmCluster, run_dir: Path, job: str, restarts: int) -> None:
+def release_when_requeued(cluster: SlurmCluster, run_dir: Path, job: str, restarts: int,
+                          idle: List[str] = ()) -> None:
+    """Once the job is pending its next start, and the ``idle`` nodes are (a node that was cut
+    off may still be finishing the old start), let it start."""
     wait_for(cluster, run_dir, job, f"requeue number {restarts}",
              lambda: (lambda j: j["JobState"] == "PENDING" and j["Restarts"] == str(restarts))(
                  cluster.job(job)))
+    wait_for(cluster, run_dir, job, f"{', '.join(idle)} idle",
+             lambda: all(cluster.node_states().get(n) == "idle" for n in idle))
     # not `now`: slurmd refuses a start in the same second its last one was revoked (the reason
     # for Slurm's own delay), which fails the job with "Job credential revoked"
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now+2")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from framework.checkpoint.files import tag_for
 from framework.training.watchdog import EXIT_HUNG
 from tests.conftest import DEBUG_RECIPE, REPO, cli_command, quick_overrides
 from tests.integration.mlflow_server import MlflowServer
-from tests.integration.slurm_cluster import (SlurmCluster, job_log, logged_steps,
+from tests.integration.slurm_cluster import (PREFIX, SlurmCluster, job_log, logged_steps,
                                              release_when_requeued, submit, tool, wait_for,
                                              wait_until_done, why_not_available)
 
@@ -52,8 +53,9 @@ def site(tmp_path_factory, small_dataset):
     cmd, env = cli_command(["train", str(DEBUG_RECIPE), *quick_overrides(ref_dir, small_dataset,
                                                                         STEPS),
                             *COMMON, "tracking.log_interval=1"], nproc=4)
-    reference = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                 stderr=open(root / "one-host.err", "w"))
+    with open(root / "one-host.err", "w") as err:
+        reference = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                     stderr=err, start_new_session=True)
     cluster = SlurmCluster(root, nodes=3, cpus=8, gpus=0)
     server = None
     try:
@@ -63,7 +65,9 @@ def site(tmp_path_factory, small_dataset):
         server.launch()
         yield {"cluster": cluster, "mlflow": server, "reference": (reference, ref_dir, root)}
     finally:
-        reference.kill()
+        if reference.poll() is None:  # torchrun and its 4 ranks
+            os.killpg(reference.pid, signal.SIGKILL)
+            reference.wait()
         if server is not None:
             server.stop()
         cluster.stop()
@@ -161,23 +165,27 @@ def test_two_node_job_stops_and_resumes_then_loses_a_node_and_finishes_on_two_ot
     assert len(set(first)) == 2 and first[0] == first[1] and first[2] == first[3], first
     cluster.run("scancel", "--signal=USR1", "--batch", job)
     release_when_requeued(cluster, tmp_path, job, restarts=1)
-    # start 2: past a checkpoint of its own, its second host fails
+    # start 2: past a checkpoint of its own, its first host fails: rank 0, the rendezvous and
+    # the batch script go with it
     stop = int(log().split("llada: stopping after step ")[1].split("/")[0])
     wait_for(cluster, tmp_path, job, "a checkpoint after the stop",
              lambda: newest_checkpoint(tmp_path) > stop and len(hosts_of_lines(log())) >= 2)
     second = hosts_of_start(log(), 2)
-    lost = second[-1]
+    lost = second[0]
+    assert cluster.job(job)["JobState"] == "RUNNING"
     cluster.lose(lost)
+    newest = newest_checkpoint(tmp_path)  # rank 0 publishes checkpoints: it is gone
     release_when_requeued(cluster, tmp_path, job, restarts=2)
     state = wait_until_done(cluster, tmp_path, job)
     text = log()
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "2", (state, text[-5000:])
     third = hosts_of_start(text, 3)
     assert lost not in third and len(set(third)) == 2, third
+    assert f"(rendezvous at {third[0]}:" in text.split(f"job {job}, start 3")[1]  # new master
     resumed = resumes(text)
     assert len(resumed) == 2 and resumed[0][1] == stop
-    assert resumed[1][1] >= INTERVAL * (stop // INTERVAL + 1)  # start 2's own checkpoint
-    assert resumed[1][0] == str(tmp_path / "checkpoints" / tag_for(resumed[1][1]))
+    assert resumed[1] == (str(tmp_path / "checkpoints" / tag_for(newest)), newest)
+    assert newest > stop
     check_one_history(env, tmp_path, "two-nodes", one_host_losses(env))
     cluster.restore(lost)
 
@@ -203,13 +211,19 @@ def test_node_range_rides_out_a_cut_link_then_shrinks_to_the_node_left(env, caps
              lambda: not ranks(cluster, a, tmp_path) and not ranks(cluster, b, tmp_path), 120)
     ended = time.monotonic() - cut
     cluster.mend(b)  # the job's last words on b reach srun; the script requeues it
-    release_when_requeued(cluster, tmp_path, job, restarts=1)
-    # start 2 on both again: past a checkpoint of its own, b is lost; the range lets the job
-    # start again on a alone
+    release_when_requeued(cluster, tmp_path, job, restarts=1, idle=[a, b])
+    # start 2 on both again: past a checkpoint of its own, b is lost before Slurm knows: the
+    # ranks on a wait for it in a collective until their watchdogs end them; then b is DOWN,
+    # and the range lets the job start again on a alone
     wait_for(cluster, tmp_path, job, "start 2 past a checkpoint of its own",
              lambda: resumes(log()) and newest_checkpoint(tmp_path) > resumes(log())[0][1])
     assert sorted(set(hosts_of_start(log(), 2))) == [a, b]
-    cluster.lose(b)
+    assert cluster.job(job)["JobState"] == "RUNNING"
+    cluster.lose(b, silently=True)
+    wait_for(cluster, tmp_path, job, "the ranks left on a to end", lambda: not ranks(
+        cluster, a, tmp_path) and log().count("llada: watchdog: rank 0: no progress") == 2, 120)
+    newest = newest_checkpoint(tmp_path)
+    cluster.down_node(b)
     release_when_requeued(cluster, tmp_path, job, restarts=2)
     state = wait_until_done(cluster, tmp_path, job)
     text = log()
@@ -220,8 +234,10 @@ def test_node_range_rides_out_a_cut_link_then_shrinks_to_the_node_left(env, caps
     limit = max(int(x) for x in re.findall(r"no progress for \d+ s in .*?\(limit (\d+) s", text))
     assert ended <= limit + 30, f"the ranks ended {ended:.0f} s after the cut (limit {limit} s)"
     assert f"crashed (exit {EXIT_HUNG}), 1 of at most 3 in a row: requeueing job {job}" in text
+    assert "rank 1: no progress" in text.split(f"job {job}, start 2")[1]
     # start 3: half the data-parallel ranks, twice the accumulation, the same run
     assert hosts_of_start(text, 3) == [a, a]
+    assert resumes(text)[1] == (str(tmp_path / "checkpoints" / tag_for(newest)), newest)
     assert "global batch 16 = 4 x 2 accumulation x 2 data-parallel" in text
     check_one_history(env, tmp_path, "node-range", one_host_losses(env))
     cluster.restore(b)
@@ -251,13 +267,36 @@ def test_down_removes_every_namespace_daemon_and_file(tmp_path):
         pytest.skip(why_not_available())  # the module's other tests fail under CI instead
     ip = tool.binary("ip")
     links_before = subprocess.run([ip, "-o", "link"], capture_output=True, text=True).stdout
-    name, home = f"ld{os.getpid() % 100000}", tmp_path / "cluster"
+    name, home = f"{PREFIX}{os.getpid()}-down", tmp_path / "cluster"
+    namespaces_before = net_namespaces()
     cli = [str(REPO / "slurm" / "local-cluster"), "--dir", str(home)]
     up = subprocess.run([*cli, "up", "--nodes", "2", "--name", name], capture_output=True,
                         text=True, timeout=120)
-    assert up.returncode == 0, up.stderr
-    state = json.loads((home / tool.STATE).read_text())
+    try:
+        assert up.returncode == 0, up.stderr
+        state, sleepers = a_job_on_both_nodes(home, name, tmp_path)
+    finally:
+        down = subprocess.run([*cli, "down"], capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
     netns = subprocess.run([ip, "netns", "list"], capture_output=True, text=True).stdout
+    assert not [n for n in netns.split() if n.startswith(f"{name}-")]
+    for pid in [*state["pids"].values(), *sleepers]:
+        assert not tool._alive(pid), pid
+    assert not home.exists()
+    assert net_namespaces() == namespaces_before  # none kept alive by a daemon's mounts
+    assert subprocess.run([ip, "-o", "link"], capture_output=True, text=True).stdout.count(
+        "\n") == links_before.count("\n")
+    # `down` again, or of nothing, is a no-op; a command on no cluster is one clear line
+    assert subprocess.run([*cli, "down"], capture_output=True).returncode == 0
+    status = subprocess.run([*cli, "status"], capture_output=True, text=True)
+    assert status.returncode == 2 and "no cluster is up here" in status.stderr
+
+
+def a_job_on_both_nodes(home: Path, name: str, tmp_path: Path):
+    """The cluster's recorded state, and the pids of a job's task on each of its 2 nodes."""
+    state = json.loads((home / tool.STATE).read_text())
+    netns = subprocess.run([tool.binary("ip"), "netns", "list"], capture_output=True,
+                           text=True).stdout
     assert {f"{name}-{h}" for h in ("switch", "head", "node1", "node2")} <= set(netns.split())
     cluster = tool.Cluster(home)
     job = cluster.client("sbatch", "--parsable", "--nodes=2", f"--output={tmp_path}/job.out",
@@ -269,16 +308,14 @@ def test_down_removes_every_namespace_daemon_and_file(tmp_path):
         time.sleep(0.2)
     sleepers = on_nodes()
     assert len(sleepers) == 2, cluster.client("squeue", "-j", job.strip(), check=False)
-    down = subprocess.run([*cli, "down"], capture_output=True, text=True, timeout=120)
-    assert down.returncode == 0, down.stderr
-    netns = subprocess.run([ip, "netns", "list"], capture_output=True, text=True).stdout
-    assert not [n for n in netns.split() if n.startswith(f"{name}-")]
-    for pid in [*state["pids"].values(), *sleepers]:
-        assert not tool._alive(pid), pid
-    assert not home.exists()
-    assert subprocess.run([ip, "-o", "link"], capture_output=True, text=True).stdout.count(
-        "\n") == links_before.count("\n")
-    # `down` again, or of nothing, is a no-op; a command on no cluster is one clear line
-    assert subprocess.run([*cli, "down"], capture_output=True).returncode == 0
-    status = subprocess.run([*cli, "status"], capture_output=True, text=True)
-    assert status.returncode == 2 and "no cluster is up here" in status.stderr
+    return state, sleepers
+
+
+def net_namespaces() -> set:
+    """Every network namespace on the machine by its inode, named or not (lsns sees those that
+    hold a process; /run/netns names the others)."""
+    held = subprocess.run(["lsns", "-n", "-t", "net", "-o", "NS"], capture_output=True,
+                          text=True).stdout.split()
+    named = [os.stat(p).st_ino for p in Path("/run/netns").glob("*")] \
+        if Path("/run/netns").is_dir() else []
+    return set(map(int, held)) | set(named)

@@ -3,6 +3,7 @@ rendezvous host from the job's node list (as every node names it), and the one l
 says which host runs which ranks."""
 
 import os
+from unittest import mock
 
 import pytest
 
@@ -23,15 +24,15 @@ def test_ranks_by_host_in_runs_and_in_order_of_first_rank():
     assert ranks_by_host(["solo"]) == "solo 0"
 
 
-def test_slurm_variables_make_the_rendezvous(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("SLURM_PROCID", "3")
-    monkeypatch.setenv("SLURM_NTASKS", "4")
-    monkeypatch.setenv("SLURM_LOCALID", "1")
-    monkeypatch.setenv("SLURM_JOB_NODELIST", "node[2-3]")
-    monkeypatch.setenv("SLURM_JOB_ID", "20017")
-    _fill_launcher_env()
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == \
-        ("3", "4", "1")
-    assert os.environ["MASTER_ADDR"] == "node2" and os.environ["MASTER_PORT"] == "20017"
+def test_slurm_variables_make_the_rendezvous():
+    # the whole environment comes back afterwards: the variables _fill_launcher_env sets would
+    # send every later test's world to a 4-rank rendezvous at node2
+    rendezvous = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    with mock.patch.dict(os.environ, {"SLURM_PROCID": "3", "SLURM_NTASKS": "4",
+                                      "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "node[2-3]",
+                                      "SLURM_JOB_ID": "20017"}):
+        for key in rendezvous:
+            os.environ.pop(key, None)
+        _fill_launcher_env()
+        assert [os.environ[k] for k in rendezvous] == ["3", "4", "1", "node2", "20017"]
+    assert os.environ.get("MASTER_ADDR") != "node2"
