@@ -153,7 +153,10 @@ def init_world(cfg: ParallelConfig, device_choice: str) -> World:
 
 def log_hosts(world: World) -> None:
     """One line, from rank 0, of which host runs which ranks and where they met: what a
-    multi-node job's log is read for first when ranks do not find each other or a node fails."""
+    multi-node job's log is read for first when ranks do not find each other or a node fails.
+    A world of one has nothing to say."""
+    if world.world_size == 1:
+        return
     hosts: List[Optional[str]] = [None] * world.world_size
     dist.all_gather_object(hosts, socket.gethostname())
     world.log(f"llada: ranks by host: {ranks_by_host(hosts)} (rendezvous at "
