@@ -11,7 +11,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
@@ -157,8 +157,14 @@ def log_hosts(world: World) -> None:
     A world of one has nothing to say."""
     if world.world_size == 1:
         return
-    hosts: List[Optional[str]] = [None] * world.world_size
-    dist.all_gather_object(hosts, socket.gethostname())
+    # through the rendezvous store, which already works, not a collective: on GPUs that would
+    # build the whole world's NCCL communicator here, and hang here when NCCL is what is broken
+    store = dist.distributed_c10d._get_default_store()
+    store.set(f"llada/host/{world.rank}", socket.gethostname())
+    if not world.is_main:
+        return
+    keys = [f"llada/host/{r}" for r in range(world.world_size)]
+    hosts = [h.decode() for h in store.multi_get(keys)]  # waits for every rank's
     world.log(f"llada: ranks by host: {ranks_by_host(hosts)} (rendezvous at "
               f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')})")
 

@@ -35,7 +35,8 @@ pytestmark = pytest.mark.slow
 STEPS, INTERVAL = 16, 3
 # 4 ranks of 4 samples: 16 = 4 x 1 x 4 data-parallel on two nodes, 4 x 2 x 2 on one
 COMMON = ["train.micro_batch_size=4", "data.num_workers=1", f"checkpoint.interval={INTERVAL}"]
-HANG_S = 8  # the watchdog's limit for a step; the first step of a start and a save: 60 s
+HANG_S = 12  # the watchdog's limit for a step (steps take under a second); a start's first
+# step and a save: 60 s
 WATCHDOG = [f"train.hang_timeout_minutes={HANG_S / 60}", "train.hang_floor_minutes=1"]
 
 
@@ -82,7 +83,9 @@ def env(site, monkeypatch):
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", tool.IFACE)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    return site
+    yield site
+    # a test that failed must not leave its job to the next one's nodes
+    cluster.run("scancel", "--user=root", check=False)
 
 
 def one_host_losses(site) -> Dict[int, float]:
@@ -261,20 +264,19 @@ def ranks(cluster: SlurmCluster, host: str, run_dir: Path) -> List[int]:
 
 def test_down_removes_every_namespace_daemon_and_file(tmp_path):
     """`local-cluster up` then `down` through its command line, with a job still running on
-    both nodes: nothing of it is left (namespaces, their links and bridge, daemons, the job's
-    processes, files), and the machine's own links are as they were."""
+    both nodes: nothing of it is left (its namespaces, and with them their links and bridge,
+    daemons, the job's processes, files)."""
     if why_not_available():
         pytest.skip(why_not_available())  # the module's other tests fail under CI instead
     ip = tool.binary("ip")
-    links_before = subprocess.run([ip, "-o", "link"], capture_output=True, text=True).stdout
     name, home = f"{PREFIX}{os.getpid()}-down", tmp_path / "cluster"
-    namespaces_before = net_namespaces()
     cli = [str(REPO / "slurm" / "local-cluster"), "--dir", str(home)]
     up = subprocess.run([*cli, "up", "--nodes", "2", "--name", name], capture_output=True,
                         text=True, timeout=120)
     try:
         assert up.returncode == 0, up.stderr
         state, sleepers = a_job_on_both_nodes(home, name, tmp_path)
+        ours = {os.stat(f"/run/netns/{ns}").st_ino for ns in state["namespaces"]}
     finally:
         down = subprocess.run([*cli, "down"], capture_output=True, text=True, timeout=120)
     assert down.returncode == 0, down.stderr
@@ -283,9 +285,7 @@ def test_down_removes_every_namespace_daemon_and_file(tmp_path):
     for pid in [*state["pids"].values(), *sleepers]:
         assert not tool._alive(pid), pid
     assert not home.exists()
-    assert net_namespaces() == namespaces_before  # none kept alive by a daemon's mounts
-    assert subprocess.run([ip, "-o", "link"], capture_output=True, text=True).stdout.count(
-        "\n") == links_before.count("\n")
+    assert len(ours) == 4 and not ours & net_namespaces()  # none kept alive by a mount
     # `down` again, or of nothing, is a no-op; a command on no cluster is one clear line
     assert subprocess.run([*cli, "down"], capture_output=True).returncode == 0
     status = subprocess.run([*cli, "status"], capture_output=True, text=True)
