@@ -18,7 +18,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import pytest
 
@@ -58,74 +58,65 @@ def remove_stale_clusters() -> None:
         tool.remove(namespaces, [])
 
 
-class SlurmCluster:
+class SlurmCluster(tool.Cluster):
+    """The tool's cluster, with what the tests ask of it besides: client commands and job
+    states as Python values, draining a node."""
+
     def __init__(self, root: Path, nodes: int = 1, cpus: int = 64, gpus: int = 8):
-        self.cluster = tool.Cluster(root / "cluster")
+        super().__init__(root / "cluster")
         # one cluster per test module at a time; the pid names the pytest that owns it
-        self.name = f"{PREFIX}{os.getpid()}-{nodes}n"
-        self.size, self.cpus, self.gpus = nodes, cpus, gpus
+        self.spec = dict(name=f"{PREFIX}{os.getpid()}-{nodes}n", nodes=nodes, cpus=cpus,
+                         gpus=gpus, memory_mb=20000)
 
     def start(self) -> "SlurmCluster":
         remove_stale_clusters()
-        self.cluster.up(name=self.name, nodes=self.size, cpus=self.cpus, gpus=self.gpus,
-                        memory_mb=20000)
+        self.up(**self.spec)
         return self
 
     def stop(self) -> None:
-        self.cluster.down()
-
-    @property
-    def nodes(self) -> List[str]:
-        return self.cluster.nodes
-
-    @property
-    def env(self) -> Dict[str, str]:
-        """The environment of a client command (sbatch, scontrol, ...) talking to this cluster."""
-        return {**os.environ, **self.cluster.env()}
+        self.down()
 
     def run(self, *args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-        proc = subprocess.run(list(args), env=kw.pop("env", self.env), capture_output=True,
-                              text=True, timeout=kw.pop("timeout", 60), **kw)
+        """A client command (sbatch, scontrol, ...) from this machine, as a user's shell
+        would run it after ``local-cluster env``."""
+        proc = subprocess.run(list(args), env=kw.pop("env", {**os.environ, **self.env()}),
+                              capture_output=True, text=True, timeout=kw.pop("timeout", 60), **kw)
         if check and proc.returncode != 0:
             raise RuntimeError(f"{' '.join(args)}: exit {proc.returncode}: {proc.stderr.strip()}")
         return proc
-
-    def on(self, host: str, argv: List[str]) -> List[str]:
-        """argv as run on one of the cluster's hosts (``head``, ``node1``, ...)."""
-        return self.cluster.on(host, argv)
 
     def job(self, job_id: str) -> Dict[str, str]:
         """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...)."""
         out = self.run("scontrol", "-o", "show", "job", job_id).stdout
         return dict(re.findall(r"(\w+)=(\S*)", out))
 
-    def node_states(self) -> Dict[str, str]:
-        return self.cluster.node_states()
-
-    def lose(self, node: str, silently: bool = False) -> None:
-        self.cluster.lose(node, silently)
-
-    def down_node(self, node: str) -> None:
-        self.cluster.down_node(node)
-
-    def restore(self, node: str) -> None:
-        self.cluster.restore(node)
-
-    def cut(self, node: str) -> None:
-        self.cluster.cut(node)
-
-    def mend(self, node: str) -> None:
-        self.cluster.mend(node)
-
     def drain(self, node: str) -> None:
         """Out of service (as an operator would take it), until ``restore``."""
         self.run("scontrol", "update", f"NodeName={node}", "State=DRAIN", "Reason=test")
 
-    def pids(self, host: str) -> List[int]:
-        return self.cluster.pids(host)
 
-    def logs(self) -> str:
-        return self.cluster.logs(tail=4000)
+def job_ranks(run_dir: Path, pids: Optional[Iterable[int]] = None) -> Dict[int, int]:
+    """The ranks of run_dir's job as {pid: SLURM_PROCID}: the `llada train` processes that
+    Slurm's step daemon started (not their DataLoader workers), among ``pids`` (default: every
+    process of the machine)."""
+    if pids is None:
+        pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    found = {}
+    for pid in pids:
+        proc = Path(f"/proc/{pid}")
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if "-m framework train" not in cmd or f"run.dir={run_dir}" not in cmd:
+                continue
+            env = (proc / "environ").read_bytes().split(b"\0")
+            ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            parent = Path(f"/proc/{ppid}/comm").read_text().strip()
+        except (OSError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        rank = next((e.split(b"=", 1)[1] for e in env if e.startswith(b"SLURM_PROCID=")), None)
+        if parent == "slurmstepd" and rank is not None:
+            found[pid] = int(rank)
+    return found
 
 
 # ---------------------------------------------------------------------- jobs of the tests
@@ -158,7 +149,7 @@ def wait_for(cluster: SlurmCluster, run_dir: Path, job: str, what: str, ready,
             return value
         time.sleep(0.3)
     pytest.fail(f"job {job}: timed out waiting for {what}; state {cluster.job(job)}\n"
-                f"--- job log\n{job_log(run_dir, job)[-6000:]}\n{cluster.logs()}")
+                f"--- job log\n{job_log(run_dir, job)[-6000:]}\n{cluster.logs(tail=4000)}")
 
 
 def release_when_requeued(cluster: SlurmCluster, run_dir: Path, job: str, restarts: int,

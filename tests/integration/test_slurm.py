@@ -25,7 +25,7 @@ from framework.launch.cli import main
 from framework.training.faults import ENV as FAULTS
 from framework.training.watchdog import EXIT_HUNG
 from tests.conftest import REPO, stdlib_glob
-from tests.integration.slurm_cluster import (SlurmCluster, job_log, logged_steps,
+from tests.integration.slurm_cluster import (SlurmCluster, job_log, job_ranks, logged_steps,
                                              release_when_requeued, submit, wait_for,
                                              wait_until_done, why_not_available)
 from tests.unit.data_helpers import documents_in, packed_stream
@@ -48,28 +48,15 @@ def cluster(tmp_path_factory):
 @pytest.fixture
 def slurm_env(cluster, monkeypatch):
     """What `llada slurm submit` and the job see: this cluster, one thread per rank."""
-    for key, value in cluster.cluster.env().items():  # SLURM_CONF, and PATH to its clients
+    for key, value in cluster.env().items():  # SLURM_CONF, and PATH to its clients
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     return cluster
 
 
 def rank_pid(run_dir: Path, rank: int) -> int:
-    """The pid of one rank of a running job: the `llada train` process for run_dir that Slurm's
-    step daemon started with SLURM_PROCID=rank (not one of its DataLoader workers)."""
-    for proc in Path("/proc").iterdir():
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if "-m framework train" not in cmd or f"run.dir={run_dir}" not in cmd:
-                continue
-            env = (proc / "environ").read_bytes().split(b"\0")
-            ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
-            parent = Path(f"/proc/{ppid}/comm").read_text().strip()
-        except (OSError, IndexError):
-            continue  # gone meanwhile, or not ours to read
-        if f"SLURM_PROCID={rank}".encode() in env and parent == "slurmstepd":
-            return int(proc.name)
-    return 0
+    """The pid of one rank of run_dir's running job (0: none yet)."""
+    return next((pid for pid, r in job_ranks(run_dir).items() if r == rank), 0)
 
 
 def test_signalled_job_checkpoints_requeues_and_resumes(slurm_env, capsys, tmp_path,

@@ -24,10 +24,10 @@ import pytest
 from framework.checkpoint.checkpointer import complete_checkpoints
 from framework.checkpoint.files import tag_for
 from framework.training.watchdog import EXIT_HUNG
-from tests.conftest import DEBUG_RECIPE, REPO, cli_command, quick_overrides
+from tests.conftest import DEBUG_RECIPE, REPO, cli_command, quick_overrides, tracking_overrides
 from tests.integration.mlflow_server import MlflowServer
-from tests.integration.slurm_cluster import (PREFIX, SlurmCluster, job_log, logged_steps,
-                                             release_when_requeued, submit, tool, wait_for,
+from tests.integration.slurm_cluster import (PREFIX, SlurmCluster, job_log, job_ranks,
+                                             logged_steps, release_when_requeued, submit, tool, wait_for,
                                              wait_until_done, why_not_available)
 
 pytestmark = pytest.mark.slow
@@ -79,7 +79,7 @@ def env(site, monkeypatch):
     """What `llada slurm submit` and the job see: this cluster, gloo on the nodes' bridge
     interface, one thread per rank."""
     cluster = site["cluster"]
-    for key, value in cluster.cluster.env().items():
+    for key, value in cluster.env().items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", tool.IFACE)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -122,10 +122,8 @@ def hosts_of_start(log: str, start: int) -> List[str]:
 
 
 def tracking(site, experiment: str) -> List[str]:
-    server = site["mlflow"]
-    server.wait()
-    return ["tracking.enabled=true", f"tracking.uri={server.uri}",
-            f"tracking.experiment={experiment}"]
+    site["mlflow"].wait()
+    return tracking_overrides(site["mlflow"], experiment)
 
 
 def check_one_history(site, run_dir: Path, experiment: str, reference: Dict[int, float]) -> None:
@@ -247,19 +245,8 @@ def test_node_range_rides_out_a_cut_link_then_shrinks_to_the_node_left(env, caps
 
 
 def ranks(cluster: SlurmCluster, host: str, run_dir: Path) -> List[int]:
-    """The ranks of run_dir on a host: `llada train` processes that Slurm's step daemon
-    started (not their DataLoader workers)."""
-    found = []
-    for pid in cluster.pids(host):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
-            parent = Path(f"/proc/{ppid}/comm").read_text().strip()
-        except (OSError, IndexError):
-            continue
-        if "-m framework train" in cmd and f"run.dir={run_dir}" in cmd and parent == "slurmstepd":
-            found.append(pid)
-    return found
+    """The ranks of run_dir on a host."""
+    return list(job_ranks(run_dir, cluster.pids(host)))
 
 
 def test_down_removes_every_namespace_daemon_and_file(tmp_path):
@@ -302,7 +289,7 @@ def a_job_on_both_nodes(home: Path, name: str, tmp_path: Path):
     job = cluster.client("sbatch", "--parsable", "--nodes=2", f"--output={tmp_path}/job.out",
                          "--wrap", "srun sleep 300")
     on_nodes = lambda: [p for n in cluster.nodes for p in cluster.pids(n)  # noqa: E731
-                        if tool.Cluster._is(p, "sleep")]
+                        if tool.is_command(p, "sleep")]
     deadline = time.monotonic() + 60
     while len(on_nodes()) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
