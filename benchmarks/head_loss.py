@@ -1,5 +1,5 @@
 """Peak memory and time of the head + loss at the LLaDA-1B shape: the fused head
-(kernels/linear_cross_entropy.py) against the unfused one (the [N, V] logits, their fp32 copy
+(llada_kernels/linear_cross_entropy.py) against the unfused one (the [N, V] logits, their fp32 copy
 for the CE, and their gradient), forward and backward of the same N masked positions.
 
 Each variant runs in a fresh process, so that one's allocations do not hide the other's: on CUDA
@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 
 def run_variant(variant: str, n: int, h: int, v: int, device: str) -> dict:
-    from kernels.linear_cross_entropy import linear_cross_entropy, reference_linear_cross_entropy
+    from llada_kernels.linear_cross_entropy import linear_cross_entropy, reference_linear_cross_entropy
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     g = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(n, h, device=device, generator=g).to(dtype).requires_grad_()

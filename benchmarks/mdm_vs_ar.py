@@ -124,7 +124,8 @@ def flops_done(cfg, kind, summary) -> float:
     from framework.training.flops import FlopCounter
     if summary.get("flops"):
         return summary["flops"]
-    return FlopCounter(cfg.model, kind).expected_per_token(cfg.data.seq_len) * summary["tokens"]
+    return FlopCounter(cfg.model, kind, cfg.objective.ar_loss_weight > 0).expected_per_token(
+        cfg.data.seq_len) * summary["tokens"]
 
 
 def train(run_dir: Path, kind: str, steps: int, overrides) -> tuple[dict, float]:

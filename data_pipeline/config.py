@@ -35,9 +35,12 @@ SET_NAME = r"[A-Za-z0-9_.-]+"  # a dataset or validation set name: a metric key'
 
 @dataclass
 class TokenizerConfig:
-    """The SentencePiece model of a dataset: an existing one, or one trained on the inputs."""
+    """The tokenizer of a dataset: an existing SentencePiece model or Hugging Face tokenizer
+    (data_pipeline/tokenizer.py), or a SentencePiece model trained on the inputs."""
 
-    model: Optional[str] = None  # an existing .model (must hold the mask token); None: train one
+    # an existing SentencePiece .model (must hold the mask token), a Hugging Face tokenizer
+    # directory (tokenizer.json) or a carried tokenizer.hf.json; None: train a SentencePiece one
+    model: Optional[str] = None
     vocab_size: int = 32000  # when training one
     train_bytes: int = 100_000_000  # text sampled from the inputs to train it
     seed: int = 0
@@ -58,7 +61,7 @@ class PrepareConfig:
     # globs of .txt/.jsonl(.gz); "stdlib": the embedded corpus (with sft: JSONL conversations;
     # "stdlib-sft": pairs derived from the embedded corpus)
     inputs: List[str] = field(default_factory=list)
-    output: str = ""  # directory: NAME-000000.tar ..., manifest.json, tokenizer.model
+    output: str = ""  # directory: NAME-000000.tar ..., manifest.json, the tokenizer
     name: str = "data"
     seq_len: int = 4096
     samples_per_shard: int = 4096
@@ -197,8 +200,9 @@ OBJECTIVES = ("pretrain", "sft", "ar")
 
 @dataclass
 class ObjectiveConfig:
-    """The forward process of the objective (the ``objective`` section): how t and the masks are
-    drawn and how often a batch is cut. The collator applies it; the loss has no settings.
+    """The objective (the ``objective`` section): how t and the masks are drawn and how often a
+    batch is cut, which the collator applies; and how an autoregressive model is adapted to
+    diffusion (logit_shift, anneal_steps, ar_loss_weight: the README's adaptation keys).
     ``ar`` masks nothing (eps, t_sampling and mask_id unused) but cuts alike; ``sft`` never cuts
     (variable_length_prob unused: a cut would drop responses)."""
 
@@ -208,6 +212,17 @@ class ObjectiveConfig:
     variable_length_prob: float = 0.01  # the paper's 1% of batches cut to a random length
     t_sampling: str = "uniform"  # uniform (the paper) | stratified | antithetic (lower variance)
     seed: int = 0  # noise: t and masks are seeded by (seed, the sample's global index)
+    # Adapting an autoregressive model (diffusion kinds only). Dream's logit shift: position j's
+    # prediction is read at the output of position j - 1 (position 0's at itself), so the AR
+    # head keeps its meaning; the sampler, the likelihood, validation and export honour it
+    logit_shift: bool = False
+    # DiffuLLaMA's attention-mask annealing: at step s each query attends every key before it
+    # and each later key with probability min(1, s / anneal_steps); from then on, every key.
+    # 0: bidirectional from the first step
+    anneal_steps: int = 0
+    # the mixed objective: loss = diffusion loss + ar_loss_weight x the next-token CE of the
+    # same batch's clean sequences under causal attention (each micro-batch runs both); 0: off
+    ar_loss_weight: float = 0.0
 
     def __post_init__(self):
         require(self.kind in OBJECTIVES, "objective.kind",
@@ -220,3 +235,18 @@ class ObjectiveConfig:
         require(self.seed >= 0, "objective.seed", f"must be >= 0, got {self.seed}")
         require(self.t_sampling in T_SAMPLING, "objective.t_sampling",
                 f"must be one of {', '.join(T_SAMPLING)}; got {self.t_sampling!r}")
+        require(self.anneal_steps >= 0, "objective.anneal_steps",
+                f"must be >= 0, got {self.anneal_steps}")
+        require(0.0 <= self.ar_loss_weight < float("inf"), "objective.ar_loss_weight",
+                f"must be a finite number >= 0, got {self.ar_loss_weight}")
+        if self.kind == "ar":  # its model is causal and predicts the next token already
+            for name, on in (("logit_shift", self.logit_shift),
+                             ("anneal_steps", self.anneal_steps > 0),
+                             ("ar_loss_weight", self.ar_loss_weight > 0)):
+                require(not on, f"objective.{name}", "adapts an autoregressive model to "
+                        "diffusion; objective.kind=ar trains the autoregressive model itself")
+
+    @property
+    def mixed(self) -> bool:
+        """Whether each micro-batch carries the next-token rows of the mixed objective."""
+        return self.ar_loss_weight > 0

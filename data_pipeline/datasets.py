@@ -5,6 +5,7 @@ rank."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import replace
@@ -44,7 +45,7 @@ def prepare_missing(cfg: DataConfig, kind: str = "pretrain") -> None:
     of the objective ``kind``'s. Without data.tokenizer.model the mixture shares one tokenizer:
     an already prepared dataset's, or the one trained for the first dataset prepared here; SFT
     shards need the fine-tuned model's, data.tokenizer.model."""
-    from data_pipeline.prepare import TOKENIZER_FILE, prepare
+    from data_pipeline.prepare import prepare
 
     sft = DATA_KIND[kind] == "sft"
     missing = [i for i, ds in enumerate(cfg.datasets)
@@ -56,10 +57,25 @@ def prepare_missing(cfg: DataConfig, kind: str = "pretrain") -> None:
     shared = cfg.tokenizer.model
     if shared is None:
         ready = [Path(d.manifest) for d in cfg.datasets if Path(d.manifest).is_file()]
-        shared = str(ready[0].parent / TOKENIZER_FILE) if ready else None
+        shared = _carried(ready[0]) if ready else None
     for i in missing:
         prepare(prepare_config(cfg, i, shared, sft=sft))
-        shared = shared or str(Path(cfg.datasets[i].manifest).parent / TOKENIZER_FILE)
+        shared = shared or _carried(Path(cfg.datasets[i].manifest))
+
+
+def _carried(manifest: Path) -> str:
+    """The tokenizer file a prepared dataset carries (SentencePiece's or a Hugging Face one's),
+    by the name its manifest records."""
+    from data_pipeline.tokenizer import SP_FILE, find_tokenizer
+
+    try:
+        name = json.loads(manifest.read_text())["tokenizer"]["file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        name = None  # an unreadable manifest: whichever file is there (or an error naming it)
+    if not isinstance(name, str):
+        found = find_tokenizer(manifest.parent, f"{manifest}")
+        return str(found or manifest.parent / SP_FILE)
+    return str(manifest.parent / name)
 
 
 def _wait_for_manifests(cfg: DataConfig, poll_s: float = 2.0) -> None:

@@ -12,13 +12,11 @@ from typing import List
 
 from data_pipeline.config import PrepareConfig
 from data_pipeline.errors import DataConfigError
-from data_pipeline.files import atomic_write
-from data_pipeline.parts import (PART_FORMAT, TOKENIZER_FILE, part_manifest, skipped_list,
-                                 with_part_tokenizer)
+from data_pipeline.parts import PART_FORMAT, part_manifest, skipped_list, with_part_tokenizer
 from data_pipeline.prepare import (HOLDOUT_DIR, SOURCE_COUNTS, fingerprint, input_files,
                                    manifest_of, missing_shard, up_to_date, write_dataset)
 from data_pipeline.shards import MANIFEST
-from data_pipeline.tokenizer import tokenizer_for
+from data_pipeline.tokenizer import carry, tokenizer_for
 
 
 def _part(cfg: PrepareConfig, files: List[Path], p: int) -> dict:
@@ -62,7 +60,7 @@ def merge(cfg: PrepareConfig, log=print) -> dict:
         log(f"llada prepare: {out / MANIFEST} is up to date ({done['samples']} samples)")
         return done
     parts = [_part(cfg, files, p) for p in range(cfg.parts)]  # every refusal before any write
-    tok = tokenizer_for(files, cfg.tokenizer, out / TOKENIZER_FILE, cfg.jsonl_text_field)
+    tok = tokenizer_for(files, cfg.tokenizer, out, cfg.jsonl_text_field)
     for p, m in enumerate(parts):
         if m["tokenizer"]["sha256"] != tok.sha256:
             raise DataConfigError(f"prepare --merge: part {p} of {cfg.parts} was tokenised with "
@@ -85,7 +83,7 @@ def merge(cfg: PrepareConfig, log=print) -> dict:
         if not held_manifest["shards"]:
             raise DataConfigError(f"prepare.holdout_fraction: {cfg.holdout_fraction} held out "
                                   f"{documents} documents, fewer than one sequence; hold out more")
-        atomic_write(out / HOLDOUT_DIR / TOKENIZER_FILE, tok.path.read_bytes())
+        carry(tok, out / HOLDOUT_DIR)
     manifest["parts"] = cfg.parts
     skipped = b"".join(skipped_list(out, p, cfg.parts).read_bytes() for p in range(cfg.parts)
                        if skipped_list(out, p, cfg.parts).is_file())

@@ -10,10 +10,10 @@ one-process prepare in its order; only a text file cut in two becomes two docume
 part packs its own sequences, dropping at most one partial sequence at its end.
 
 The parts share a tokenizer trained or given beforehand (``--tokenizer``, or OUTPUT's
-``tokenizer.model`` from ``llada prepare --tokenizer-only``): each part reads it and never writes
-it, so parts may run at once. A part writes its shards under names of its own and, last,
-``parts/part-P-of-N.json`` (its manifest, which marks it complete); the merge reads those and
-refuses while one is missing, stale or lacks a shard, naming the part.
+``tokenizer.model`` / ``tokenizer.hf.json`` from ``llada prepare --tokenizer-only``): each part
+reads it and never writes it, so parts may run at once. A part writes its shards under names of
+its own and, last, ``parts/part-P-of-N.json`` (its manifest, which marks it complete); the merge
+reads those and refuses while one is missing, stale or lacks a shard, naming the part.
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ from typing import List
 from data_pipeline.config import PrepareConfig
 from data_pipeline.corpus import Piece
 from data_pipeline.errors import DataConfigError
+from data_pipeline.tokenizer import SP_FILE, find_tokenizer
 
 PARTS_DIR = "parts"  # beside the manifest: one manifest per part
 PART_FORMAT = "llada-shards-part"
 SPLIT_MIN_BYTES = 64 << 20  # an uncompressed input larger than this may be cut between parts
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = SP_FILE  # (the SentencePiece name; OUTPUT's own is found by find_tokenizer)
 
 
 def part_manifest(out: Path, part: int, parts: int) -> Path:
@@ -85,10 +86,11 @@ def with_part_tokenizer(cfg: PrepareConfig) -> PrepareConfig:
     already in OUTPUT. A part never trains one (N parts would train N)."""
     if cfg.tokenizer.model:
         return cfg
-    trained = Path(cfg.output) / TOKENIZER_FILE
-    if not trained.is_file():
+    trained = find_tokenizer(Path(cfg.output), "prepare.tokenizer.model")
+    if trained is None:
         raise DataConfigError(
             f"prepare.tokenizer.model: a dataset prepared in {cfg.parts} parts needs its "
-            f"tokenizer beforehand: give --tokenizer MODEL, or train {trained} first with "
+            f"tokenizer beforehand: give --tokenizer MODEL, or train "
+            f"{Path(cfg.output) / TOKENIZER_FILE} first with "
             "`llada prepare INPUTS -o OUTPUT --tokenizer-only` (llada slurm prepare does)")
     return replace(cfg, tokenizer=replace(cfg.tokenizer, model=str(trained)))

@@ -27,6 +27,7 @@ clean-up, the seeded shuffle into shards, the fingerprint, the manifests), one p
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -45,11 +46,12 @@ from data_pipeline.config import PrepareConfig
 from data_pipeline.errors import DataConfigError
 from data_pipeline.corpus import Piece, expand_inputs, read_documents, warn
 from data_pipeline.files import atomic_write
-from data_pipeline.parts import (PART_FORMAT, TOKENIZER_FILE, part_manifest, sample_key,
-                                 shard_prefix, skipped_list, split_inputs, with_part_tokenizer)
+from data_pipeline.parts import (PART_FORMAT, part_manifest, sample_key, shard_prefix,
+                                 skipped_list, split_inputs, with_part_tokenizer)
 from data_pipeline.shards import (FORMAT, MANIFEST, VERSION, ShardWriter, token_dtype,
                                   write_manifest)
-from data_pipeline.tokenizer import Tokenizer, load_tokenizer, tokenizer_for
+from data_pipeline.tokenizer import (SP_FILE, Tokenizer, batch_encoder, carry, load_tokenizer,
+                                     tokenizer_for)
 
 SEQUENCE_ORDER = "shuffled-1"  # in the fingerprint: shards of the unshuffled order are redone
 SFT_PAIRS = "sft-1"  # in an SFT fingerprint: the sample layout and how pairs are made
@@ -57,12 +59,13 @@ HOLDOUT_DIR = "holdout"  # beside the manifest: the held-out split, a dataset of
 SKIPPED_FILE = "skipped-inputs.txt"  # beside the manifest: every input prepare skipped, and why
 SOURCE_COUNTS = ("files", "documents", "empty_files", "bad_lines", "unreadable_files")  # manifest
 CHUNK_CHARS = 1 << 20  # text per task sent to a worker: large enough to amortise the IPC
+TOKENIZER_FILE = SP_FILE  # (the SentencePiece name; a dataset's own is its manifest's file)
 
-_worker_sp = None  # the SentencePiece model of a worker process
+_worker_encode = None  # a worker process's encoder: documents -> ids (tokenizer.batch_encoder)
 
 
-def _init_worker(model_path: str) -> None:
-    global _worker_sp
+def _init_worker(tokenizer_args) -> None:
+    global _worker_encode
     # a forked worker inherits the caller's Python signal handlers (``llada train`` installs
     # its stop-and-checkpoint handler for TERM before preparing data on first run): with one,
     # the pool's terminate() could not end a worker, and prepare would hang at its end
@@ -70,13 +73,37 @@ def _init_worker(model_path: str) -> None:
         handler = signal.getsignal(sig)
         if callable(handler) and handler is not signal.default_int_handler:
             signal.signal(sig, signal.SIG_DFL)
-    import sentencepiece as spm
-    _worker_sp = spm.SentencePieceProcessor(model_file=model_path)
+    _worker_encode = batch_encoder(tokenizer_args)
 
 
-def encode_documents(sp, docs: List[str], eos: int, dtype: np.dtype) -> np.ndarray:
-    """Token ids of the documents, each followed by EOS, as one flat array."""
-    ids = sp.encode(docs)
+@contextlib.contextmanager
+def _forking():
+    """While the pool forks its workers: told that they run without its thread pool, the
+    Hugging Face tokenizers library has no pool to deadlock on in a child, and no cause to warn
+    (as its versions that check at fork do) when the parent has used its own."""
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+
+
+def _pool(workers: int, tok: Tokenizer):
+    # fork: workers run only the tokenizer and numpy (never torch), so threads the caller may
+    # hold are not needed in them; spawn would re-import the caller's main module
+    with _forking():
+        return mp.get_context("fork").Pool(workers, initializer=_init_worker,
+                                           initargs=(tok.worker_args(),))
+
+
+def encode_documents(encode, docs: List[str], eos: int, dtype: np.dtype) -> np.ndarray:
+    """Token ids of the documents (``encode``: a batch encoder), each followed by EOS, as one
+    flat array."""
+    ids = encode(docs)
     lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
     out = np.full(int(lengths.sum()), eos, dtype=dtype)
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
@@ -103,8 +130,8 @@ def _encode_task(task):
     held = [d for d, h in zip(docs, split) if h]
     kept = [d for d, h in zip(docs, split) if not h]
     dtype = np.dtype(dtype)
-    return (encode_documents(_worker_sp, kept, eos, dtype),
-            encode_documents(_worker_sp, held, eos, dtype), len(held))
+    return (encode_documents(_worker_encode, kept, eos, dtype),
+            encode_documents(_worker_encode, held, eos, dtype), len(held))
 
 
 class Packer:
@@ -188,15 +215,20 @@ def input_files(cfg: PrepareConfig) -> List[Path]:
 
 def fingerprint(cfg: PrepareConfig, files: List[Path], part: Optional[int] = None) -> str:
     """What the shards depend on: the inputs (path, size, mtime), the settings, the tokenizer
-    (the given model's bytes, or the settings it is trained with); with parts, their number
-    (and which part, for a part's own)."""
+    (the given one's carried bytes, or the settings it is trained with); with parts, their
+    number (and which part, for a part's own)."""
     h = hashlib.sha256()
     for f in files:
         st = f.stat()
         h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     tc = cfg.tokenizer
-    tok = (hashlib.sha256(Path(tc.model).read_bytes()).hexdigest()
-           if tc.model and Path(tc.model).is_file() else [tc.vocab_size, tc.train_bytes, tc.seed])
+    model = Path(tc.model) if tc.model else None
+    if model is not None and (model.is_dir() or model.name == "tokenizer.json"):
+        tok = load_tokenizer(model, "prepare.tokenizer.model").sha256  # the bytes it carries
+    elif model is not None and model.is_file():  # (a file's own bytes: as before)
+        tok = hashlib.sha256(model.read_bytes()).hexdigest()
+    else:
+        tok = [tc.vocab_size, tc.train_bytes, tc.seed]
     settings = [cfg.seq_len, cfg.samples_per_shard, cfg.jsonl_text_field, cfg.seed, cfg.name, tok]
     if cfg.holdout_fraction > 0:
         settings += [cfg.holdout_fraction, cfg.holdout_seed]
@@ -258,8 +290,7 @@ def manifest_of(cfg: PrepareConfig, name: str, shards: List[dict], dropped: Opti
         "kind": "sft" if cfg.sft else "pretrain",
         "seq_len": cfg.seq_len, "dtype": sample_dtype(cfg, tok.vocab_size).name,
         "samples": samples, "tokens": samples * cfg.seq_len, "shards": shards,
-        "tokenizer": {"file": TOKENIZER_FILE, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
-                      "special_ids": tok.special_ids()},
+        "tokenizer": tok.manifest_entry(),
         "sources": {**sources, **tail},
         "fingerprint": fingerprint,
         "order": SEQUENCE_ORDER,
@@ -299,9 +330,9 @@ def dataset_tokenizer(cfg: PrepareConfig, files: List[Path]) -> Tokenizer:
     out = Path(cfg.output)
     if cfg.parts > 1:
         return load_tokenizer(Path(cfg.tokenizer.model), "prepare.tokenizer.model")
-    tok = tokenizer_for(files, cfg.tokenizer, out / TOKENIZER_FILE, cfg.jsonl_text_field)
+    tok = tokenizer_for(files, cfg.tokenizer, out, cfg.jsonl_text_field)
     if cfg.holdout_fraction > 0:
-        atomic_write(out / HOLDOUT_DIR / TOKENIZER_FILE, tok.path.read_bytes())
+        carry(tok, out / HOLDOUT_DIR)
     return tok
 
 
@@ -350,13 +381,12 @@ def warn_skipped(skipped: List[str], counts: Counter, kinds: Tuple[str, ...], li
 
 
 def prepare_tokenizer(cfg: PrepareConfig, log=print):
-    """``--tokenizer-only``: OUTPUT's tokenizer.model, trained on the inputs (or the given model
-    copied), before the parts of a dataset prepared in parts run."""
+    """``--tokenizer-only``: OUTPUT's tokenizer (tokenizer.model trained on the inputs, or the
+    given one carried), before the parts of a dataset prepared in parts run."""
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    tok = tokenizer_for(input_files(cfg), cfg.tokenizer, out / TOKENIZER_FILE,
-                        cfg.jsonl_text_field)
-    log(f"llada prepare: tokenizer {tok.path} ({tok.vocab_size} pieces)")
+    tok = tokenizer_for(input_files(cfg), cfg.tokenizer, out, cfg.jsonl_text_field)
+    log(f"llada prepare: tokenizer {tok.path} ({tok.vocab_size} ids)")
     return tok
 
 
@@ -388,11 +418,8 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     skipped: List[str] = []  # one line per skipped input, written to SKIPPED_FILE
     key = functools.partial(sample_key, part=cfg.part, parts=cfg.parts)
     train, held = split_packers(cfg, cfg.seq_len, dtype, key)
-    # fork: workers run only SentencePiece and numpy (never torch), so threads the caller may
-    # hold are not needed in them; spawn would re-import the caller's main module
-    ctx = mp.get_context("fork")
     try:
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok.path),)) as pool:
+        with _pool(workers, tok) as pool:
             tasks = ((docs, tok.eos_id, dtype.str, cfg.holdout_fraction, cfg.holdout_seed)
                      for docs in _chunks(pieces, cfg.jsonl_text_field, counts, skipped))
             for kept, out_ids, held_docs in pool.imap(_encode_task, tasks):

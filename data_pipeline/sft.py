@@ -5,7 +5,10 @@ A record is ``{"messages": [{"role": "system"|"user"|"assistant", "content": str
 ``{"prompt": str, "response": str}``. An n-turn dialogue gives n pairs: pair k's prompt is the
 conversation up to the k-th assistant turn (earlier replies included), its response that turn.
 Turns are rendered with the tokenizer's chat control tokens, which text can never produce:
-``<|start_header_id|>role<|end_header_id|>\\n\\n content <|eot_id|>``, after one BOS.
+``<|start_header_id|>role<|end_header_id|>\\n\\n content <|eot_id|>`` (Llama 3's layout), after
+one BOS; a tokenizer with no end-header token (a Hugging Face one with Qwen's ``<|im_start|>`` and
+``<|im_end|>``) gets ChatML's ``<|im_start|>role\\n content <|im_end|>\\n``, after its BOS if it
+has one.
 """
 
 from __future__ import annotations
@@ -36,30 +39,38 @@ class SFTExample(NamedTuple):
 class ChatFormat:
     def __init__(self, tok: Tokenizer):
         ids = tok.special_ids()
-        missing = [k for k in ("start_header", "end_header", "eot") if ids[k] is None]
-        if missing or ids["bos"] is None:
+        self.chatml = ids["end_header"] is None and ids["start_header"] is not None
+        missing = [k for k in ("start_header", "eot") if ids[k] is None]
+        if not self.chatml:  # Llama 3's layout: BOS, then headers closed by their own token
+            missing += [k for k in ("end_header", "bos") if ids[k] is None]
+        if missing:
             raise DataConfigError(f"tokenizer.model: {tok.path} lacks the chat tokens SFT needs "
-                                  f"({', '.join(missing) or 'bos'})")
+                                  f"({', '.join(missing)})")
         self.tok, self.ids = tok, ids
+        self.start = [ids["bos"]] if ids["bos"] is not None else []
+        self.after_turn = tok.encode("\n") if self.chatml else []
 
     def header(self, role: str) -> List[int]:
+        if self.chatml:
+            return [self.ids["start_header"]] + self.tok.encode(role) + self.tok.encode("\n")
         return ([self.ids["start_header"]] + self.tok.encode(role) + [self.ids["end_header"]]
                 + self.tok.encode("\n\n"))
 
     def turn(self, role: str, content: str) -> List[int]:
-        return self.header(role) + self.tok.encode(content) + [self.ids["eot"]]
+        return (self.header(role) + self.tok.encode(content) + [self.ids["eot"]]
+                + self.after_turn)
 
     def prompt(self, messages: List[dict]) -> List[int]:
         """The prompt for the next assistant turn after ``messages`` (what generation with the
         chat template starts from): the conversation so far, then the assistant's header."""
-        context = [self.ids["bos"]]
+        context = list(self.start)
         for m in messages:
             context = context + self.turn(m["role"], m["content"])
         return context + self.header("assistant")
 
     def pairs(self, messages: List[dict]) -> List[SFTExample]:
         out: List[SFTExample] = []
-        context = [self.ids["bos"]]
+        context = list(self.start)
         for m in messages:
             role, content = m["role"], m["content"]
             if role == "assistant":

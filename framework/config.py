@@ -49,8 +49,35 @@ class RunConfig:
                  f"must be one of auto, cpu, cuda; got {self.device!r}")
 
 
+ROPE_SCALING = ("none", "linear", "llama3")  # as Hugging Face's rope_type: default, linear, llama3
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling as a checkpoint's config.json says (Hugging Face ``rope_scaling``
+    / ``rope_parameters``): ``linear`` divides every frequency by ``factor``; ``llama3`` (Llama
+    3.1) divides the low ones by ``factor``, keeps the high ones and blends in between."""
+
+    type: str = "none"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_position_embeddings: int = 8192  # llama3
+
+    def __post_init__(self):
+        _require(self.type in ROPE_SCALING, "model.rope_scaling.type",
+                 f"must be one of {', '.join(ROPE_SCALING)}; got {self.type!r}")
+        _positive(self, "model.rope_scaling", "factor", "low_freq_factor",
+                  "original_max_position_embeddings")
+        _require(self.high_freq_factor > self.low_freq_factor, "model.rope_scaling.high_freq_factor",
+                 f"must exceed low_freq_factor={self.low_freq_factor}, got {self.high_freq_factor}")
+
+
 @dataclass
 class ModelConfig:
+    # a Hugging Face Llama/Qwen2/Qwen3 directory whose config.json gives every key below but
+    # init_std (framework/checkpoint/hf_causal.py); keys also set here must agree with it
+    from_hf: Optional[str] = None
     num_layers: int = 4
     hidden_size: int = 128
     num_attention_heads: int = 4
@@ -61,18 +88,30 @@ class ModelConfig:
     rope_theta: float = 500000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    head_dim: Optional[int] = None  # None: hidden_size / num_attention_heads (Qwen3 sets its own)
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3)
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
 
     def __post_init__(self):
         _positive(self, "model", "num_layers", "hidden_size", "num_attention_heads", "num_kv_heads",
                   "ffn_hidden_size", "vocab_size", "pad_vocab_to_multiple_of", "rope_theta",
                   "norm_eps", "init_std")
-        _require(self.hidden_size % self.num_attention_heads == 0, "model.num_attention_heads",
-                 f"{self.num_attention_heads} heads do not divide model.hidden_size={self.hidden_size}")
+        _require(self.head_dim is None or self.head_dim > 0, "model.head_dim",
+                 f"must be > 0 or null, got {self.head_dim}")
+        _require(self.head_dim is not None or self.hidden_size % self.num_attention_heads == 0,
+                 "model.num_attention_heads", f"{self.num_attention_heads} heads do not divide "
+                 f"model.hidden_size={self.hidden_size} (or set model.head_dim)")
         _require(self.num_attention_heads % self.num_kv_heads == 0, "model.num_kv_heads",
                  f"{self.num_kv_heads} kv heads do not divide "
                  f"model.num_attention_heads={self.num_attention_heads}")
-        _require((self.hidden_size // self.num_attention_heads) % 2 == 0, "model.hidden_size",
-                 "the head dimension must be even for RoPE")
+        _require(self.kv_channels % 2 == 0, "model.head_dim",
+                 f"the head dimension ({self.kv_channels}) must be even for RoPE")
+
+    @property
+    def kv_channels(self) -> int:
+        """The head dimension: model.head_dim, or hidden_size / num_attention_heads."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
 
 @dataclass
@@ -263,7 +302,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     max_consecutive_nonfinite: int = 5  # a NaN/Inf loss skips the step; this many in a row diverge
     compile: bool = False  # torch.compile each Transformer layer
-    # the head's projection fused with the loss (kernels/linear_cross_entropy.py): the masked
+    # the head's projection fused with the loss (llada_kernels/linear_cross_entropy.py): the masked
     # positions' logits never held whole; off under ZeRO-3 (the weight is gathered by its module)
     fused_head: bool = True
     activation_checkpointing: bool = False  # recompute in backward: memory for a forward per layer
@@ -449,6 +488,7 @@ def load_config(recipe: str | Path, overrides: List[str] = (), need_data: bool =
             merged, _keyword_keys(OmegaConf.from_dotlist(list(overrides)), to_field=True))
     except OmegaConfBaseException as e:
         raise ConfigError(f"override: {_one_line(e)}") from None
+    _model_from_hf(merged, recipe_cfg, overrides)
     if not need_data:
         for key in OmegaConf.missing_keys(merged):
             if key.startswith("data."):
@@ -465,6 +505,33 @@ def load_config(recipe: str | Path, overrides: List[str] = (), need_data: bool =
         raise ConfigError(f"{path}: {_one_line(e)}") from None
     except DataConfigError as e:
         raise ConfigError(str(e)) from None
+
+
+def _model_from_hf(merged, recipe_cfg, overrides: List[str]) -> None:
+    """``model.from_hf: DIR``: the model section's keys from DIR/config.json (a Hugging Face
+    Llama/Qwen2/Qwen3). A key the recipe or an override also sets must say the same."""
+    directory = OmegaConf.select(merged, "model.from_hf", default=None)
+    if directory is None:
+        return
+    from framework.hf_config import HFFormatError, model_fields, read_config_json
+
+    try:
+        fields = model_fields(read_config_json(Path(directory)), f"{directory}/config.json")
+    except HFFormatError as e:
+        raise ConfigError(f"model.from_hf: {e}") from None
+    given = OmegaConf.merge(OmegaConf.create({"model": recipe_cfg.get("model") or {}}),
+                            OmegaConf.from_dotlist(list(overrides)))
+    for key, value in fields.items():
+        mine = OmegaConf.select(given, f"model.{key}", default=None)
+        if mine is not None:
+            mine = OmegaConf.to_container(mine) if OmegaConf.is_config(mine) else mine
+            # a section (rope_scaling): the keys given must agree
+            theirs = {k: value.get(k) for k in mine} if isinstance(value, dict) and \
+                isinstance(mine, dict) else value
+            if mine != theirs:
+                raise ConfigError(f"model.{key}: {mine} here, but model.from_hf={directory} says "
+                                  f"{value} (delete the key: from_hf gives it)")
+        OmegaConf.update(merged, f"model.{key}", value, merge=isinstance(value, dict))
 
 
 def from_data(cls, *parts, key: str):

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.files import atomic_write
+from data_pipeline.tokenizer import TOKENIZER_FILES
 from framework.checkpoint.async_save import async_engine
 from framework.checkpoint.files import (FORMAT, LATEST, META, TOKENIZER, deepspeed_files,
                                         rank_file, step_of, tag_for)
@@ -57,7 +58,9 @@ def problem(tag_dir: Path) -> Optional[str]:
         files: Dict[str, int] = dict(meta["files"])
         layout = meta["layout"]
         # what every rank must have written, whether or not rank 0 saw it when listing
-        required = [*deepspeed_files(layout), TOKENIZER,
+        # the tokenizer under its kind's name (data_pipeline/tokenizer.py TOKENIZER_FILES)
+        tokenizer = next((n for n in TOKENIZER_FILES if n in meta["files"]), TOKENIZER)
+        required = [*deepspeed_files(layout), tokenizer,
                     *(rank_file("rng", r) for r in range(layout["world_size"])),
                     *(rank_file("data", r) for r in range(layout["dp"]))]
     except FileNotFoundError:
@@ -291,8 +294,12 @@ class Checkpointer:
             for stale in [*self.root.glob("step_*.tmp"), *self.root.glob("step_*.replaced")]:
                 shutil.rmtree(stale, ignore_errors=True)  # saves that died half-way
             tmp.mkdir(parents=True)
-            shutil.copyfile(self.tokenizer, tmp / TOKENIZER)
-            sums[TOKENIZER] = hash_file(tmp / TOKENIZER)
+            name = Path(self.tokenizer).name  # SentencePiece's or Hugging Face's file
+            if name not in TOKENIZER_FILES:
+                raise ValueError(f"{self.tokenizer}: not a tokenizer file a dataset carries "
+                                 f"({', '.join(TOKENIZER_FILES)})")
+            shutil.copyfile(self.tokenizer, tmp / name)
+            sums[name] = hash_file(tmp / name)
         dist.barrier()
         writer = async_engine(engine, self.world.device.type == "cuda") if self.async_save \
             else hashing_engine(engine)

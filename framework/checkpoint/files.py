@@ -7,7 +7,9 @@ Layout under ``<run.dir>/checkpoints``::
         mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...   DeepSpeed's shards
         data/dp_rank_00000.json    each data-parallel rank's loader state (exact data resume)
         rng/rank_00000.pt          each rank's Python, NumPy, torch and CUDA generator states
-        tokenizer.model            the tokenizer the data was cut with (export is self-contained)
+        tokenizer.model            the tokenizer the data was cut with (export is self-contained):
+                                   tokenizer.hf.json for a Hugging Face one
+                                   (data_pipeline/tokenizer.py)
         meta.json                  written last: step, consumed samples/tokens, resolved config,
                                    layout, tokenizer hashes, and every file above with its size and
                                    content checksum
@@ -54,7 +56,7 @@ META = "meta.json"
 LATEST = "latest"
 ROLLBACK = "rollback.json"
 ROLLBACKS = "rollbacks.json"
-TOKENIZER = "tokenizer.model"
+TOKENIZER = "tokenizer.model"  # a SentencePiece tokenizer's; a Hugging Face one's: tokenizer.hf.json
 _TAG = re.compile(r"^step_(\d+)$")
 
 
@@ -112,3 +114,9 @@ def files_read(layout: dict, *, rank: int, dp_rank: int, mp_rank: int, world_siz
         files.append(rank_file("rng", rank))
     # the saved ranks that held this rank's data streams (data_pipeline/loader.py)
     return files + [rank_file("data", r) for r in saved_ranks(dp_rank, dp, layout["dp"])]
+
+
+def checkpoint_tokenizer(tag_dir: Path) -> Path:
+    """The tokenizer file a checkpoint carries (SentencePiece or Hugging Face)."""
+    from data_pipeline.tokenizer import find_tokenizer
+    return find_tokenizer(Path(tag_dir)) or Path(tag_dir) / TOKENIZER

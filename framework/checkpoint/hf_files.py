@@ -22,11 +22,12 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 
 from framework.checkpoint.checkpointer import read_meta, resolve_checkpoint
-from framework.checkpoint.files import TOKENIZER
+from framework.checkpoint.files import checkpoint_tokenizer
 from framework.checkpoint.hf_mapping import (HFFormatError, check_hf_config, check_tensors,
                                              config_value, from_hf, hf_config, hf_shapes, to_hf)
 from framework.checkpoint.reshard import Layout, read_weights
 from framework.config import ModelConfig, from_data
+from framework.hf_config import read_config_json
 
 Tensor = torch.Tensor
 SINGLE_FILE = "model.safetensors"
@@ -38,14 +39,15 @@ DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
 def _tokenizer_files(tokenizer_model: Path, special_ids: Mapping[str, Optional[int]],
                      cfg: ModelConfig, max_sequence_length: int) -> Dict[str, Any]:
     """tokenizer_config.json and special_tokens_map.json for our SentencePiece model, loadable
-    as transformers' slow ``LlamaTokenizer`` (``AutoTokenizer.from_pretrained(dir,
-    use_fast=False)``): ``legacy``, no prefix space of its own, no BOS/EOS added, so it encodes
-    and decodes exactly as our pipeline's ``sp.encode`` / ``sp.decode`` (checked against
-    transformers 4.46.3). Two caveats: transformers' conversion to a *fast* tokenizer is not
-    exact for our model (it restarts the dummy prefix after every user-defined piece such as
-    "\\n"), and transformers matches the literal text of a special token (``<|mdm_mask|>``) as
-    that token unless ``split_special_tokens=True``, where SentencePiece never produces a control
-    id from text. Checks the ids against the model."""
+    as transformers' ``LlamaTokenizer`` (``AutoTokenizer.from_pretrained(dir)``, transformers 5:
+    converted to a ``tokenizers`` BPE with byte fallback): ``legacy: false`` with
+    ``add_prefix_space`` (a Metaspace pre-tokenizer that prepends the dummy prefix to the text's
+    first piece only, as SentencePiece does, not after every added token), no BOS/EOS added. It
+    then encodes as our pipeline's ``sp.encode`` (checked on the embedded corpus: every document
+    the same ids except one that starts with a space, whose leading spaces BPE merges in another
+    order) and decodes as ``sp.decode``. transformers matches the literal text of a special token
+    (``<|mdm_mask|>``) as that token unless ``split_special_tokens=True``, where SentencePiece
+    never produces a control id from text. Checks the ids against the model."""
     import sentencepiece as spm
 
     from data_pipeline.tokenizer import MASK_PIECE, load_tokenizer
@@ -79,8 +81,8 @@ def _tokenizer_files(tokenizer_model: Path, special_ids: Mapping[str, Optional[i
         "tokenizer_class": "LlamaTokenizer",
         "add_bos_token": False,  # our pipeline adds no BOS/EOS when encoding
         "add_eos_token": False,
-        "legacy": True,  # plain sp.encode, as data_pipeline/tokenizer.py does
-        "add_prefix_space": False,  # else decode strips a leading space twice (sp does it once)
+        "legacy": False,  # the dummy prefix before the text's first piece only
+        "add_prefix_space": True,  # SentencePiece's add_dummy_prefix (and decode strips it)
         "added_tokens_decoder": added,
         **special_map,
         "clean_up_tokenization_spaces": False,
@@ -122,24 +124,81 @@ def write_hf_dir(out_dir: Path, weights: Mapping[str, Tensor], cfg: ModelConfig,
                  tokenizer_model: Path, special_ids: Mapping[str, Optional[int]],
                  dtype: torch.dtype = torch.bfloat16, *, max_sequence_length: int = 4096,
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
-                 objective: str = "pretrain") -> Path:
-    """Write our full weights as a directory in the release's layout (see module docstring).
+                 objective: str = "pretrain", logit_shift: bool = False) -> Path:
+    """Write our full weights as a Hugging Face directory: the LLaDA release's layout (see
+    module docstring), or for an autoregressive baseline (``objective`` ar) a standard
+    Llama/Qwen2/Qwen3 causal LM (hf_causal.py) that transformers loads without remote code.
     Atomic: everything goes to a temporary sibling directory that is renamed into place at the
     end, so a failed export leaves nothing at ``out_dir`` (with ``overwrite``, an existing
     ``out_dir`` is replaced only once the new one is complete). ``special_ids``: the manifest's
-    (mask, eos, pad, bos, unk, chat tokens; None where absent). Returns ``out_dir``."""
-    from safetensors.torch import save_file
+    (mask, eos, pad, bos, unk, chat tokens; None where absent). ``logit_shift``: the model
+    predicts position i's token at position i - 1 (``objective.logit_shift``), recorded as
+    ``llada_logit_shift``. Returns ``out_dir``."""
+    from framework.checkpoint.hf_causal import causal_config, to_causal
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass overwrite to replace it)")
     if special_ids.get("mask") is None or special_ids.get("eos") is None:
         raise HFFormatError("special_ids: mask and eos are required")
-    hf = to_hf(weights, cfg)  # checks names and shapes before anything is written
+    eos, pad, bos = special_ids["eos"], special_ids.get("pad"), special_ids.get("bos")
+    # names and shapes checked before anything is written
+    if objective == "ar":
+        hf = to_causal(weights, cfg)
+        config = causal_config(cfg, eos_id=eos, bos_id=bos, pad_id=pad,
+                               max_position_embeddings=max_sequence_length,
+                               dtype=_dtype_name(dtype))
+    else:
+        hf = to_hf(weights, cfg)
+        config = hf_config(cfg, cfg.vocab_size, special_ids["mask"], eos_id=eos, pad_id=pad,
+                           bos_id=bos, max_sequence_length=max_sequence_length,
+                           torch_dtype=_dtype_name(dtype), objective=objective)
+        if logit_shift:
+            config = dict(sorted({**config, SHIFT_KEY: True}.items()))
+    generation = {"_from_model_config": True, "eos_token_id": eos,
+                  "pad_token_id": eos if pad is None else pad}
+    if bos is not None:
+        generation["bos_token_id"] = bos
+    files = {"config.json": _json_bytes(config),
+             "generation_config.json": _json_bytes(dict(sorted(generation.items()))),
+             **_tokenizer_export(Path(tokenizer_model), special_ids, cfg, max_sequence_length)}
+    _write_dir(out_dir, hf, files, dtype, max_shard_bytes)
+    return out_dir
+
+
+SHIFT_KEY = "llada_logit_shift"  # ours, in an export's config.json: Dream's shifted logits
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def _tokenizer_export(tokenizer: Path, special_ids: Mapping[str, Optional[int]],
+                      cfg: ModelConfig, max_sequence_length: int) -> Dict[str, bytes]:
+    """The tokenizer's files in an export: our SentencePiece model with the configuration that
+    transformers loads it by; a Hugging Face tokenizer's own files (data_pipeline/tokenizer.py),
+    and the file we carry it as, so that init.from of the export finds the same tokenizer."""
+    from data_pipeline.tokenizer import SP_FILE, load_tokenizer
+
+    tok = load_tokenizer(tokenizer, "tokenizer")
+    if tok.file_name != SP_FILE:
+        return {tok.file_name: tok.data(), **{name: text.encode() if isinstance(text, str)
+                                              else text for name, text in tok.hf_files().items()}}
+    files = {SP_FILE: tok.data()}
+    for name, obj in _tokenizer_files(tokenizer, special_ids, cfg, max_sequence_length).items():
+        files[name] = _json_bytes(obj)
+    return files
+
+
+def _write_dir(out_dir: Path, hf: Mapping[str, Tensor], files: Mapping[str, bytes],
+               dtype: torch.dtype, max_shard_bytes: int) -> None:
+    """The safetensors of ``hf`` (one file, or shards with an index) and ``files`` in a
+    temporary sibling directory, renamed to ``out_dir`` once complete."""
+    from safetensors.torch import save_file
+
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        tok_files = _tokenizer_files(Path(tokenizer_model), special_ids, cfg, max_sequence_length)
         shards = _shards(hf, dtype, max_shard_bytes)
         n = len(shards)
         names = ([SINGLE_FILE] if n == 1 else
@@ -155,25 +214,12 @@ def write_hf_dir(out_dir: Path, weights: Mapping[str, Tensor], cfg: ModelConfig,
         if len(shards) > 1:
             _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total},
                                            "weight_map": weight_map})
-        _write_json(tmp / "config.json", hf_config(
-            cfg, cfg.vocab_size, special_ids["mask"], eos_id=special_ids["eos"],
-            pad_id=special_ids.get("pad"), bos_id=special_ids.get("bos"),
-            max_sequence_length=max_sequence_length, torch_dtype=_dtype_name(dtype),
-            objective=objective))
-        pad = special_ids.get("pad")
-        generation = {"_from_model_config": True, "eos_token_id": special_ids["eos"],
-                      "pad_token_id": special_ids["eos"] if pad is None else pad}
-        if special_ids.get("bos") is not None:
-            generation["bos_token_id"] = special_ids["bos"]
-        _write_json(tmp / "generation_config.json", dict(sorted(generation.items())))
-        shutil.copyfile(tokenizer_model, tmp / "tokenizer.model")
-        for fname, obj in tok_files.items():
-            _write_json(tmp / fname, obj)
+        for fname, data in files.items():
+            (tmp / fname).write_bytes(data)
         _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:
@@ -198,16 +244,7 @@ def _publish(tmp: Path, out_dir: Path) -> None:
 
 # ----------------------------------------------------------------------------- reading
 def read_hf_config(hf_dir: Path) -> Dict[str, Any]:
-    path = Path(hf_dir) / "config.json"
-    if not path.is_file():
-        raise HFFormatError(f"{path}: file not found")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HFFormatError(f"{path}: not JSON ({' '.join(str(e).split())[:120]})") from None
-    if not isinstance(config, dict):
-        raise HFFormatError(f"{path}: not a JSON object")
-    return config
+    return read_config_json(hf_dir)
 
 
 def _read_tensors(hf_dir: Path) -> Dict[str, Tensor]:
@@ -225,7 +262,10 @@ def _read_tensors(hf_dir: Path) -> Dict[str, Tensor]:
     elif (hf_dir / SINGLE_FILE).is_file():
         weight_map = None
     else:
-        raise HFFormatError(f"{hf_dir}: neither {SINGLE_FILE} nor {INDEX_FILE}")
+        pickled = [p.name for p in hf_dir.glob("pytorch_model*.bin")]
+        raise HFFormatError(f"{hf_dir}: no weights: neither {SINGLE_FILE} nor {INDEX_FILE}"
+                            + (f" ({pickled[0]} is not read: save it as safetensors)"
+                               if pickled else ""))
     files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
     tensors: Dict[str, Tensor] = {}
     for fname in files:
@@ -264,6 +304,19 @@ def read_hf_dir(hf_dir: Path, cfg: ModelConfig) -> Dict[str, Tensor]:
     return from_hf(tensors, cfg, weight_tying=tied)
 
 
+def read_causal_dir(hf_dir: Path) -> tuple:
+    """A Hugging Face Llama/Qwen2/Qwen3 directory -> (our full weights in float32, its
+    ModelConfig, its config.json); HFFormatError naming the config key, file or tensor."""
+    from framework.checkpoint.hf_causal import from_causal, model_config_from_causal
+    from framework.hf_config import is_tied
+
+    hf_dir = Path(hf_dir)
+    config = read_hf_config(hf_dir)
+    cfg = model_config_from_causal(config, str(hf_dir / "config.json"))
+    tensors = _read_tensors(hf_dir)
+    return from_causal(tensors, cfg, tied=is_tied(config)), cfg, config
+
+
 def open_checkpoint(source: Path, warn=print, key: str = "CHECKPOINT",
                     verify: bool = True) -> tuple:
     """(the checkpoint, its meta.json, its ModelConfig) named by a step_N directory, a
@@ -285,9 +338,10 @@ def export_checkpoint(source: Path, out_dir: Path, dtype: torch.dtype, overwrite
     Returns (the checkpoint, its meta.json)."""
     tag, meta, model = open_checkpoint(source, warn)
     weights = read_weights(tag, Layout.saved(meta["layout"]))
-    write_hf_dir(out_dir, weights, model, tag / TOKENIZER, meta["special_ids"], dtype=dtype,
-                 max_sequence_length=meta["config"]["data"]["seq_len"], overwrite=overwrite,
-                 objective=checkpoint_objective(meta))
+    write_hf_dir(out_dir, weights, model, checkpoint_tokenizer(tag), meta["special_ids"],
+                 dtype=dtype, max_sequence_length=meta["config"]["data"]["seq_len"],
+                 overwrite=overwrite, objective=checkpoint_objective(meta),
+                 logit_shift=checkpoint_shift(meta))
     return tag, meta
 
 
@@ -295,3 +349,8 @@ def checkpoint_objective(meta: Mapping[str, Any]) -> str:
     """The objective a checkpoint was trained with (checkpoints from before there was a choice:
     pretraining)."""
     return meta["config"].get("objective", {}).get("kind", "pretrain")
+
+
+def checkpoint_shift(meta: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint's model reads position i's prediction at i - 1 (Dream's shift)."""
+    return bool(meta["config"].get("objective", {}).get("logit_shift", False))

@@ -34,6 +34,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 
 from framework.config import ModelConfig
+from framework.hf_config import HFFormatError
 from framework.model.params import full_shapes, head_dim, padded_vocab_size
 
 Tensor = torch.Tensor
@@ -70,10 +71,6 @@ _HF_DEFAULTS: Dict[str, Any] = {
     "embedding_size": 50304, "weight_tying": True, "yarn": False,
 }
 
-
-class HFFormatError(ValueError):
-    """A Hugging Face directory (or export input) that is not the model we expect. The message
-    is one line and names the file and the config key or tensor."""
 
 
 # ----------------------------------------------------------------------------- names and shapes

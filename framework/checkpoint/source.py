@@ -1,9 +1,10 @@
 """Trained weights from wherever they are: a checkpoint of any layout (a run directory, its
 ``checkpoints/`` or a ``step_N`` directory: the full weights through resharding's full-tensor
-reader) or an ``llada export`` directory (config.json + safetensors + tokenizer.model). Inference
-loads a model from one (framework/inference/model.py); ``init.from`` starts a run from one, of
-any objective: the architecture is shared, so a diffusion run can start from autoregressive
-weights and SFT from a pretraining checkpoint.
+reader), an ``llada export`` directory (config.json + safetensors + tokenizer), or a Hugging
+Face Llama/Qwen2/Qwen3 causal LM directory (hf_causal.py). Inference loads a model from one
+(framework/inference/model.py); ``init.from`` starts a run from one, of any objective: the
+architecture is shared, so a diffusion run can start from autoregressive weights (ours or a
+Hugging Face model's) and SFT from a pretraining checkpoint.
 """
 
 from __future__ import annotations
@@ -25,10 +26,23 @@ class WeightSource:
     weights: Dict[str, torch.Tensor]  # full float32 tensors by global name
     model: ModelConfig
     objective: str  # what trained them: pretrain | sft | ar
-    tokenizer: Path  # its SentencePiece model
+    tokenizer: Path  # its tokenizer: a file (tokenizer.model, tokenizer.hf.json) or a
+    # Hugging Face directory (tokenizer.json), as data_pipeline.tokenizer.load_tokenizer reads
     max_length: int  # the sequence length it was trained at
     source: str  # the step_N directory or the export directory read
     step: Optional[int] = None  # the checkpoint's step (None for an export)
+    logit_shift: bool = False  # position i's prediction is read at i - 1 (Dream's shift)
+
+    def tokenizer_sha256(self) -> Optional[str]:
+        """The sha256 of the tokenizer as a dataset carries it (None: there is none)."""
+        from data_pipeline.errors import DataConfigError
+        from data_pipeline.tokenizer import load_tokenizer
+        if self.tokenizer.is_file():
+            return hashlib.sha256(self.tokenizer.read_bytes()).hexdigest()
+        try:
+            return load_tokenizer(self.tokenizer, "tokenizer").sha256
+        except DataConfigError:
+            return None
 
 
 def is_export_dir(path: Path) -> bool:
@@ -38,21 +52,31 @@ def is_export_dir(path: Path) -> bool:
 def read_source(path, warn=print, key: str = "MODEL", verify: bool = True) -> WeightSource:
     """The weights at ``path``. ConfigError naming ``key`` when it is neither a checkpoint nor
     an export; the readers' own errors (HFFormatError, ReshardError) for damaged ones."""
-    from framework.checkpoint.files import TOKENIZER
-    from framework.checkpoint.hf_files import (checkpoint_objective, open_checkpoint,
-                                               read_hf_config, read_hf_dir)
+    from framework.checkpoint.files import checkpoint_tokenizer
+    from framework.checkpoint.hf_files import (SHIFT_KEY, checkpoint_objective,
+                                               checkpoint_shift, open_checkpoint,
+                                               read_causal_dir, read_hf_config, read_hf_dir)
     from framework.checkpoint.hf_mapping import OBJECTIVE_KEY, config_value, model_config_from_hf
     from framework.checkpoint.reshard import Layout, read_weights
+
+    from data_pipeline.tokenizer import find_tokenizer
+    from framework.hf_config import is_causal_config
 
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{key}: {path} does not exist")
     if is_export_dir(path):
         config = read_hf_config(path)
+        # its tokenizer as we carry it (our exports), else the directory's own (tokenizer.json)
+        tokenizer = find_tokenizer(path) or path
+        if is_causal_config(config):  # a Hugging Face causal LM, or our AR baseline's export
+            weights, cfg, config = read_causal_dir(path)
+            return WeightSource(weights, cfg, "ar", tokenizer,
+                                int(config.get("max_position_embeddings") or 4096), str(path))
         cfg = model_config_from_hf(config, f"{path / EXPORT_CONFIG}")
         return WeightSource(read_hf_dir(path, cfg), cfg, config.get(OBJECTIVE_KEY, "pretrain"),
-                            path / "tokenizer.model",
-                            int(config_value(config, "max_sequence_length") or 4096), str(path))
+                            tokenizer, int(config_value(config, "max_sequence_length") or 4096),
+                            str(path), logit_shift=bool(config.get(SHIFT_KEY, False)))
     try:
         tag, meta, cfg = open_checkpoint(path, warn, key, verify=verify)
     except ConfigError as e:
@@ -62,8 +86,9 @@ def read_source(path, warn=print, key: str = "MODEL", verify: bool = True) -> We
                           f"checkpoints/ or a step_N directory) nor an llada export "
                           f"directory ({EXPORT_CONFIG} and safetensors)") from None
     return WeightSource(read_weights(tag, Layout.saved(meta["layout"])), cfg,
-                        checkpoint_objective(meta), tag / TOKENIZER,
-                        int(meta["config"]["data"]["seq_len"]), str(tag), int(meta["step"]))
+                        checkpoint_objective(meta), checkpoint_tokenizer(tag),
+                        int(meta["config"]["data"]["seq_len"]), str(tag), int(meta["step"]),
+                        logit_shift=checkpoint_shift(meta))
 
 
 def copy_weights(model: torch.nn.Module, src: WeightSource, key: str,
@@ -104,8 +129,8 @@ def init_from(model: torch.nn.Module, path: Path, cfg: ModelConfig, tp_rank: int
     # the shapes and the math: init_std is how a run starts, and an export writes its padded
     # vocabulary as rows, not as the multiple it was padded to
     theirs, ours = to_dict(src.model), to_dict(cfg)
-    diff = [k for k, v in ours.items() if k not in ("init_std", "pad_vocab_to_multiple_of")
-            and theirs.get(k) != v]
+    diff = [k for k, v in ours.items()
+            if k not in ("init_std", "pad_vocab_to_multiple_of", "from_hf") and theirs.get(k) != v]
     if padded_vocab_size(src.model.vocab_size, src.model.pad_vocab_to_multiple_of) != \
             padded_vocab_size(cfg.vocab_size, cfg.pad_vocab_to_multiple_of):
         diff.append("pad_vocab_to_multiple_of")
@@ -113,9 +138,9 @@ def init_from(model: torch.nn.Module, path: Path, cfg: ModelConfig, tp_rank: int
         raise ConfigError(f"init.from: {src.source} is a model of another shape ("
                           + ", ".join(f"model.{k}: {getattr(src.model, k)} there, "
                                       f"{getattr(cfg, k)} here" for k in diff) + ")")
-    if not src.tokenizer.is_file() or \
-            hashlib.sha256(src.tokenizer.read_bytes()).hexdigest() != tokenizer_sha256:
+    if src.tokenizer_sha256() != tokenizer_sha256:
         raise ConfigError(f"init.from: {src.source} was trained with another tokenizer than the "
-                          f"run's data ({src.tokenizer}): its ids would mean other tokens")
+                          f"run's data ({src.tokenizer}): its ids would mean other tokens "
+                          f"(prepare the data with --tokenizer {src.source})")
     copy_weights(model, src, "init.from", lambda name, full: shard(name, full, tp_rank, tp))
     return src

@@ -78,7 +78,8 @@ def validate(source: Path, manifests: List[str] = (), *, sequences: Optional[int
     world = init_world(ParallelConfig(), device)  # the one load set up
     validator = Validator(cfg, held, world, im.model,
                           micro_batch_size=cfg.micro_batch_size or 32,
-                          mask_id=im.mask_id, cross_entropy=vocab_cross_entropy)
+                          mask_id=im.mask_id, cross_entropy=vocab_cross_entropy,
+                          shift=im.logit_shift)
     results = {}
     for h, v in zip(held, specs):
         results[h.name] = {"manifest": str(v.manifest), "sequences": int(h.tokens.shape[0]),

@@ -23,6 +23,10 @@ pipeline stage's tensor rank 0 of each replica writes its draws (summed CE, weig
 CE at position 0) into a [4, n, K] table that one all-reduce over the world completes (every
 other entry is an exact zero), so every rank computes the statistics from the same numbers.
 
+A model trained with the logit shift (objective.logit_shift, Dream's) is read as it was
+trained: the head runs at each masked position's predecessor (a sequence's first position at
+itself), and each draw's CE is that prediction's.
+
 Nothing here touches the training data stream or any random generator, and the model is back in
 training mode afterwards, so a run with evaluation trains exactly as one without.
 """
@@ -37,13 +41,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.collate import next_token_targets
+from data_pipeline.collate import next_token_targets, read_mask, shifted_reads
 from data_pipeline.noise import eval_noise
 from data_pipeline.sft import split_sft
 from data_pipeline.shards import ShardSet, read_sequences
 from data_pipeline.tokenizer import load_tokenizer
 from framework.config import EvalConfig
 from framework.evaluation.bound import bound_stats
+from framework.model.model import take_rows
 from framework.parallel.world import World
 
 # + <set>/loss, loss_mc_stderr, loss_seq_stderr, bpb, bpb_without_first, loss_by_ratio/<bucket>
@@ -96,12 +101,14 @@ class Validator:
     def __init__(self, cfg: EvalConfig, sets: List[HeldOutSet], world: World, model, *,
                  micro_batch_size: int, mask_id: int,
                  cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 pipeline: bool = False, estimator: str = "stratified"):
+                 pipeline: bool = False, estimator: str = "stratified", shift: bool = False):
         """``model``: the DeepSpeed engine (or a plain module on one process), called as
-        ``model(noisy, select=mask)``; with ``pipeline``, DeepSpeed's pipeline engine."""
+        ``model(noisy, select=mask)``; with ``pipeline``, DeepSpeed's pipeline engine.
+        ``shift``: the model reads each prediction at the position before (logit_shift)."""
         self.cfg, self.sets, self.world, self.model = cfg, sets, world, model
         self.micro_batch_size, self.mask_id = micro_batch_size, mask_id
         self.cross_entropy, self.pipeline, self.estimator = cross_entropy, pipeline, estimator
+        self.shift = shift
         self.writes = world.pp_rank == world.pp - 1 and world.tp_rank == 0
         self.results: Dict[str, Dict[str, float]] = {}  # per set: the last evaluation
 
@@ -146,11 +153,11 @@ class Validator:
                            bytes_without_first=s.bytes_without_first)
 
     def _batch(self, s: HeldOutSet, chunk, k: int, seed: int, table: torch.Tensor):
-        """(input [mb, L], (targets, select)) of one micro-batch, made when the forward needs it
-        (the masks of the chunk's sequences only), padded to full size with rows that select
-        nothing (the head runs nowhere on them); the draws' weights and ratios into ``table``.
-        The diffusion objectives mask draw d of sequence i; the autoregressive one reads it
-        whole and predicts every next token (weight 1)."""
+        """((input [mb, L], where the head runs [mb, L]), (targets, select)) of one micro-batch,
+        made when the forward needs it (the masks of the chunk's sequences only), padded to full
+        size with rows that select nothing (the head runs nowhere on them); the draws' weights
+        and ratios into ``table``. The diffusion objectives mask draw d of sequence i; the
+        autoregressive one reads it whole and predicts every next token (weight 1)."""
         mb, seq_len = self.micro_batch_size, s.tokens.shape[1]
         seqs = sorted({i for i, _ in chunk})
         inputs = torch.full((mb, seq_len), self.mask_id, dtype=torch.int64)
@@ -162,7 +169,7 @@ class Validator:
                 targets[r], select[r] = (x[0] for x in next_token_targets(s.tokens[i:i + 1]))
                 if self.writes:
                     table[1, i, 0] = 1.0
-            return inputs, (targets, select)
+            return (inputs, select), (targets, select)
         index = torch.tensor(seqs, dtype=torch.int64)
         start = None if s.scored_from is None else s.scored_from[index]
         noise = eval_noise(index, seq_len, k, seed, self.estimator, start=start)
@@ -172,12 +179,19 @@ class Validator:
             if self.writes:
                 table[1, i, d], table[2, i, d] = noise.weight[at[i], d], noise.ratio[at[i], d]
         inputs = torch.where(select, inputs, targets)
-        return inputs, (targets, select)
+        head = select
+        if self.shift:
+            head = read_mask(shifted_reads(select.reshape(-1).nonzero().squeeze(1),
+                                           seq_len)[0], select.shape)
+        return (inputs, head), (targets, select)
 
     def _row_sums(self, logits: torch.Tensor, labels) -> torch.Tensor:
         """[mb, 2] each row's summed CE at its selected positions and the CE at its first
         position (0 where not selected), float64, on the device."""
         targets, select = labels
+        if self.shift:  # the head ran at the reads: each prediction's row, in select's order
+            _, order = shifted_reads(select.reshape(-1).nonzero().squeeze(1), select.shape[1])
+            logits = take_rows(logits, order)
         ce = self.cross_entropy(logits, targets[select]).double()
         full = torch.zeros(select.shape, dtype=torch.float64, device=ce.device)
         full.masked_scatter_(select, ce)
@@ -191,9 +205,9 @@ class Validator:
         if not self.pipeline:
             out = []
             self.model.eval()
-            for noisy, (targets, select) in batches:
+            for (noisy, head), (targets, select) in batches:
                 targets, select = targets.to(device), select.to(device)
-                logits = self.model(noisy.to(device), select=select)
+                logits = self.model(noisy.to(device), select=head.to(device))
                 out.append(self._row_sums(logits, (targets, select)))
             return out
         # DeepSpeed's pipeline evaluation: our per-row sums in place of the training loss, one
@@ -206,8 +220,8 @@ class Validator:
         module.loss_fn, engine.total_loss = self._row_sums, None
         engine.reset_activation_shape()
         try:
-            outputs = engine.eval_batch((((noisy, select), (targets, select))
-                                         for noisy, (targets, select) in batches),
+            outputs = engine.eval_batch((((noisy, head), (targets, select))
+                                         for (noisy, head), (targets, select) in batches),
                                         compute_loss=True, reduce_output=None, bcast_loss=False,
                                         num_micro_batches=micro)
         finally:

@@ -13,7 +13,8 @@ guidance scores ``u + (w + 1)(c - u)`` with the context masked in the unconditio
 ``greedy``: whether r is what the model predicts with all of r masked (the harness's
 ``is_greedy``). The CE is over the tokenizer's vocabulary (not the padding rows). A model of the
 autoregressive objective gets its exact log-likelihood instead (one causal forward), so the two
-objectives are compared on the same requests.
+objectives are compared on the same requests. A model trained with the logit shift is scored by
+the predictions it makes at the position before each masked one (``InferenceModel.logits``).
 """
 
 from __future__ import annotations

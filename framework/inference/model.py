@@ -6,6 +6,11 @@ MODEL is a checkpoint of any layout or an ``llada export`` directory
 attention, as it was trained. A batch of token sequences of different
 lengths is left-padded: the pad positions are attended by nobody (``Attend.key_mask``) and, RoPE
 being relative, a padded row gives the logits the row alone would, up to rounding.
+
+A model trained with the logit shift (objective.logit_shift, Dream's; an export's
+``llada_logit_shift``) predicts position j at the output of position j - 1 (a row's first real
+position at itself): ``logits`` reads every prediction there, so the sampler and the likelihood
+ask for positions and get their predictions either way.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from data_pipeline.collate import read_mask, shifted_reads
 from data_pipeline.tokenizer import Tokenizer, load_tokenizer
 from framework.config import ModelConfig, ParallelConfig
 from framework.model.attention import Attend
@@ -32,6 +38,7 @@ class InferenceModel:
     source: str  # what was loaded: the checkpoint's step_N directory or the export directory
     step: Optional[int] = None  # the checkpoint's step (None for an export)
     objective: str = "pretrain"  # what trained it: ar is the causal autoregressive baseline
+    logit_shift: bool = False  # position j's prediction is the output at j - 1 (Dream's shift)
 
     @property
     def mask_id(self) -> int:
@@ -50,10 +57,29 @@ class InferenceModel:
     @torch.no_grad()
     def logits(self, ids: torch.Tensor, select: torch.Tensor,
                attend: Optional[Attend] = None) -> torch.Tensor:
-        """float32 logits [N, vocab] at the selected positions (the padded vocabulary's extra
-        rows dropped: no token has them)."""
-        out = self.model(ids.to(self.device), select=select.to(self.device), attend=attend)
+        """float32 logits [N, vocab] of the predictions of the selected positions ([b, s] bool;
+        the padded vocabulary's extra rows dropped: no token has them); a shifted model's read
+        at the position before each (``attend.start``: where ``ids`` begin in the sequence)."""
+        select, order = select.to(self.device), None
+        if self.logit_shift:
+            select, order = self._shifted(select, attend)
+        out = self.model(ids.to(self.device), select=select, attend=attend)
+        if order is not None:
+            out = out.index_select(0, order)
         return out[:, :self.tokenizer.vocab_size].float()
+
+    def _shifted(self, select: torch.Tensor, attend: Optional[Attend]
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(where the head runs [b, s], each prediction's row of its output) of a shifted model:
+        a row's first real position (its key mask's first True) predicts itself."""
+        b, width = select.shape
+        start = attend.start if attend is not None else 0
+        real = attend.key_mask if attend is not None else None
+        first = (real.int().argmax(1) if real is not None
+                 else torch.zeros(b, dtype=torch.long, device=select.device))
+        reads, order = shifted_reads(select.reshape(-1).nonzero().squeeze(1), width,
+                                     first=first - start)
+        return read_mask(reads, select.shape), order
 
     def pad_left(self, rows: Sequence[Sequence[int]], pad_to: Optional[int] = None
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -93,4 +119,5 @@ def load(path, device: str = "auto", dtype: Optional[torch.dtype] = None,
     copy_weights(model, src, key)
     model.eval()
     return InferenceModel(model, cfg, tokenizer, tokenizer.special_ids(), src.max_length,
-                          world.device, dtype, src.source, src.step, src.objective)
+                          world.device, dtype, src.source, src.step, src.objective,
+                          src.logit_shift)

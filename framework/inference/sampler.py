@@ -17,6 +17,10 @@ confidence exceeds it (at least the most confident one), so a block takes as man
 needs. With ``refresh: step`` and no threshold the cache is rebuilt every step and fast mode
 gives plain mode's tokens exactly (tested).
 
+A model trained with the logit shift (Dream's) reads each position's prediction at the one
+before it (framework/inference/model.py); a cached span then starts one position before its
+block.
+
 Randomness (temperature > 0, random remasking) comes from one generator per prompt, seeded by
 (seed, the prompt's index): a prompt's tokens do not depend on the batch it ran in.
 ``stop_at_eos``: a row is finished once a stop token (EOS, <|eot_id|>) is committed with nothing
@@ -158,11 +162,14 @@ class _Batch:
             attend = Attend(key_mask=real, cache=self.cache, store=self.cache is not None)
             logits = self.im.logits(x, select, attend)
         else:
+            # the span from the block on; a shifted model reads the block's first prediction
+            # at the position before it, so its span starts there (the prompt is never empty)
+            first = lo - 1 if self.im.logit_shift else lo
             end = hi if cfg.cache == "dual" else total
-            select = torch.zeros(b, end - lo, dtype=torch.bool, device=x.device)
-            select[:, :hi - lo] = True
-            logits = self.im.logits(x[:, lo:end], select,
-                                    Attend(key_mask=real, start=lo, cache=self.cache))
+            select = torch.zeros(b, end - first, dtype=torch.bool, device=x.device)
+            select[:, lo - first:hi - first] = True
+            logits = self.im.logits(x[:, first:end], select,
+                                    Attend(key_mask=real, start=first, cache=self.cache))
         return self._guided(logits.view(b, hi - lo, -1))
 
     def _draw(self, shape) -> torch.Tensor:

@@ -261,8 +261,11 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> List[Tuple[str, str]]
     prep.add_argument("--seed", type=int, default=_default("seed"),
                       help="seeds the order of input files and of the sequences")
     prep.add_argument("--tokenizer", default=None,
-                      help="an existing SentencePiece .model (must hold <|mdm_mask|>); "
-                      "default: train one on the inputs")
+                      help="an existing tokenizer: a SentencePiece .model (must hold "
+                      "<|mdm_mask|>), or a Hugging Face tokenizer directory (tokenizer.json; "
+                      "its mask: an existing mask or reserved token, else a new one in the "
+                      "model's padding rows), or a dataset's tokenizer.hf.json; default: train "
+                      "a SentencePiece model on the inputs")
     prep.add_argument("--vocab-size", type=int, default=_default("vocab_size"),
                       help="when training one")
     prep.add_argument("--tokenizer-train-bytes", type=int, default=_default("train_bytes"),
@@ -403,8 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare", help="tokenise text/JSONL into WebDataset tar shards",
         description="Tokenise .txt/.jsonl(.gz) files (globs; 'stdlib' for the embedded corpus) "
         "in parallel, join documents with EOS, cut fixed-length sequences and write them in a "
-        "seeded random order to NAME-000000.tar ... plus manifest.json and tokenizer.model in "
-        "OUTPUT. Deterministic; an up-to-date OUTPUT is left as is. In parts: --tokenizer-only "
+        "seeded random order to NAME-000000.tar ... plus manifest.json and the tokenizer "
+        "(tokenizer.model, or tokenizer.hf.json for a Hugging Face one) in OUTPUT. "
+        "Deterministic; an up-to-date OUTPUT is left as is. In parts: --tokenizer-only "
         "once (unless --tokenizer), then --parts N --part P for each P (on any machines), then "
         "--merge --parts N; llada slurm prepare submits that as Slurm jobs. With --sft: JSONL "
         "conversations (or stdlib-sft) -> SFT shards, one (prompt, response) pair per sample, "
@@ -417,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--merge", action="store_true",
                       help="write the dataset's manifest from its --parts parts' manifests")
     prep.add_argument("--tokenizer-only", action="store_true",
-                      help="only train (or copy) OUTPUT/tokenizer.model, for the parts to share")
+                      help="only train (or copy) OUTPUT's tokenizer, for the parts to share")
     prep.set_defaults(func=cmd_prepare)
 
     val = sub.add_parser(

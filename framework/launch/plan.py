@@ -27,7 +27,7 @@ from framework.config import Config, ConfigError, ModelConfig, check_world
 from framework.model.params import padded_vocab_size, param_table, total_params
 from framework.parallel.layout import recompute_flags, stage_bounds
 from framework.training.flops import FlopCounter
-from kernels.linear_cross_entropy import TRITON_CHUNK_ELEMENTS
+from llada_kernels.linear_cross_entropy import TRITON_CHUNK_ELEMENTS
 
 GIB = 1024 ** 3
 GUESSED_MFU = 0.4  # without a measurement: about what Megatron-LM publishes on H100s
@@ -90,11 +90,12 @@ def piece_params(cfg: ModelConfig) -> List[PieceParams]:
 
 def layer_activation_bytes(cfg: ModelConfig, tokens: int, tp: int, sp: bool) -> float:
     """bf16 tensors one layer keeps for backward, for ``tokens`` = micro-batch x seq_len."""
-    h, d = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads
+    h, d = cfg.hidden_size, cfg.kv_channels
+    q = cfg.num_attention_heads * d  # = h unless model.head_dim says otherwise (Qwen3)
     # norm inputs, norm outputs (= inputs of qkv and fc1): whole hidden states, split only by SP
     full = 4 * h / (tp if sp else 1)
     # q, k, v; attention output (+ its input to the projection); fc1 out (gate, up), silu, product
-    split = (h + 2 * cfg.num_kv_heads * d + 2 * h + 4 * cfg.ffn_hidden_size) / tp
+    split = (q + 2 * cfg.num_kv_heads * d + 2 * q + 4 * cfg.ffn_hidden_size) / tp
     return 2.0 * tokens * (full + split)
 
 
@@ -121,7 +122,7 @@ def plan(cfg: Config, mfu: float, peak_flops: float, mfu_from: Optional[str] = N
     checkpointed = 2.0 * tokens * mc.hidden_size / (par.tp if par.sequence_parallel else 1)
     vocab = padded_vocab_size(mc.vocab_size, mc.pad_vocab_to_multiple_of)
     if tc.fused_head and zero < 3:
-        # kernels/linear_cross_entropy.py on the GPU: one chunk's bf16 logits (two while the next
+        # llada_kernels/linear_cross_entropy.py on the GPU: one chunk's bf16 logits (two while the next
         # is made), the weight gradient's fp32 sum and the bf16 product added to it, and the
         # input gradient of the masked half
         head = (2 * TRITON_CHUNK_ELEMENTS * 2 + vocab / par.tp * mc.hidden_size * (4 + 2)
@@ -138,7 +139,8 @@ def plan(cfg: Config, mfu: float, peak_flops: float, mfu_from: Optional[str] = N
         rows.append((s, len(layers), stage_params[s], stage_params[s] * w_b,
                      stage_params[s] * per_param, act))
 
-    per_token = FlopCounter(mc, cfg.objective.kind).expected_per_token(cfg.data.seq_len)
+    per_token = FlopCounter(mc, cfg.objective.kind, cfg.objective.ar_loss_weight > 0
+                            ).expected_per_token(cfg.data.seq_len)
     flops_step = per_token * tc.global_batch_size * cfg.data.seq_len
     step_s = flops_step / (world * peak_flops * mfu)
     out = [

@@ -14,6 +14,7 @@ No timestep input: the model sees only the partly masked sequence. The head runs
 
 from __future__ import annotations
 
+import math
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -27,8 +28,8 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.utils.checkpoint import checkpoint
 
-from framework.config import ModelConfig
-from kernels.linear_cross_entropy import linear_cross_entropy
+from framework.config import ModelConfig, RopeScalingConfig
+from llada_kernels.linear_cross_entropy import linear_cross_entropy
 from framework.model.attention import Attend
 from framework.model.params import padded_vocab_size
 from framework.model.spec import RMSNorm, layer_spec
@@ -43,13 +44,14 @@ def transformer_config(cfg: ModelConfig, *, tensor_parallel: int, params_dtype: 
         num_attention_heads=cfg.num_attention_heads,
         num_query_groups=cfg.num_kv_heads,
         ffn_hidden_size=cfg.ffn_hidden_size,
-        kv_channels=cfg.hidden_size // cfg.num_attention_heads,
+        kv_channels=cfg.kv_channels,
         normalization="RMSNorm",
         layernorm_epsilon=cfg.norm_eps,
         gated_linear_unit=True,  # SwiGLU: silu(x W1) * (x W3)
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=cfg.qkv_bias,
+        qk_layernorm=cfg.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=cfg.init_std,
@@ -74,15 +76,35 @@ def transformer_config(cfg: ModelConfig, *, tensor_parallel: int, params_dtype: 
     )
 
 
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScalingConfig) -> torch.Tensor:
+    """[d/2] inverse frequencies, scaled as the checkpoint's config.json says (Hugging Face's
+    ``_compute_linear_scaling_rope_parameters`` / ``_compute_llama3_parameters``)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if scaling.type == "linear":
+        return inv_freq / scaling.factor
+    if scaling.type == "llama3":  # low frequencies scaled, high kept, the band between blended
+        old = scaling.original_max_position_embeddings
+        low_wavelen, high_wavelen = old / scaling.low_freq_factor, old / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor
+                                                              - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
 class RotaryAngles(torch.nn.Module):
     """RoPE angles [s, 1, 1, d] in the layout megatron-core's attention applies (the two halves
     of the head dimension rotate together). megatron's own RotaryEmbedding moves its frequencies
     to CUDA on first use; this buffer follows the module to whatever device it lives on."""
 
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, head_dim: int, theta: float,
+                 scaling: RopeScalingConfig = RopeScalingConfig()):
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", rope_frequencies(head_dim, theta, scaling),
+                             persistent=False)
 
     def forward(self, seq_len: int, start: int = 0) -> torch.Tensor:
         pos = torch.arange(start, start + seq_len, device=self.inv_freq.device,
@@ -123,8 +145,9 @@ class Layer(MegatronModule):
     def __init__(self, cfg: ModelConfig, config: TransformerConfig, layer_number: int,
                  recompute: bool = False, causal: bool = False):
         super().__init__(config=config)
-        self.layer = build_module(layer_spec(causal), config=config, layer_number=layer_number)
-        self.rotary = RotaryAngles(config.kv_channels, cfg.rope_theta)
+        self.layer = build_module(layer_spec(causal, cfg.qk_norm), config=config,
+                                  layer_number=layer_number)
+        self.rotary = RotaryAngles(config.kv_channels, cfg.rope_theta, cfg.rope_scaling)
         self.recompute = recompute
 
     def _run(self, hidden: torch.Tensor, attend: Optional[Attend] = None) -> torch.Tensor:
@@ -153,7 +176,7 @@ class Layer(MegatronModule):
 class FusedHeadInput(NamedTuple):
     """What a fused Head hands the loss in place of logits: the final norm's output at the N
     selected positions and this rank's slice of the output projection (``head_loss`` multiplies
-    them chunk by chunk, kernels/linear_cross_entropy.py)."""
+    them chunk by chunk, llada_kernels/linear_cross_entropy.py)."""
     hidden: torch.Tensor  # [N, h]
     weight: torch.Tensor  # [V/tp, h]
 
@@ -197,6 +220,17 @@ def select_positions(hidden: torch.Tensor, select: torch.Tensor) -> torch.Tensor
     s, b = hidden.shape[:2]
     seq_major = (select % s) * b + select // s  # the same positions in the [s, b] layout
     return hidden.reshape(s * b, -1).index_select(0, seq_major)
+
+
+def take_rows(out, order: Optional[torch.Tensor]):
+    """The head's output (logits [M, V/tp] or a ``FusedHeadInput``) at rows ``order`` (None:
+    as it is), for the logit shift: a position read by two predictions (a sequence's first
+    two) is used twice, its gradient summed (the training loss and validation both)."""
+    if order is None:
+        return out
+    if isinstance(out, FusedHeadInput):
+        return FusedHeadInput(out.hidden.index_select(0, order), out.weight)
+    return out.index_select(0, order)
 
 
 def piece_specs(cfg: ModelConfig, config: TransformerConfig, recompute: Sequence[bool],

@@ -30,12 +30,18 @@ class Kind:
     matmul: bool  # a matmul weight (FLOPs); the embedding is a lookup, norm gains are elementwise
     gated: bool = False  # SwiGLU fc1 [gate; up]: rank r holds [gate_r; up_r] (weights.shard)
     residual: bool = False  # projects into the residual stream: initialised std / sqrt(2 layers)
+    bias: bool = False  # an additive bias: initialised to zero
 
 
 KINDS: Dict[str, Kind] = {
     "word_embeddings.weight": Kind(split_dim=0, matmul=False),
     "input_layernorm.weight": Kind(split_dim=None, matmul=False),
     "linear_qkv.weight": Kind(split_dim=0, matmul=True),  # query groups contiguous: whole groups
+    "linear_qkv.bias": Kind(split_dim=0, matmul=False, bias=True),  # model.qkv_bias (Qwen2)
+    # model.qk_norm (Qwen3): one gain per head dimension, shared by every head; a rank's heads
+    # give part of its gradient (summed over tensor parallelism: model/spec.py HeadNorm)
+    "q_layernorm.weight": Kind(split_dim=None, matmul=False),
+    "k_layernorm.weight": Kind(split_dim=None, matmul=False),
     "linear_proj.weight": Kind(split_dim=1, matmul=True, residual=True),
     "pre_mlp_layernorm.weight": Kind(split_dim=None, matmul=False),
     "linear_fc1.weight": Kind(split_dim=0, matmul=True, gated=True),
@@ -77,7 +83,7 @@ def padded_vocab_size(vocab_size: int, multiple: int) -> int:
 
 
 def head_dim(cfg: ModelConfig) -> int:
-    return cfg.hidden_size // cfg.num_attention_heads
+    return cfg.kv_channels
 
 
 def param_table(cfg: ModelConfig) -> List[Param]:
@@ -91,11 +97,18 @@ def param_table(cfg: ModelConfig) -> List[Param]:
 
     table = [param(0, "word_embeddings.weight", vocab, h)]
     heads, kv_heads = cfg.num_attention_heads, cfg.num_kv_heads
+    qkv = (heads + 2 * kv_heads) * d
     for i in range(1, cfg.num_layers + 1):
+        attn = "layer.self_attention."
         table += [param(i, "layer.input_layernorm.weight", h),
-                  param(i, "layer.self_attention.linear_proj.weight", h, heads * d),
-                  param(i, "layer.self_attention.linear_qkv.weight", (heads + 2 * kv_heads) * d, h),
-                  param(i, "layer.pre_mlp_layernorm.weight", h),
+                  param(i, attn + "linear_proj.weight", h, heads * d),
+                  param(i, attn + "linear_qkv.weight", qkv, h)]
+        if cfg.qkv_bias:
+            table.append(param(i, attn + "linear_qkv.bias", qkv))
+        if cfg.qk_norm:
+            table += [param(i, attn + "q_layernorm.weight", d),
+                      param(i, attn + "k_layernorm.weight", d)]
+        table += [param(i, "layer.pre_mlp_layernorm.weight", h),
                   param(i, "layer.mlp.linear_fc1.weight", 2 * f, h),
                   param(i, "layer.mlp.linear_fc2.weight", h, f)]
     head = cfg.num_layers + 1

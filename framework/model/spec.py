@@ -1,5 +1,5 @@
-"""The LLaDA layer spec: a LLaMA layer (RMSNorm, SwiGLU, RoPE, no biases) with non-causal
-attention; and the autoregressive baseline's, the same layer with causal attention (the one
+"""The LLaDA layer spec: a LLaMA layer (RMSNorm, SwiGLU, RoPE, no biases; QKV biases and QK
+norms as Qwen2 and Qwen3 have them, when the model config asks) with non-causal attention; and the autoregressive baseline's, the same layer with causal attention (the one
 difference between the two architectures). Only which module goes where; all sizes come from
 the TransformerConfig."""
 
@@ -28,6 +28,17 @@ class RMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
+class HeadNorm(RMSNorm):
+    """Model.qk_norm (Qwen3): RMSNorm over each query or key head, one gain shared by all heads.
+    Each tensor-parallel rank holds some of the heads, so the gain's gradient is partial under
+    any tensor parallelism (with or without sequence parallelism): marked to be summed over the
+    tensor-parallel group like a sequence-parallel gain."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_megatron_options):
+        super().__init__(config, hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.tensor_model_parallel_size > 1
+
+
 class RowParallel(RowParallelLinear):
     """megatron's row-parallel linear, handing its own tensor-parallel group down: megatron's
     forward passes none, and the default it then looks up warns on rank 0 at every call, which
@@ -39,9 +50,11 @@ class RowParallel(RowParallelLinear):
         return super()._forward_impl(input, weight, *args, **kwargs)
 
 
-def layer_spec(causal: bool = False) -> ModuleSpec:
+def layer_spec(causal: bool = False, qk_norm: bool = False) -> ModuleSpec:
     """The layer with bidirectional attention (LLaDA) or causal attention (``causal``: the
-    autoregressive baseline); the same parameters either way."""
+    autoregressive baseline); the same parameters either way. ``qk_norm``: each query and key
+    head normalised before RoPE (Qwen3). QKV biases (Qwen2) are the TransformerConfig's
+    ``add_qkv_bias``."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -53,8 +66,8 @@ def layer_spec(causal: bool = False) -> ModuleSpec:
                     linear_qkv=ColumnParallelLinear,
                     core_attention=SDPAttention,
                     linear_proj=RowParallel,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
+                    q_layernorm=HeadNorm if qk_norm else IdentityOp,
+                    k_layernorm=HeadNorm if qk_norm else IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,

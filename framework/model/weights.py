@@ -77,8 +77,8 @@ def init_weights(model: torch.nn.Module, cfg: ModelConfig, seed: int, tp_rank: i
         # tensor once per tensor-parallel group
         p.tensor_model_parallel = kind.split_dim is not None
         p.partition_dim, p.partition_stride = kind.split_dim or 0, 1
-        if p.ndim == 1:  # RMSNorm gains
-            p.fill_(1.0)
+        if p.ndim == 1:  # RMSNorm gains 1, biases 0
+            p.fill_(0.0 if kind.bias else 1.0)
             continue
         std = cfg.init_std / math.sqrt(2.0 * cfg.num_layers) if kind.residual else cfg.init_std
         gen = torch.Generator(device=p.device).manual_seed(_seed(seed, name))

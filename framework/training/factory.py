@@ -13,7 +13,7 @@ from typing import List, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from data_pipeline.collate import MaskCollator, NextTokenCollator
+from data_pipeline.collate import MaskCollator, MixedCollator, NextTokenCollator
 from data_pipeline.config import ObjectiveConfig
 from data_pipeline.datasets import open_datasets, open_validation
 from data_pipeline.loader import PretrainLoader
@@ -81,8 +81,7 @@ def build_trainer(cfg: Config, stop: Optional[StopRequest] = None,
                                  stages=bounds),
             data.sets[0].tokenizer_path, [ds.tokenizer_sha256 for ds in data.sets],
             data.sets[0].special_ids), world.log, rollback)
-    # the autoregressive objective masks nothing: it has no loss by mask ratio
-    objective = Objective(head_loss, world.device, by_mask_ratio=cfg.objective.kind != "ar")
+    objective = Objective(head_loss, world.device, cfg.objective, cfg.data.seq_len)
     model = _model(cfg, world, objective, bounds, bf16)
     if cfg.init.from_ and not checkpoints.resuming:  # a resumed run has its own weights
         source = checkpoints.init_weights(model, Path(cfg.init.from_), cfg.model)
@@ -112,6 +111,14 @@ def _data(cfg: Config, world: World) -> TrainData:
                      "would drop responses)"}
     if kind in unused:
         world.log(f"llada: objective.kind={kind}: {unused[kind]}")
+    oc = cfg.objective
+    adapting = [what for what, on in (
+        ("the logit shift (Dream)", oc.logit_shift),
+        (f"attention annealed from causal over {oc.anneal_steps} steps (DiffuLLaMA)",
+         oc.anneal_steps > 0),
+        (f"+ {oc.ar_loss_weight} x the next-token CE (mixed objective)", oc.mixed)) if on]
+    if adapting:
+        world.log(f"llada: adapting to diffusion: {', '.join(adapting)}")
     sets = open_datasets(cfg.data, world.is_main, dist.barrier, kind=kind)
     mask_id = _check_data(cfg.objective.mask_id, cfg.model, sets)
     tc, sp = cfg.train, cfg.parallel.sequence_parallel
@@ -194,7 +201,8 @@ def _metrics(cfg: Config, world: World, engine, checkpoints: CheckpointManager,
         world.log(f"llada: no MFU: the dense bf16 peak of "
                   f"{torch.cuda.get_device_name(world.device)!r} is not in "
                   "framework/training/flops.py")
-    window = Window(world, FlopCounter(cfg.model, cfg.objective.kind), peak,
+    window = Window(world, FlopCounter(cfg.model, cfg.objective.kind,
+                                         cfg.objective.ar_loss_weight > 0), peak,
                     # the pipeline's schedule is one call: its optimizer step timed
                     OptimizerTimer(engine.optimizer, world.device).take if world.pp > 1
                     else None)
@@ -239,7 +247,7 @@ def _validator(root: Config, data: TrainData, world: World, engine) -> Optional[
     return Validator(cfg, held, world, engine,
                      micro_batch_size=cfg.micro_batch_size or root.train.micro_batch_size,
                      mask_id=data.mask_id, cross_entropy=vocab_cross_entropy,
-                     pipeline=world.pp > 1)
+                     pipeline=world.pp > 1, shift=root.objective.logit_shift)
 
 
 def _check_data(mask_id: Optional[int], model: ModelConfig, sets: List[ShardSet]) -> int:
@@ -255,16 +263,21 @@ def _check_data(mask_id: Optional[int], model: ModelConfig, sets: List[ShardSet]
 
 
 def _collator(cfg: ObjectiveConfig, mask_id: int, seq_len: int, length_multiple: int):
-    """The objective's collator (data_pipeline/collate.py, data_pipeline/sft.py)."""
+    """The objective's collator (data_pipeline/collate.py, data_pipeline/sft.py); the mixed
+    objective's appends each micro-batch's sequences clean, as next-token rows."""
     if cfg.kind == "ar":
         return NextTokenCollator(cfg, seq_len, length_multiple)
     if cfg.kind == "sft":
-        return SFTCollator(cfg, mask_id)
-    return MaskCollator(cfg, mask_id, seq_len, length_multiple)
+        collator = SFTCollator(cfg, mask_id)
+    else:
+        collator = MaskCollator(cfg, mask_id, seq_len, length_multiple)
+    if cfg.mixed:
+        return MixedCollator(collator, cfg.ar_loss_weight, response_only=cfg.kind == "sft")
+    return collator
 
 
 def _fused_head(tc, zero_stage: int, log) -> bool:
-    """Whether the head hands the loss its input and weight (kernels/linear_cross_entropy.py).
+    """Whether the head hands the loss its input and weight (llada_kernels/linear_cross_entropy.py).
     ZeRO-3 gathers a weight only inside its own module's forward, which the fused loss is not."""
     if tc.fused_head and zero_stage >= 3:
         log("llada: train.fused_head: the unfused head runs under ZeRO-3 (its weight is gathered "
@@ -288,7 +301,7 @@ def _build_model(cfg: ModelConfig, world: World, bounds: List[int], loss_fn, *,
         model = LLaDAPipeline(specs, bounds, loss_fn, tp=world.tp, pp=world.pp, dp=world.dp)
     else:
         model = LLaDAModel([spec.build() for spec in specs])
-    if sequence_parallel:
+    if world.tp > 1:  # sequence-parallel norm gains; QK-norm gains (each rank: its heads)
         reduce_sequence_parallel_grads(model)
     if compile:
         for module in model.modules():

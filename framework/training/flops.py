@@ -44,24 +44,33 @@ def peak_flops(device_name: str) -> Optional[float]:
 
 class FlopCounter:
     """Training FLOPs (forward and backward) of the model for ``cfg`` trained with the
-    objective ``kind`` (data_pipeline/config.py OBJECTIVES)."""
+    objective ``kind`` (data_pipeline/config.py OBJECTIVES). ``mixed``: the mixed objective
+    (``objective.ar_loss_weight`` > 0), whose micro-batches carry every sequence twice, noised
+    (bidirectional) and clean (causal, next-token targets): the body runs twice per data token,
+    attention once in full and once causal, and the head also at the clean rows' predicted
+    positions (in ``masked``, as the trainer counts them)."""
 
-    def __init__(self, cfg: ModelConfig, kind: str = "pretrain"):
+    def __init__(self, cfg: ModelConfig, kind: str = "pretrain", mixed: bool = False):
         table = param_table(cfg)
         self.body = sum(p.numel for p in table if p.kind.matmul and not p.is_head)
         self.head = sum(p.numel for p in table if p.is_head)
-        self.layers, self.hidden = cfg.num_layers, cfg.hidden_size
+        # the attention's width: heads x head dimension (the hidden size unless model.head_dim
+        # says otherwise, as Qwen3's does)
+        self.layers, self.hidden = cfg.num_layers, cfg.num_attention_heads * cfg.kv_channels
         self.causal = kind == "ar"
+        self.mixed = mixed and not self.causal
 
     def step(self, tokens: int, seq_len: int, masked: int) -> float:
-        """FLOPs of a step of ``tokens`` tokens in sequences of ``seq_len`` (after the 1% cut)
-        whose head ran at ``masked`` positions."""
+        """FLOPs of a step of ``tokens`` data tokens in sequences of ``seq_len`` (after the 1%
+        cut) whose head ran at ``masked`` positions."""
         attention = 12.0 * self.layers * seq_len * self.hidden * tokens
-        return (6.0 * self.body * tokens + (0.5 if self.causal else 1.0) * attention
-                + 6.0 * self.head * masked)
+        passes, share = (2.0, 1.5) if self.mixed else (1.0, 0.5 if self.causal else 1.0)
+        return passes * 6.0 * self.body * tokens + share * attention + 6.0 * self.head * masked
 
     def expected_per_token(self, seq_len: int) -> float:
         """Per token with the head where it runs on average (``llada plan``): half the tokens
         masked (pretraining; SFT's responses vary, the same half is assumed), every one but each
-        sequence's last (autoregressive)."""
-        return self.step(1, seq_len, (seq_len - 1) / seq_len if self.causal else MEAN_MASKED)
+        sequence's last (autoregressive; the mixed objective's clean rows too)."""
+        next_token = (seq_len - 1) / seq_len
+        head = next_token if self.causal else MEAN_MASKED + (next_token if self.mixed else 0.0)
+        return self.step(1, seq_len, head)

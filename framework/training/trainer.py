@@ -28,13 +28,14 @@ from framework.checkpoint.checkpointer import CheckpointError
 from framework.checkpoint.manager import CheckpointManager
 from framework.config import TrainConfig
 from framework.evaluation.validator import VAL_SECONDS, Validator
+from framework.model.attention import set_training_mask
 from framework.parallel.world import World
 from framework.tracking.tracker import run_id_for_rank0
 from framework.training.metrics import (CONSUMED_TOKENS, MetricsStream, StepResult,
                                         sum_over_data_parallel)
 from framework.training.metrics import summary as make_summary
 from framework.training.divergence import DivergenceWatch, RollbackNeeded, TrainingError
-from framework.training.objective import Objective, masked_labels
+from framework.training.objective import Objective
 from framework.training.phases import (DATA, FINISH, FORWARD_BACKWARD, LOG, OPTIMIZER, PIPELINE,
                                        SAVE, SYNC, VALIDATE, Heartbeat)
 from framework.training.preemption import StopRequest
@@ -90,18 +91,26 @@ class Trainer:
 
         # data: the step's micro-batches, made by the objective's collator (masked with a
         # per-sequence t seeded by each sample's global index, or shifted for the autoregressive
-        # objective); 1% of steps cut to a random length, alike on every rank
+        # objective; the mixed objective's also clean, as next-token rows); 1% of steps cut to
+        # a random length, alike on every rank
         batches = [self._next_batch() for _ in range(self.accum)]
         length = batches[0].noisy.shape[1]
         masked = sum(int(b.mask.sum()) for b in batches)  # host tensors: no device sync
         self.objective.start_step()
+        # the step's attention, built alike on every rank: bidirectional, or (adapting an
+        # autoregressive model) DiffuLLaMA's annealed mask and the mixed objective's causal rows
+        set_training_mask(self.engine.module,
+                          *self.objective.attention(self.step, batches[0].noisy.shape[0]))
         # forward, loss, backward, clip + optimizer step (skipped on a non-finite loss)
-        if self.world.pp > 1:
-            self.beat.mark(PIPELINE)
-            loss = self._pipeline_step(batches, length)
-        else:
-            self.beat.mark(FORWARD_BACKWARD)
-            loss = self._micro_steps(batches)
+        try:
+            if self.world.pp > 1:
+                self.beat.mark(PIPELINE)
+                loss = self._pipeline_step(batches, length)
+            else:
+                self.beat.mark(FORWARD_BACKWARD)
+                loss = self._micro_steps(batches)
+        finally:  # evaluation and inference attend as the trained model will: every key
+            set_training_mask(self.engine.module)
         times = self.beat.times()  # the loss is on the host: the step's device work is done
         skipped = self.objective.end_step()
         grad_norm = None if skipped else self.engine.get_global_grad_norm()
@@ -123,9 +132,9 @@ class Trainer:
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             # the selected positions and their labels found on the host: no device sync
-            labels = masked_labels(batch.targets, batch.mask, batch.p_mask, batch.norm).to(device)
+            labels = self.objective.labels(batch).to(device)
             noisy = batch.noisy.to(device, non_blocking=True)
-            out = engine(noisy, select=labels.positions)  # the head runs where the loss needs it
+            out = engine(noisy, select=labels.read)  # the head runs where the loss needs it
             loss = self.objective.loss(out, labels)
             if last:  # its backward reduces the gradients over data parallel: ranks wait there
                 self.beat.mark(SYNC)
@@ -144,8 +153,8 @@ class Trainer:
         if length != self.pipe_length:  # the 1% cut: stages must agree on new activation shapes
             self.engine.reset_activation_shape()
             self.pipe_length = length
-        micro = iter([((b.noisy, b.mask), (b.targets, b.mask, b.p_mask, b.norm))
-                      for b in batches])
+        micro = iter([((b.noisy, self.objective.head_mask(b)),
+                       (b.targets, b.mask, b.p_mask, b.norm)) for b in batches])
         return float(self.engine.train_batch(micro))
 
     def _any_rank(self, flag: bool) -> bool:

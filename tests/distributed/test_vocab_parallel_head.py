@@ -1,4 +1,4 @@
-"""The fused head + weighted CE's vocab-parallel form (kernels/linear_cross_entropy.py): the
+"""The fused head + weighted CE's vocab-parallel form (llada_kernels/linear_cross_entropy.py): the
 vocabulary cut in two slices over 2 gloo processes gives the one-device reference's value, terms
 and gradients (the input's whole, the weight's slice), in fp32 and bf16."""
 
@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kernels.linear_cross_entropy import linear_cross_entropy, reference_linear_cross_entropy
+from llada_kernels.linear_cross_entropy import linear_cross_entropy, reference_linear_cross_entropy
 from tests.unit.test_linear_cross_entropy import TOLERANCE, case
 
 DTYPES = (torch.float32, torch.bfloat16)

@@ -14,7 +14,7 @@ from tests.conftest import DEBUG_RECIPE, REPO
 
 pytestmark = pytest.mark.slow
 
-SOURCES = ("pyproject.toml", "README.md", "framework", "data_pipeline", "kernels")
+SOURCES = ("pyproject.toml", "README.md", "framework", "data_pipeline", "llada_kernels")
 
 
 def test_slurm_submit_after_a_plain_install(tmp_path):

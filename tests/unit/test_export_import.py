@@ -78,7 +78,7 @@ def test_export_refusals(trained, tmp_path, small_dataset, capsys):
 def test_init_from_crosses_objectives_and_an_export_keeps_its_own(world, tmp_path, small_dataset,
                                                                   capsys):
     """The architecture is shared: a diffusion run starts from autoregressive weights, exactly;
-    the export of an autoregressive run says so, and loads as the causal model it is."""
+    the export of an autoregressive run is a Llama, and loads as the causal model it is."""
     from framework.inference.model import load
     from framework.model.weights import full_state_dict
 
@@ -92,9 +92,20 @@ def test_init_from_crosses_objectives_and_an_export_keeps_its_own(world, tmp_pat
 
     out = tmp_path / "hf"
     assert main(["export", str(ar_run), str(out)]) == 0
-    assert json.loads((out / "config.json").read_text())["llada_objective"] == "ar"
+    # the autoregressive baseline exports as a standard Llama (tests/unit/test_hf_causal.py)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     for source in (out, ar_run):
         im = load(source, "cpu")
         assert im.objective == "ar"
         assert all(m.causal for name, m in im.model.named_modules()
                    if name.endswith("core_attention"))
+    # the export read back as the Hugging Face Llama it is (model.from_hf + init.from) and
+    # adapted to diffusion with Dream's shift and the annealed mask: it starts from exactly the
+    # AR weights (as exported: bf16) and trains
+    adapted = make_trainer(tmp_path / "adapt", small_dataset, f"init.from={out}",
+                           f"model.from_hf={out}", "objective.logit_shift=true",
+                           "objective.anneal_steps=2")
+    c = full_state_dict(adapted.engine.module, 1)
+    assert c.keys() == a.keys() and all(torch.equal(c[k], a[k].bfloat16().float()) for k in a)
+    adapted.fit()
+    assert json.loads((tmp_path / "adapt" / "summary.json").read_text())["steps"] == 3

@@ -36,6 +36,21 @@ def test_causal_attention_counts_half_and_the_autoregressive_head_every_predicte
     assert FlopCounter(TINY).expected_per_token(10) == per_token + 6 * 24576 * 0.5
 
 
+def test_the_mixed_objective_counts_both_passes_and_both_heads():
+    """objective.ar_loss_weight: each sequence noised (bidirectional) and clean (causal): the
+    body twice, attention once in full and once causal, the head where either predicts."""
+    hand = 2 * 6 * 61440 * 20 + 12 * 2 * 10 * 64 * 20 * 3 // 2 + 6 * 24576 * (7 + 18)
+    assert FlopCounter(TINY, mixed=True).step(tokens=20, seq_len=10, masked=25) == hand
+    assert FlopCounter(TINY, "ar", mixed=True).step(20, 10, 18) == \
+        FlopCounter(TINY, "ar").step(20, 10, 18)  # the baseline has no mixed loss
+    assert FlopCounter(TINY, mixed=True).expected_per_token(10) == pytest.approx(
+        2 * 6 * 61440 + 1.5 * 12 * 2 * 10 * 64 + 6 * 24576 * (0.5 + 0.9))
+    # head_dim: attention counts heads x head_dim, not the hidden size
+    wide = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_kv_heads=2,
+                       ffn_hidden_size=96, vocab_size=300, head_dim=32)
+    assert FlopCounter(wide).hidden == 128
+
+
 def test_the_window_counts_each_steps_own_length_and_masks(world):
     """Two steps, one cut by the 1% rule: FLOPs from each step's length and masked count."""
     flops = FlopCounter(TINY)

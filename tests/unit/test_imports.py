@@ -1,5 +1,5 @@
 """Packages import one way (README, "Layout"): ``framework`` may use ``data_pipeline`` and
-``kernels``, never the reverse; inside ``framework`` each subpackage uses only those below it.
+``llada_kernels``, never the reverse; inside ``framework`` each subpackage uses only those below it.
 Every module's imports are read with ast (nothing is imported), relative ones resolved."""
 
 import ast
@@ -11,28 +11,31 @@ from tests.conftest import REPO
 
 # what each part may import of ours (a part always may import itself)
 ALLOWED = {
-    "kernels": set(),
+    "llada_kernels": set(),
     "data_pipeline": set(),
-    "framework.config": {"data_pipeline"},
+    "framework.hf_config": set(),  # config.json of Hugging Face models: plain data
+    "framework.config": {"data_pipeline", "framework.hf_config"},
     "framework.quiet": set(),
     "framework.parallel": {"framework.config"},
-    "framework.model": {"framework.config", "framework.parallel", "kernels"},
+    "framework.model": {"framework.config", "framework.parallel", "llada_kernels"},
     "framework.tracking": {"data_pipeline", "framework.config", "framework.parallel"},
-    "framework.checkpoint": {"data_pipeline", "framework.config", "framework.parallel",
-                             "framework.model"},
-    "framework.inference": {"data_pipeline", "framework.config", "framework.parallel",
-                            "framework.model", "framework.checkpoint"},
-    "framework.evaluation": {"data_pipeline", "framework.config", "framework.parallel",
-                             "framework.model", "framework.checkpoint", "framework.inference"},
-    "framework.training": {"data_pipeline", "kernels", "framework.config", "framework.parallel",
-                           "framework.model", "framework.checkpoint", "framework.tracking",
-                           "framework.evaluation"},
-    "framework.launch": {"data_pipeline", "kernels", "framework.config", "framework.parallel",
-                         "framework.model", "framework.checkpoint", "framework.tracking",
-                         "framework.training", "framework.evaluation", "framework.inference"},
+    "framework.checkpoint": {"data_pipeline", "framework.hf_config", "framework.config",
+                             "framework.parallel", "framework.model"},
+    "framework.inference": {"data_pipeline", "framework.hf_config", "framework.config",
+                            "framework.parallel", "framework.model", "framework.checkpoint"},
+    "framework.evaluation": {"data_pipeline", "framework.hf_config", "framework.config",
+                             "framework.parallel", "framework.model", "framework.checkpoint",
+                             "framework.inference"},
+    "framework.training": {"data_pipeline", "framework.hf_config", "llada_kernels",
+                           "framework.config", "framework.parallel", "framework.model",
+                           "framework.checkpoint", "framework.tracking", "framework.evaluation"},
+    "framework.launch": {"data_pipeline", "framework.hf_config", "llada_kernels",
+                         "framework.config", "framework.parallel", "framework.model",
+                         "framework.checkpoint", "framework.tracking", "framework.training",
+                         "framework.evaluation", "framework.inference"},
     "framework": {"framework.quiet", "framework.launch"},  # the package and its __main__
 }
-OURS = ("framework", "data_pipeline", "kernels")
+OURS = ("framework", "data_pipeline", "llada_kernels")
 
 
 def part_of(module: str) -> str:

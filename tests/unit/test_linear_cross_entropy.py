@@ -1,4 +1,4 @@
-"""The fused head + weighted CE (kernels/linear_cross_entropy.py) against the unfused reference:
+"""The fused head + weighted CE (llada_kernels/linear_cross_entropy.py) against the unfused reference:
 value, per-position terms and both gradients, on odd shapes, in fp32 and bf16, one chunk and
 many; its PyTorch step here, its Triton step under Triton's interpreter (a subprocess: the
 interpreter is chosen when triton is imported). The vocab-parallel form:
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.linear_cross_entropy import linear_cross_entropy, reference_linear_cross_entropy
+from llada_kernels.linear_cross_entropy import linear_cross_entropy, reference_linear_cross_entropy
 
 REPO = Path(__file__).resolve().parents[2]
 # (positions, hidden, vocabulary, rows per chunk): one chunk, ragged chunks, a row per chunk,

@@ -119,7 +119,7 @@ def test_tokeniser_workers_drop_the_callers_signal_handlers(small_tokenizer):
 
     saved = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        _init_worker(str(small_tokenizer))  # what each worker runs first
+        _init_worker(load_tokenizer(small_tokenizer).worker_args())  # each worker's first
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:

@@ -1,4 +1,4 @@
-"""The per-chunk step of kernels/linear_cross_entropy.py as two Triton kernels, one program per
+"""The per-chunk step of llada_kernels/linear_cross_entropy.py as two Triton kernels, one program per
 row, in place on the chunk's logits (bf16 or fp32; arithmetic in fp32):
 
 - ``row_stats``: the row's max and sum of exp(logit - max) in one pass (the running max rescales
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.linear_cross_entropy import TRITON_CHUNK_ELEMENTS
+from llada_kernels.linear_cross_entropy import TRITON_CHUNK_ELEMENTS
 
 BLOCK = 4096  # vocabulary columns per iteration of a row's loop
 
@@ -65,7 +65,7 @@ def _block(v: int) -> int:
 
 
 class TritonStep:
-    """The per-chunk step on Triton (``kernels/linear_cross_entropy.py`` ``TorchStep``'s
+    """The per-chunk step on Triton (``llada_kernels/linear_cross_entropy.py`` ``TorchStep``'s
     contract)."""
 
     chunk_elements = TRITON_CHUNK_ELEMENTS

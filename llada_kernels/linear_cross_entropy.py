@@ -23,7 +23,7 @@ Why our own and not a library: Liger-Kernel's fused linear cross entropy takes a
 weight only with reduction="none", which recomputes the logits in backward (four matmuls instead
 of three), and neither it nor Apple's cut-cross-entropy has the vocab-parallel form. The per-chunk
 step has two implementations: plain PyTorch (CPU, and the reference for the kernel) and a Triton
-kernel (kernels/triton_cross_entropy.py) that works in place on the logits buffer, used on CUDA.
+kernel (llada_kernels/triton_cross_entropy.py) that works in place on the logits buffer, used on CUDA.
 ``reference_linear_cross_entropy`` is the unfused computation both are tested against.
 """
 
@@ -175,7 +175,7 @@ def _step_backend(backend: str, device: torch.device):
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return TorchStep
     try:
-        from kernels.triton_cross_entropy import TritonStep
+        from llada_kernels.triton_cross_entropy import TritonStep
     except ImportError as e:
         if backend == "triton":
             raise ImportError(f"linear_cross_entropy: backend 'triton' needs triton ({e})") from e
