@@ -50,8 +50,7 @@ from data_pipeline.parts import (PART_FORMAT, part_manifest, sample_key, shard_p
                                  skipped_list, split_inputs, with_part_tokenizer)
 from data_pipeline.shards import (FORMAT, MANIFEST, VERSION, ShardWriter, token_dtype,
                                   write_manifest)
-from data_pipeline.tokenizer import (SP_FILE, Tokenizer, batch_encoder, carry, load_tokenizer,
-                                     tokenizer_for)
+from data_pipeline.tokenizer import Tokenizer, batch_encoder, carry, load_tokenizer, tokenizer_for
 
 SEQUENCE_ORDER = "shuffled-1"  # in the fingerprint: shards of the unshuffled order are redone
 SFT_PAIRS = "sft-1"  # in an SFT fingerprint: the sample layout and how pairs are made
@@ -59,7 +58,6 @@ HOLDOUT_DIR = "holdout"  # beside the manifest: the held-out split, a dataset of
 SKIPPED_FILE = "skipped-inputs.txt"  # beside the manifest: every input prepare skipped, and why
 SOURCE_COUNTS = ("files", "documents", "empty_files", "bad_lines", "unreadable_files")  # manifest
 CHUNK_CHARS = 1 << 20  # text per task sent to a worker: large enough to amortise the IPC
-TOKENIZER_FILE = SP_FILE  # (the SentencePiece name; a dataset's own is its manifest's file)
 
 _worker_encode = None  # a worker process's encoder: documents -> ids (tokenizer.batch_encoder)
 
@@ -93,10 +91,14 @@ def _forking():
 
 
 def _pool(workers: int, tok: Tokenizer):
-    # fork: workers run only the tokenizer and numpy (never torch), so threads the caller may
-    # hold are not needed in them; spawn would re-import the caller's main module
+    # SentencePiece: fork (workers run only it and numpy, never torch, so threads the caller may
+    # hold are not needed in them; spawn would re-import the caller's main module). A Hugging
+    # Face tokenizer: forkserver, workers forked from a clean server process: a fork of a
+    # process whose threads (tokenizers' Rust pool, a torch run's) held a lock at that moment
+    # was seen to hang in the full test suite, its one worker waiting on the task queue's lock
+    method = "fork" if tok.kind == "sentencepiece" else "forkserver"
     with _forking():
-        return mp.get_context("fork").Pool(workers, initializer=_init_worker,
+        return mp.get_context(method).Pool(workers, initializer=_init_worker,
                                            initargs=(tok.worker_args(),))
 
 

@@ -105,6 +105,9 @@ class ModelConfig:
         _require(self.num_attention_heads % self.num_kv_heads == 0, "model.num_kv_heads",
                  f"{self.num_kv_heads} kv heads do not divide "
                  f"model.num_attention_heads={self.num_attention_heads}")
+        if self.head_dim is not None and self.head_dim * self.num_attention_heads == \
+                self.hidden_size:
+            self.head_dim = None  # the default spelled out: one spelling of each model
         _require(self.kv_channels % 2 == 0, "model.head_dim",
                  f"the head dimension ({self.kv_channels}) must be even for RoPE")
 
@@ -528,6 +531,8 @@ def _model_from_hf(merged, recipe_cfg, overrides: List[str]) -> None:
             # a section (rope_scaling): the keys given must agree
             theirs = {k: value.get(k) for k in mine} if isinstance(value, dict) and \
                 isinstance(mine, dict) else value
+            if key == "head_dim" and value is None:  # the default, spelled out here
+                theirs = fields["hidden_size"] // fields["num_attention_heads"]
             if mine != theirs:
                 raise ConfigError(f"model.{key}: {mine} here, but model.from_hf={directory} says "
                                   f"{value} (delete the key: from_hf gives it)")

@@ -61,8 +61,15 @@ def _rope(config: Mapping[str, Any], where: str) -> tuple:
         raise HFFormatError(f"{where}: {key}.rope_type is {json.dumps(rope_type)}; supported: "
                             f"{', '.join(_ROPE_TYPES)}")
     given = {**scaling, **params}
-    fields = {k: given[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                    "original_max_position_embeddings") if k in given}
+    # what each type needs, as transformers requires it (no made-up defaults)
+    needed = {"none": (), "linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                         "original_max_position_embeddings")}[_ROPE_TYPES[rope_type]]
+    for k in needed:
+        if not isinstance(given.get(k), (int, float)) or isinstance(given.get(k), bool):
+            raise HFFormatError(f"{where}: {key}.{k} is {json.dumps(given.get(k))}; rope_type "
+                                f"{rope_type} needs a number")
+    fields = {k: given[k] for k in needed}
     if not isinstance(theta, (int, float)) or theta <= 0:
         raise HFFormatError(f"{where}: rope_theta is {json.dumps(theta)}, not a positive number")
     return float(theta), {"type": _ROPE_TYPES[rope_type], **fields}

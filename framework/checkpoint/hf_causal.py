@@ -157,6 +157,8 @@ def from_causal(hf: Mapping[str, Tensor], cfg: ModelConfig, tied: bool = False
                 ) -> Dict[str, Tensor]:
     """A Hugging Face causal LM's state dict -> our full weights (same dtype); HFFormatError on
     a missing, extra or misshapen tensor. ``tied``: no lm_head; ours starts as the embedding."""
+    if tied and "lm_head.weight" in hf:  # some tied checkpoints store the shared tensor twice
+        hf = {k: v for k, v in hf.items() if k != "lm_head.weight"}
     check_tensors(hf, causal_shapes(cfg, tied), "checkpoint", ignore_suffix="rotary_emb.inv_freq")
     ours: Dict[str, Tensor] = {}
     for name, theirs in _names(cfg).items():

@@ -23,7 +23,8 @@ import torch
 
 from framework.checkpoint.checkpointer import read_meta, resolve_checkpoint
 from framework.checkpoint.files import checkpoint_tokenizer
-from framework.checkpoint.hf_mapping import (HFFormatError, check_hf_config, check_tensors,
+from framework.checkpoint.hf_mapping import (OBJECTIVE_KEY, HFFormatError, check_hf_config,
+                                             check_tensors,
                                              config_value, from_hf, hf_config, hf_shapes, to_hf)
 from framework.checkpoint.reshard import Layout, read_weights
 from framework.config import ModelConfig, from_data
@@ -128,7 +129,9 @@ def write_hf_dir(out_dir: Path, weights: Mapping[str, Tensor], cfg: ModelConfig,
     """Write our full weights as a Hugging Face directory: the LLaDA release's layout (see
     module docstring), or for an autoregressive baseline (``objective`` ar) a standard
     Llama/Qwen2/Qwen3 causal LM (hf_causal.py) that transformers loads without remote code.
-    Atomic: everything goes to a temporary sibling directory that is renamed into place at the
+    A diffusion model the release's layout cannot express (``release_layout``) takes its causal
+    LM's layout too, with ``llada_objective`` saying what it is. Atomic: everything goes to a
+    temporary sibling directory that is renamed into place at the
     end, so a failed export leaves nothing at ``out_dir`` (with ``overwrite``, an existing
     ``out_dir`` is replaced only once the new one is complete). ``special_ids``: the manifest's
     (mask, eos, pad, bos, unk, chat tokens; None where absent). ``logit_shift``: the model
@@ -143,11 +146,14 @@ def write_hf_dir(out_dir: Path, weights: Mapping[str, Tensor], cfg: ModelConfig,
         raise HFFormatError("special_ids: mask and eos are required")
     eos, pad, bos = special_ids["eos"], special_ids.get("pad"), special_ids.get("bos")
     # names and shapes checked before anything is written
-    if objective == "ar":
+    if objective == "ar" or not release_layout(cfg):
         hf = to_causal(weights, cfg)
         config = causal_config(cfg, eos_id=eos, bos_id=bos, pad_id=pad,
                                max_position_embeddings=max_sequence_length,
                                dtype=_dtype_name(dtype))
+        if objective != "ar":  # a diffusion model in a causal LM's layout: ours to run
+            config = dict(sorted({**config, OBJECTIVE_KEY: objective,
+                                  SHIFT_KEY: logit_shift}.items()))
     else:
         hf = to_hf(weights, cfg)
         config = hf_config(cfg, cfg.vocab_size, special_ids["mask"], eos_id=eos, pad_id=pad,
@@ -167,6 +173,14 @@ def write_hf_dir(out_dir: Path, weights: Mapping[str, Tensor], cfg: ModelConfig,
 
 
 SHIFT_KEY = "llada_logit_shift"  # ours, in an export's config.json: Dream's shifted logits
+
+
+def release_layout(cfg: ModelConfig) -> bool:
+    """Whether the LLaDA release's layout expresses the model: it has no QKV biases, QK norms,
+    head dimension of its own or RoPE scaling (a diffusion model adapted from a Qwen or Llama
+    3.1 has them, and exports in its causal LM's layout with ``llada_objective``)."""
+    return not (cfg.qkv_bias or cfg.qk_norm or cfg.rope_scaling.type != "none"
+                or cfg.kv_channels * cfg.num_attention_heads != cfg.hidden_size)
 
 
 def _json_bytes(obj: Any) -> bytes:

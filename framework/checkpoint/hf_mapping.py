@@ -83,7 +83,8 @@ def hf_shapes(cfg: ModelConfig, weight_tying: bool = False) -> Dict[str, Tuple[i
                                           PREFIX + "ln_f.weight": (h,)}
     for i in range(cfg.num_layers):
         b = f"{PREFIX}blocks.{i}."
-        shapes.update({b + "attn_out.weight": (h, h), b + "ff_out.weight": (h, f),
+        shapes.update({b + "attn_out.weight": (h, cfg.num_attention_heads * hd),
+                       b + "ff_out.weight": (h, f),
                        b + "attn_norm.weight": (h,), b + "ff_norm.weight": (h,),
                        b + "q_proj.weight": (cfg.num_attention_heads * hd, h),
                        b + "k_proj.weight": (cfg.num_kv_heads * hd, h),

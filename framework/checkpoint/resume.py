@@ -23,7 +23,7 @@ from framework.checkpoint.checkpointer import (CheckpointError, complete_checkpo
 from data_pipeline.files import atomic_write
 from framework.checkpoint.files import ROLLBACK, ROLLBACKS, files_read, rank_file
 from framework.checkpoint.integrity import damaged, detach_from_files, hashing_engine, share
-from framework.config import ConfigError
+from framework.config import ConfigError, ModelConfig, from_data, to_dict
 from framework.parallel.world import World
 
 # what the shards depend on: a resume under other values reshards (or is refused)
@@ -271,20 +271,35 @@ def check_resumable(path: Path, meta: dict, config: dict, tokenizer_sha256: List
                     tokenizer: Path) -> None:
     """The model, the global batch and the objective must be the saved ones, and the data of the
     same tokenizer; everything else (layout, precision, schedule, ...) may change on resume."""
-    saved = meta["config"]
+    saved = dict(meta["config"])
+    # the model as this version reads it: keys added since (qkv_bias, qk_norm, ...) at their
+    # defaults, which is what the saved run had; where its weights came from (model.from_hf, a
+    # directory that may have moved) is not part of the model
+    saved["model"] = model_section(saved["model"], f"checkpoint.resume: {path}")
+    model = model_section(config["model"], "model")
     # the objective too: its optimizer state and data stream belong to it (a run that changes
-    # objective starts afresh from the weights: init.from)
-    saved.setdefault("objective", {}).setdefault("kind", "pretrain")  # before the choice existed
-    for section, keys in (("model", sorted(config["model"])), ("train", ["global_batch_size"]),
-                          ("objective", ["kind"])):
+    # objective starts afresh from the weights: init.from), and the shift, which changes what
+    # the head's outputs mean
+    objective = {"kind": "pretrain", "logit_shift": False, **saved.get("objective", {})}
+    for section, keys, theirs, ours in (
+            ("model", sorted(model), saved["model"], model),
+            ("train", ["global_batch_size"], saved["train"], config["train"]),
+            ("objective", ["kind", "logit_shift"], objective, config["objective"])):
         for key in keys:
-            if saved[section].get(key) != config[section][key]:
+            if theirs.get(key) != ours[key]:
                 raise ConfigError(
                     f"checkpoint.resume: {path} was trained with {section}.{key}="
-                    f"{saved[section].get(key)}, the config has {config[section][key]}")
+                    f"{theirs.get(key)}, the config has {ours[key]}")
     if meta["tokenizer_sha256"] != tokenizer_sha256:
         raise ConfigError(f"checkpoint.resume: {path} was trained on data of another "
                           f"tokenizer than data.datasets ({tokenizer} differs)")
+
+
+def model_section(model: dict, key: str) -> dict:
+    """A model section (a recipe's or a checkpoint's) with every key this version has, at its
+    default where absent (``head_dim`` null where it is hidden / heads), without ``from_hf``."""
+    cfg = from_data(ModelConfig, {k: v for k, v in model.items() if k != "from_hf"}, key=key)
+    return {k: v for k, v in to_dict(cfg).items() if k != "from_hf"}
 
 
 def load_checkpoint(path: Path, engine, data, world: World, now: dict,

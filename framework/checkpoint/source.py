@@ -33,16 +33,17 @@ class WeightSource:
     step: Optional[int] = None  # the checkpoint's step (None for an export)
     logit_shift: bool = False  # position i's prediction is read at i - 1 (Dream's shift)
 
-    def tokenizer_sha256(self) -> Optional[str]:
-        """The sha256 of the tokenizer as a dataset carries it (None: there is none)."""
+    def tokenizer_sha256(self) -> str:
+        """The sha256 of the tokenizer as a dataset carries it; ConfigError when the directory's
+        tokenizer cannot be read (none, or no usable mask id)."""
         from data_pipeline.errors import DataConfigError
         from data_pipeline.tokenizer import load_tokenizer
         if self.tokenizer.is_file():
             return hashlib.sha256(self.tokenizer.read_bytes()).hexdigest()
         try:
-            return load_tokenizer(self.tokenizer, "tokenizer").sha256
-        except DataConfigError:
-            return None
+            return load_tokenizer(self.tokenizer, f"init.from: {self.source}").sha256
+        except DataConfigError as e:  # a broken or mask-less tokenizer: its own message
+            raise ConfigError(str(e)) from None
 
 
 def is_export_dir(path: Path) -> bool:
@@ -59,7 +60,6 @@ def read_source(path, warn=print, key: str = "MODEL", verify: bool = True) -> We
     from framework.checkpoint.hf_mapping import OBJECTIVE_KEY, config_value, model_config_from_hf
     from framework.checkpoint.reshard import Layout, read_weights
 
-    from data_pipeline.tokenizer import find_tokenizer
     from framework.hf_config import is_causal_config
 
     path = Path(path)
@@ -67,12 +67,15 @@ def read_source(path, warn=print, key: str = "MODEL", verify: bool = True) -> We
         raise ConfigError(f"{key}: {path} does not exist")
     if is_export_dir(path):
         config = read_hf_config(path)
-        # its tokenizer as we carry it (our exports), else the directory's own (tokenizer.json)
-        tokenizer = find_tokenizer(path) or path
+        # the directory as llada prepare --tokenizer DIR reads it (data_pipeline/tokenizer.py):
+        # the file we carry (our exports), else its tokenizer.json (a Llama 2 directory's
+        # tokenizer.model beside it too), else a SentencePiece tokenizer.model
+        tokenizer = path
         if is_causal_config(config):  # a Hugging Face causal LM, or our AR baseline's export
             weights, cfg, config = read_causal_dir(path)
-            return WeightSource(weights, cfg, "ar", tokenizer,
-                                int(config.get("max_position_embeddings") or 4096), str(path))
+            return WeightSource(weights, cfg, config.get(OBJECTIVE_KEY, "ar"), tokenizer,
+                                int(config.get("max_position_embeddings") or 4096), str(path),
+                                logit_shift=bool(config.get(SHIFT_KEY, False)))
         cfg = model_config_from_hf(config, f"{path / EXPORT_CONFIG}")
         return WeightSource(read_hf_dir(path, cfg), cfg, config.get(OBJECTIVE_KEY, "pretrain"),
                             tokenizer, int(config_value(config, "max_sequence_length") or 4096),
@@ -115,6 +118,7 @@ def init_from(model: torch.nn.Module, path: Path, cfg: ModelConfig, tp_rank: int
     checkpoint's damaged files, checked by all ranks together (collective)."""
     from framework.checkpoint.hf_mapping import HFFormatError
     from framework.checkpoint.reshard import ReshardError
+    from framework.checkpoint.resume import model_section
     from framework.config import to_dict
     from framework.model.params import padded_vocab_size
     from framework.model.weights import shard
@@ -127,17 +131,19 @@ def init_from(model: torch.nn.Module, path: Path, cfg: ModelConfig, tp_rank: int
     if bad:
         raise ConfigError(f"init.from: {src.source} is damaged: {'; '.join(bad)}")
     # the shapes and the math: init_std is how a run starts, and an export writes its padded
-    # vocabulary as rows, not as the multiple it was padded to
-    theirs, ours = to_dict(src.model), to_dict(cfg)
-    diff = [k for k, v in ours.items()
-            if k not in ("init_std", "pad_vocab_to_multiple_of", "from_hf") and theirs.get(k) != v]
+    # vocabulary as rows (a Hugging Face config.json knows no other), not as the tokenizer's
+    # count and the multiple it was padded to: the rows are what must agree
+    theirs = model_section(to_dict(src.model), "init.from")
+    ours = model_section(to_dict(cfg), "model")
+    diff = [k for k, v in ours.items() if theirs.get(k) != v and k not in
+            ("init_std", "pad_vocab_to_multiple_of", "vocab_size")]
     if padded_vocab_size(src.model.vocab_size, src.model.pad_vocab_to_multiple_of) != \
             padded_vocab_size(cfg.vocab_size, cfg.pad_vocab_to_multiple_of):
-        diff.append("pad_vocab_to_multiple_of")
+        diff.append("vocab_size")
     if diff:
         raise ConfigError(f"init.from: {src.source} is a model of another shape ("
-                          + ", ".join(f"model.{k}: {getattr(src.model, k)} there, "
-                                      f"{getattr(cfg, k)} here" for k in diff) + ")")
+                          + ", ".join(f"model.{k}: {theirs.get(k)} there, {ours.get(k)} here"
+                                      for k in diff) + ")")
     if src.tokenizer_sha256() != tokenizer_sha256:
         raise ConfigError(f"init.from: {src.source} was trained with another tokenizer than the "
                           f"run's data ({src.tokenizer}): its ids would mean other tokens "

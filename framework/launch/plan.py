@@ -115,7 +115,8 @@ def plan(cfg: Config, mfu: float, peak_flops: float, mfu_from: Optional[str] = N
     per_param = (w_b / (dp if zero >= 3 else 1) + g_b / (dp if zero >= 2 else 1)
                  + o_b / (dp if zero >= 1 else 1))
 
-    tokens = tc.micro_batch_size * cfg.data.seq_len
+    # the mixed objective (objective.ar_loss_weight) carries each sequence twice per micro-batch
+    tokens = tc.micro_batch_size * cfg.data.seq_len * (2 if cfg.objective.ar_loss_weight else 1)
     recompute = recompute_flags(mc.num_layers, bounds, tc.activation_checkpointing,
                                 tc.checkpoint_layers)
     kept = layer_activation_bytes(mc, tokens, par.tp, par.sequence_parallel)

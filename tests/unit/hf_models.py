@@ -43,3 +43,11 @@ def make_hf(arch: str, out, seed: int = 0, tokenizer: Path = None, **sizes):
     return model
 
 
+def sp_tokenizer(tmp_path):
+    """A small SentencePiece model of ours (mask and chat tokens), trained here."""
+    from data_pipeline.config import TokenizerConfig
+    from data_pipeline.tokenizer import train_tokenizer
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"def f{i}(x):\n    return x * {i} + 'é'\n" for i in range(400)))
+    return train_tokenizer([text], TokenizerConfig(vocab_size=300, train_bytes=10**6),
+                           tmp_path / "tokenizer.model").path

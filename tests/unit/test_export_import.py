@@ -70,9 +70,13 @@ def test_export_refusals(trained, tmp_path, small_dataset, capsys):
     with pytest.raises(ConfigError, match="init.from: .*model.num_layers: 4 there, 2 here"):
         make_trainer(tmp_path / "other2", small_dataset, f"init.from={run}",
                      "model.num_layers=2")
-    (out / "tokenizer.model").write_bytes(b"another tokenizer")
-    with pytest.raises(ConfigError, match="init.from: .*another tokenizer than the run's data"):
+    (out / "tokenizer.model").write_bytes(b"another tokenizer")  # not even a tokenizer
+    with pytest.raises(ConfigError, match="init.from: .*tokenizer.model is not a SentencePiece"):
         make_trainer(tmp_path / "other3", small_dataset, f"init.from={out}")
+    from tests.unit.hf_models import sp_tokenizer  # a real tokenizer, but another one
+    (out / "tokenizer.model").write_bytes(sp_tokenizer(tmp_path).read_bytes())
+    with pytest.raises(ConfigError, match="init.from: .*another tokenizer than the run's data"):
+        make_trainer(tmp_path / "other4", small_dataset, f"init.from={out}")
 
 
 def test_init_from_crosses_objectives_and_an_export_keeps_its_own(world, tmp_path, small_dataset,

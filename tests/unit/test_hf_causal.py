@@ -17,7 +17,7 @@ from framework.model.model import build_model, transformer_config
 from framework.model.params import full_shapes
 from framework.model.weights import init_weights
 from tests.conftest import DEBUG_RECIPE, run_cli
-from tests.unit.hf_models import ARCHS, VOCAB, make_hf
+from tests.unit.hf_models import ARCHS, VOCAB, make_hf, sp_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -63,7 +63,7 @@ def test_ar_export_loads_in_transformers(world, tmp_path, arch):
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()
                if not k.endswith("_extra_state")}
     from data_pipeline.tokenizer import load_tokenizer
-    tok = load_tokenizer(_sp_tokenizer(tmp_path))
+    tok = load_tokenizer(sp_tokenizer(tmp_path))
     write_hf_dir(tmp_path / "export", weights, cfg, tok.path, tok.special_ids(),
                  dtype=torch.float32, max_sequence_length=64, objective="ar")
     config = json.loads((tmp_path / "export" / "config.json").read_text())
@@ -78,22 +78,12 @@ def test_ar_export_loads_in_transformers(world, tmp_path, arch):
     assert all(torch.equal(back.weights[k], weights[k]) for k in weights)
 
 
-def _sp_tokenizer(tmp_path):
-    """A small SentencePiece model of ours (mask and chat tokens), trained here."""
-    from data_pipeline.config import TokenizerConfig
-    from data_pipeline.tokenizer import train_tokenizer
-    text = tmp_path / "text.txt"
-    text.write_text("".join(f"def f{i}(x):\n    return x * {i} + 'é'\n" for i in range(400)))
-    return train_tokenizer([text], TokenizerConfig(vocab_size=300, train_bytes=10**6),
-                           tmp_path / "tokenizer.model").path
-
-
 def test_ar_export_tokenizer_encodes_as_ours(tmp_path):
     """transformers' AutoTokenizer on the export encodes and decodes as our pipeline."""
     from data_pipeline.tokenizer import load_tokenizer
     from framework.checkpoint.hf_files import _tokenizer_export
     from framework.config import ModelConfig
-    path = _sp_tokenizer(tmp_path)
+    path = sp_tokenizer(tmp_path)
     tok = load_tokenizer(path)
     out = tmp_path / "tok"
     out.mkdir()
@@ -128,6 +118,8 @@ def test_bad_directories_are_one_line(tmp_path):
         "bias": ({**config, "attention_bias": True}, "attention_bias is true"),
         "rope": ({**config, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}},
                  "rope_parameters.rope_type is \"yarn\""),
+        "factor": ({**config, "rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}},
+                   "rope_parameters.factor is null"),  # never a made-up default
     }
     for name, (conf, why) in cases.items():
         d = tmp_path / name
@@ -148,3 +140,38 @@ def test_cli_refuses_an_unsupported_architecture(tmp_path):
     r = run_cli(["plan", str(DEBUG_RECIPE), f"model.from_hf={tmp_path}"], timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "model_type is \"mistral\"" in lines[0]
+
+
+def test_a_diffusion_model_with_qwen_options_exports_in_its_causal_layout(tmp_path):
+    """The LLaDA release's layout has no QK norms or head_dim of its own: a diffusion run adapted
+    from a Qwen3 exports as a Qwen3 that says what it is, and reads back as it was."""
+    make_hf("qwen3", tmp_path / "src")
+    src = read_source(tmp_path / "src")
+    from data_pipeline.tokenizer import load_tokenizer
+    tok = load_tokenizer(sp_tokenizer(tmp_path))
+    write_hf_dir(tmp_path / "export", src.weights, src.model, tok.path, tok.special_ids(),
+                 dtype=torch.float32, objective="pretrain", logit_shift=True)
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["model_type"] == "qwen3" and config["llada_objective"] == "pretrain"
+    back = read_source(tmp_path / "export")
+    assert (back.objective, back.logit_shift, back.model) == ("pretrain", True, src.model)
+    assert all(torch.equal(back.weights[k], src.weights[k]) for k in src.weights)
+
+
+def test_checkpoints_from_before_the_new_model_keys_resume(tmp_path):
+    """A checkpoint's saved model section without qkv_bias, qk_norm, head_dim, rope_scaling,
+    from_hf (older versions) is the same model; a moved from_hf directory is too."""
+    from framework.checkpoint.resume import check_resumable
+    from framework.config import to_dict
+    cfg = load_config(DEBUG_RECIPE)
+    config = to_dict(cfg)
+    old = {k: v for k, v in config["model"].items()
+           if k not in ("qkv_bias", "qk_norm", "head_dim", "rope_scaling", "from_hf")}
+    meta = {"config": {"model": old, "train": config["train"], "objective": {"kind": "pretrain"}},
+            "tokenizer_sha256": ["x"]}
+    check_resumable(tmp_path, meta, config, ["x"], tmp_path)
+    config["model"]["from_hf"] = "/moved/elsewhere"
+    check_resumable(tmp_path, meta, config, ["x"], tmp_path)
+    config["model"]["qk_norm"] = True
+    with pytest.raises(ConfigError, match="model.qk_norm=False, the config has True"):
+        check_resumable(tmp_path, meta, config, ["x"], tmp_path)
