@@ -117,10 +117,11 @@ def test_tokeniser_workers_drop_the_callers_signal_handlers(small_tokenizer):
 
     from data_pipeline.prepare import _init_worker
 
+    interrupt = signal.getsignal(signal.SIGINT)  # Python's own, or SIG_IGN in a background job
     saved = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         _init_worker(load_tokenizer(small_tokenizer).worker_args())  # each worker's first
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is interrupt  # not the caller's: left as it was
     finally:
         signal.signal(signal.SIGTERM, saved)
