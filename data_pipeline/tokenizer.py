@@ -18,6 +18,7 @@ import hashlib
 import io
 import os
 import random
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -41,7 +42,7 @@ HF_SOURCE = "tokenizer.json"  # what makes a directory a Hugging Face tokenizer'
 BatchEncoder = Callable[[List[str]], List[List[int]]]
 
 
-class Tokenizer:
+class Tokenizer(ABC):
     """What the pipeline and the framework use of a tokenizer, whichever its kind."""
 
     kind: str = ""  # "sentencepiece" | "huggingface", as manifests record it
@@ -49,34 +50,36 @@ class Tokenizer:
     path: Path  # where it was loaded from
 
     @property
+    @abstractmethod
     def vocab_size(self) -> int:
         """The ids it can produce, special ones included: model.vocab_size must be at least
         this."""
-        raise NotImplementedError
 
+    @abstractmethod
     def special_ids(self) -> Dict[str, Optional[int]]:
         """mask, eos, pad, bos, unk, start_header, end_header, eot: None where it lacks one
         (chat tokens are optional for pretraining; SFT refuses a tokenizer without them)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def data(self) -> bytes:
         """The bytes of the carried file."""
-        raise NotImplementedError
 
+    @abstractmethod
     def piece_bytes(self) -> np.ndarray:
         """[vocab_size] the UTF-8 bytes of text each id stands for (bits per byte divides by
         their sum); special ids none."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode(self, text: str) -> List[int]:
-        raise NotImplementedError
+        """The ids of ``text``, no BOS or EOS added."""
 
+    @abstractmethod
     def decode(self, ids: List[int]) -> str:
-        raise NotImplementedError
+        """The text of ``ids``."""
 
+    @abstractmethod
     def worker_args(self) -> Tuple[str, str]:
         """What a forked prepare worker builds its own encoder from (``batch_encoder``)."""
-        raise NotImplementedError
 
     @property
     def mask_id(self) -> Optional[int]:

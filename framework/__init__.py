@@ -1,4 +1,4 @@
-"""LLaDA pretraining: the config (config.py) and the subpackages model, parallel, training,
+"""LLaDA pretraining: the config (config/) and the subpackages model, parallel, training,
 checkpoint, tracking and launch (README, "Layout": what each holds, which way imports run).
 
 Importing the package silences the known, harmless noise of the libraries under it, at its

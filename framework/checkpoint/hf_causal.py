@@ -5,7 +5,7 @@ diffusion, as Dream, DiffuLLaMA and most diffusion LMs since LLaDA were made); `
 an autoregressive baseline (``objective.kind=ar``) writes one, which ``transformers`` loads with
 ``AutoModelForCausalLM`` and no remote code. The files themselves: hf_files.py.
 
-The three architectures are our layer with options (framework/config.py ModelConfig):
+The three architectures are our layer with options (framework/config/schema.py ModelConfig):
 
 * Llama: RMSNorm, SwiGLU, RoPE (``rope_parameters`` / ``rope_scaling``: default, linear, llama3),
   grouped-query attention, no biases; ``head_dim`` may differ from hidden / heads.
