@@ -37,7 +37,7 @@ DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
 
 
 # ----------------------------------------------------------------------------- tokenizer files
-def _tokenizer_files(tokenizer_model: Path, special_ids: Mapping[str, Optional[int]],
+def _tokenizer_files(tok, special_ids: Mapping[str, Optional[int]],
                      cfg: ModelConfig, max_sequence_length: int) -> Dict[str, Any]:
     """tokenizer_config.json and special_tokens_map.json for our SentencePiece model, loadable
     as transformers' ``LlamaTokenizer`` (``AutoTokenizer.from_pretrained(dir)``, transformers 5:
@@ -48,19 +48,19 @@ def _tokenizer_files(tokenizer_model: Path, special_ids: Mapping[str, Optional[i
     the same ids except one that starts with a space, whose leading spaces BPE merges in another
     order) and decodes as ``sp.decode``. transformers matches the literal text of a special token
     (``<|mdm_mask|>``) as that token unless ``split_special_tokens=True``, where SentencePiece
-    never produces a control id from text. Checks the ids against the model."""
+    never produces a control id from text. ``tok``: the loaded SentencePiece tokenizer. Checks
+    the ids against the model."""
     import sentencepiece as spm
 
-    from data_pipeline.tokenizer import MASK_PIECE, load_tokenizer
+    from data_pipeline.tokenizer import MASK_PIECE
 
-    tok = load_tokenizer(Path(tokenizer_model), "tokenizer_model")
     sp: spm.SentencePieceProcessor = tok.sp
     if tok.vocab_size > cfg.vocab_size:  # a larger model vocabulary is fine (ids never reached)
         raise HFFormatError(f"tokenizer.model: {tok.vocab_size} pieces but model.vocab_size is "
                             f"only {cfg.vocab_size}")
     if special_ids.get("mask") != tok.mask_id:
         raise HFFormatError(f"special_ids: mask is {special_ids.get('mask')} but "
-                            f"{tokenizer_model} has {MASK_PIECE} at {tok.mask_id}")
+                            f"{tok.path} has {MASK_PIECE} at {tok.mask_id}")
     pieces: Dict[str, str] = {}
     for name, i in special_ids.items():
         if i is None:
@@ -115,10 +115,6 @@ def _shards(hf: Mapping[str, Tensor], dtype: torch.dtype, max_shard_bytes: int
         shards[-1].append(name)
         used += nbytes
     return shards
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_hf_dir(out_dir: Path, weights: Mapping[str, Tensor], cfg: ModelConfig,
@@ -199,7 +195,7 @@ def _tokenizer_export(tokenizer: Path, special_ids: Mapping[str, Optional[int]],
         return {tok.file_name: tok.data(), **{name: text.encode() if isinstance(text, str)
                                               else text for name, text in tok.hf_files().items()}}
     files = {SP_FILE: tok.data()}
-    for name, obj in _tokenizer_files(tokenizer, special_ids, cfg, max_sequence_length).items():
+    for name, obj in _tokenizer_files(tok, special_ids, cfg, max_sequence_length).items():
         files[name] = _json_bytes(obj)
     return files
 
@@ -226,8 +222,8 @@ def _write_dir(out_dir: Path, hf: Mapping[str, Tensor], files: Mapping[str, byte
             weight_map.update({k: fname for k in keys})
             del part
         if len(shards) > 1:
-            _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total},
-                                           "weight_map": weight_map})
+            (tmp / INDEX_FILE).write_bytes(_json_bytes({"metadata": {"total_size": total},
+                                                        "weight_map": weight_map}))
         for fname, data in files.items():
             (tmp / fname).write_bytes(data)
         _publish(tmp, out_dir)
@@ -257,10 +253,6 @@ def _publish(tmp: Path, out_dir: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- reading
-def read_hf_config(hf_dir: Path) -> Dict[str, Any]:
-    return read_config_json(hf_dir)
-
-
 def _read_tensors(hf_dir: Path) -> Dict[str, Tensor]:
     """Every tensor of the directory's safetensors (one file, or the shards of the index),
     as float32 on the CPU."""
@@ -309,7 +301,7 @@ def read_hf_dir(hf_dir: Path, cfg: ModelConfig) -> Dict[str, Tensor]:
     (HFFormatError otherwise, naming the config key, file or tensor). A tied checkpoint
     (``weight_tying: true``) gives an untied head that starts as the embedding."""
     hf_dir = Path(hf_dir)
-    config = read_hf_config(hf_dir)
+    config = read_config_json(hf_dir)
     check_hf_config(config, cfg)
     tied = bool(config_value(config, "weight_tying"))
     tensors = _read_tensors(hf_dir)
@@ -325,7 +317,7 @@ def read_causal_dir(hf_dir: Path) -> tuple:
     from framework.hf_config import is_tied
 
     hf_dir = Path(hf_dir)
-    config = read_hf_config(hf_dir)
+    config = read_config_json(hf_dir)
     cfg = model_config_from_causal(config, str(hf_dir / "config.json"))
     tensors = _read_tensors(hf_dir)
     return from_causal(tensors, cfg, tied=is_tied(config)), cfg, config

@@ -56,17 +56,17 @@ def read_source(path, warn=print, key: str = "MODEL", verify: bool = True) -> We
     from framework.checkpoint.files import checkpoint_tokenizer
     from framework.checkpoint.hf_files import (SHIFT_KEY, checkpoint_objective,
                                                checkpoint_shift, open_checkpoint,
-                                               read_causal_dir, read_hf_config, read_hf_dir)
+                                               read_causal_dir, read_hf_dir)
     from framework.checkpoint.hf_mapping import OBJECTIVE_KEY, config_value, model_config_from_hf
     from framework.checkpoint.reshard import Layout, read_weights
 
-    from framework.hf_config import is_causal_config
+    from framework.hf_config import is_causal_config, read_config_json
 
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{key}: {path} does not exist")
     if is_export_dir(path):
-        config = read_hf_config(path)
+        config = read_config_json(path)
         # the directory as llada prepare --tokenizer DIR reads it (data_pipeline/tokenizer.py):
         # the file we carry (our exports), else its tokenizer.json (a Llama 2 directory's
         # tokenizer.model beside it too), else a SentencePiece tokenizer.model
